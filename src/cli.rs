@@ -1,0 +1,349 @@
+//! The command line (SPEC §6). Every flag is also an environment variable.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::admission::{self, OnProblem, Outcome, Policy};
+use crate::names::Names;
+use crate::server::{self, AppState, Limits};
+use crate::store::dir::{self, DirStore};
+use crate::store::{cluster, TemplateStore};
+use crate::tls;
+
+#[derive(Parser, Debug)]
+#[command(name = "pod-template-webhook", version, about = "Merges pod templates from ConfigMaps into pods: a Kubernetes mutating admission webhook")]
+pub struct Cli {
+    /// Log format (logs go to stderr; the level comes from RUST_LOG, default info).
+    #[arg(long, env = "PTW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the webhook server.
+    Serve(ServeArgs),
+    /// Answer one AdmissionReview request (file or `-` for stdin) exactly as `serve` would.
+    Mutate {
+        #[command(flatten)]
+        templates: TemplateArgs,
+        /// AdmissionReview JSON; `-` reads stdin.
+        #[arg(default_value = "-")]
+        review: String,
+    },
+    /// Print a pod (YAML or JSON file, or `-`) with its template applied, as YAML.
+    Render {
+        #[command(flatten)]
+        templates: TemplateArgs,
+        /// Namespace of the pod when its manifest has none.
+        #[arg(long, env = "PTW_NAMESPACE", default_value = "default")]
+        namespace: String,
+        pod: String,
+    },
+    /// Check template ConfigMaps; exits non-zero naming file, line, ConfigMap and key of each error.
+    Validate {
+        #[command(flatten)]
+        names: NameArgs,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Names and policy shared by every command (SPEC §2, §5).
+#[derive(Args, Debug, Clone)]
+pub struct NameArgs {
+    /// Pod label naming the environment (its value is the template name).
+    #[arg(long, env = "PTW_ENVIRONMENT_LABEL", default_value = "flyte.org/environment")]
+    pub environment_label: String,
+    /// Pod annotation naming a template explicitly.
+    #[arg(long, env = "PTW_TEMPLATE_ANNOTATION", default_value = "flyte.org/pod-template")]
+    pub template_annotation: String,
+    /// Label (value "true") that marks a ConfigMap as a template source.
+    #[arg(long, env = "PTW_SOURCE_LABEL", default_value = "flyte.org/pod-templates")]
+    pub source_label: String,
+    /// Annotation written on mutated pods naming what was applied.
+    #[arg(long, env = "PTW_APPLIED_ANNOTATION", default_value = "flyte.org/pod-template-applied")]
+    pub applied_annotation: String,
+    /// Namespace of cluster-wide templates.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "flyte")]
+    pub platform_namespace: String,
+    /// A template named by annotation that does not exist: deny the pod, or allow it with a warning.
+    #[arg(long, env = "PTW_ON_MISSING_TEMPLATE", value_enum, default_value_t = OnProblem::Deny)]
+    pub on_missing_template: OnProblem,
+    /// A referenced template that never parsed: deny the pod, or allow it with a warning.
+    #[arg(long, env = "PTW_ON_BROKEN_TEMPLATE", value_enum, default_value_t = OnProblem::Deny)]
+    pub on_broken_template: OnProblem,
+}
+
+impl NameArgs {
+    pub fn names(&self) -> Names {
+        Names {
+            environment_label: self.environment_label.clone(),
+            template_annotation: self.template_annotation.clone(),
+            source_label: self.source_label.clone(),
+            applied_annotation: self.applied_annotation.clone(),
+            platform_namespace: self.platform_namespace.clone(),
+        }
+    }
+
+    pub fn policy(&self) -> Policy {
+        Policy { names: self.names(), on_missing: self.on_missing_template, on_broken: self.on_broken_template }
+    }
+}
+
+/// A local template directory, required by the offline commands.
+#[derive(Args, Debug, Clone)]
+pub struct TemplateArgs {
+    /// Directory (or file) of template ConfigMap manifests.
+    #[arg(long, env = "PTW_TEMPLATES")]
+    pub templates: PathBuf,
+    #[command(flatten)]
+    pub names: NameArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// TLS listener for `POST /mutate`.
+    #[arg(long, env = "PTW_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Plain HTTP listener for `/healthz`, `/readyz`, `/metrics`.
+    #[arg(long, env = "PTW_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
+    pub admin_listen: SocketAddr,
+    /// PEM certificate chain; reloaded when it changes. Without it a self-signed one is generated.
+    #[arg(long, env = "PTW_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key matching --tls-cert.
+    #[arg(long, env = "PTW_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// How often the certificate files are checked for changes, in seconds.
+    #[arg(long, env = "PTW_CERT_RELOAD_SECONDS", default_value_t = 2)]
+    pub cert_reload_seconds: u64,
+    /// Read templates from this directory (or file) of ConfigMap manifests instead of the cluster.
+    #[arg(long, env = "PTW_TEMPLATES")]
+    pub templates: Option<PathBuf>,
+    /// Watch only these namespaces (plus the platform namespace); repeatable. Default: all.
+    #[arg(long = "watch-namespace", env = "PTW_WATCH_NAMESPACES", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
+    /// Largest accepted AdmissionReview body in bytes; larger ones get 413.
+    #[arg(long, env = "PTW_MAX_BODY_BYTES", default_value_t = Limits::default().max_body_bytes)]
+    pub max_body_bytes: usize,
+    /// Seconds a client has to complete the TLS handshake and send request headers.
+    #[arg(long, env = "PTW_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 5)]
+    pub header_read_timeout_seconds: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "PTW_DRAIN_TIMEOUT_SECONDS", default_value_t = 20)]
+    pub drain_timeout_seconds: u64,
+    #[command(flatten)]
+    pub names: NameArgs,
+}
+
+/// Parses the command line and runs it.
+pub fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => tokio::runtime::Runtime::new()?.block_on(serve(args)),
+        Command::Mutate { templates, review } => mutate(&templates, &review),
+        Command::Render { templates, namespace, pod } => render(&templates, &namespace, &pod),
+        Command::Validate { names, paths } => validate(&names.names(), &paths),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+fn read_input(path: &str) -> anyhow::Result<Vec<u8>> {
+    if path == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).context("cannot read stdin")?;
+        Ok(buf)
+    } else {
+        std::fs::read(path).with_context(|| format!("cannot read {path}"))
+    }
+}
+
+fn load_dir(args: &TemplateArgs) -> anyhow::Result<DirStore> {
+    Ok(DirStore::load(&args.templates, &args.names.names())?)
+}
+
+fn mutate(args: &TemplateArgs, review: &str) -> anyhow::Result<()> {
+    let store = load_dir(args)?;
+    let body = read_input(review)?;
+    let req = admission::parse_review(&body)?;
+    let decision = admission::mutate(&req, &store, &args.names.policy())?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&admission::response_body(&decision))?;
+    out.write_all(b"\n")?;
+    Ok(())
+}
+
+fn render(args: &TemplateArgs, namespace: &str, pod_path: &str) -> anyhow::Result<()> {
+    let store = load_dir(args)?;
+    let text = String::from_utf8(read_input(pod_path)?).context("the pod manifest is not UTF-8")?;
+    let mut pod: Value = serde_yaml::from_str(&text).with_context(|| format!("{pod_path}: not a YAML or JSON pod"))?;
+    if pod.get("kind").and_then(Value::as_str) != Some("Pod") {
+        bail!("{pod_path}: expected a manifest of kind Pod");
+    }
+    let namespace = pod.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or(namespace).to_owned();
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "render", "operation": "CREATE", "namespace": namespace,
+            "name": pod.pointer("/metadata/name").cloned().unwrap_or_default(),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "userInfo": {}, "object": pod,
+        }
+    });
+    let req = admission::parse_review(&serde_json::to_vec(&review)?)?;
+    let decision = admission::mutate(&req, &store, &args.names.policy())?;
+    for w in decision.response.warnings.iter().flatten() {
+        eprintln!("warning: {w}");
+    }
+    if decision.outcome == Outcome::Denied {
+        bail!("denied: {}", decision.response.result.message);
+    }
+    if let Some(patch) = &decision.response.patch {
+        let patch: json_patch::Patch = serde_json::from_slice(patch)?;
+        json_patch::patch(&mut pod, &patch).context("the patch does not apply to the pod")?;
+    }
+    print!("{}", serde_yaml::to_string(&pod)?);
+    Ok(())
+}
+
+fn validate(names: &Names, paths: &[PathBuf]) -> anyhow::Result<()> {
+    let (mut ok, mut errors) = (0usize, Vec::new());
+    for path in paths {
+        for file in dir::manifest_files(path)? {
+            let config_maps = match dir::read_config_maps(&file, &names.platform_namespace) {
+                Ok(found) => found,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            for cm in config_maps.iter().filter(|cm| cm.labels.get(&names.source_label).is_some_and(|v| v == "true")) {
+                for (key, text) in &cm.data {
+                    match crate::template::PodTemplate::parse(text) {
+                        Ok(_) => ok += 1,
+                        Err(e) => {
+                            let at = dir::key_line(&file, key).map(|l| format!(":{l}")).unwrap_or_default();
+                            errors.push(format!(
+                                "{}{at}: ConfigMap {}/{} key {key:?}: {e}",
+                                file.display(), cm.namespace, cm.name
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for e in &errors {
+        eprintln!("error: {e}");
+    }
+    println!("{ok} template(s) valid, {} error(s)", errors.len());
+    if !errors.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let policy = args.names.policy();
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let store: Arc<dyn TemplateStore> = match &args.templates {
+        Some(path) => {
+            let store = DirStore::load(path, &policy.names)?;
+            metrics.templates_reloaded(store.problems.len());
+            Arc::new(store)
+        }
+        None => cluster::ClusterStore::start(&policy.names, &args.watch_namespaces, metrics.clone()).await?,
+    };
+    let state = Arc::new(AppState { store, policy, metrics: metrics.clone(), draining: Default::default() });
+
+    let (cert, files) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let (loaded, bytes) = tls::load_files(cert, key)?;
+            (loaded, Some((cert.clone(), key.clone(), bytes)))
+        }
+        _ => {
+            let (loaded, _) = tls::self_signed()?;
+            tracing::warn!("no --tls-cert/--tls-key: serving a generated SELF-SIGNED certificate for localhost; for local use only");
+            (loaded, None)
+        }
+    };
+    metrics.certificate_loaded(cert.not_after);
+    let resolver = tls::CertResolver::new(cert.key);
+    if let Some((cert, key, bytes)) = files {
+        let every = Duration::from_secs(args.cert_reload_seconds.max(1));
+        let m = metrics.clone();
+        tokio::spawn(tls::watch_files(cert, key, bytes, resolver.clone(), every, move |c| m.certificate_loaded(c.not_after)));
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(resolver));
+
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds),
+        drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.admin_listen))?;
+    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, "serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin_stop = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let admin_app = server::admin_router(state.clone());
+    let admin_task = tokio::spawn(async move { axum::serve(admin, admin_app).with_graceful_shutdown(admin_stop).await });
+    let drain_state = state.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        drain_state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("shutting down: readiness is now false");
+        // A second signal means: now.
+        tokio::spawn(async {
+            shutdown_signal().await;
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(130);
+        });
+    };
+    server::serve_tls(listener, acceptor, server::webhook_router(state, &limits), limits, shutdown).await;
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,15 @@
+//! pod-template-webhook: a Kubernetes mutating admission webhook that merges pod templates kept
+//! in ConfigMaps into pods.
+//!
+//! Data flows one way: request → [`admission`] → [`store`] lookup → [`merge`] → patch → response.
+//! [`merge`] and [`template`] are pure; [`server`], [`tls`], [`store`] and [`cli`] are the shell.
+
+pub mod admission;
+pub mod cli;
+pub mod merge;
+pub mod metrics;
+pub mod names;
+pub mod server;
+pub mod store;
+pub mod template;
+pub mod tls;

@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    pod_template_webhook::cli::run()
+}

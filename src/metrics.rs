@@ -1,0 +1,118 @@
+//! Prometheus metrics, kept in atomics so the admission path takes no lock.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::store::StoreStats;
+
+/// Latency buckets in seconds, sub-millisecond first: admissions take microseconds.
+const BUCKETS: [f64; 14] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// Results an admission can end with.
+pub const RESULTS: [&str; 4] = ["mutated", "unchanged", "denied", "error"];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    admissions: [AtomicU64; 4],
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_nanos: AtomicU64,
+    template_parse_errors: AtomicU64,
+    cert_not_after: AtomicI64,
+    cert_reload_time: AtomicI64,
+    template_reload_time: AtomicI64,
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Metrics {
+    /// Counts one admission; `result` is one of [`RESULTS`].
+    pub fn admission(&self, result: &str, took: Duration) {
+        if let Some(i) = RESULTS.iter().position(|r| *r == result) {
+            self.admissions[i].fetch_add(1, Relaxed);
+        }
+        let secs = took.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.latency_buckets[i].fetch_add(1, Relaxed);
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+    }
+
+    pub fn admissions(&self, result: &str) -> u64 {
+        RESULTS.iter().position(|r| *r == result).map_or(0, |i| self.admissions[i].load(Relaxed))
+    }
+
+    pub fn certificate_loaded(&self, not_after: i64) {
+        self.cert_not_after.store(not_after, Relaxed);
+        self.cert_reload_time.store(now(), Relaxed);
+    }
+
+    pub fn templates_reloaded(&self, parse_errors: usize) {
+        self.template_parse_errors.fetch_add(parse_errors as u64, Relaxed);
+        self.template_reload_time.store(now(), Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, store: StoreStats) -> String {
+        let mut out = String::with_capacity(4096);
+        let p = "pod_template_webhook";
+        let _ = writeln!(out, "# HELP {p}_admissions_total Admission reviews answered, by result.");
+        let _ = writeln!(out, "# TYPE {p}_admissions_total counter");
+        for (i, r) in RESULTS.iter().enumerate() {
+            let _ = writeln!(out, "{p}_admissions_total{{result=\"{r}\"}} {}", self.admissions[i].load(Relaxed));
+        }
+        let _ = writeln!(out, "# HELP {p}_admission_duration_seconds Time to decide one admission (parse, merge, patch, encode).");
+        let _ = writeln!(out, "# TYPE {p}_admission_duration_seconds histogram");
+        let mut cumulative = 0;
+        for (i, b) in BUCKETS.iter().enumerate() {
+            cumulative += self.latency_buckets[i].load(Relaxed);
+            let _ = writeln!(out, "{p}_admission_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.latency_count.load(Relaxed);
+        let _ = writeln!(out, "{p}_admission_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.latency_sum_nanos.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{p}_admission_duration_seconds_sum {sum}");
+        let _ = writeln!(out, "{p}_admission_duration_seconds_count {count}");
+        let gauges = [
+            ("templates_loaded", "Template keys serving a template.", store.templates as i64),
+            ("template_errors", "Template keys that do not parse (never parsed, or serving a stale version).", store.errors as i64),
+            ("certificate_not_after_seconds", "Expiry of the serving certificate (Unix time).", self.cert_not_after.load(Relaxed)),
+            ("certificate_reload_timestamp_seconds", "When the serving certificate was last loaded.", self.cert_reload_time.load(Relaxed)),
+            ("templates_reload_timestamp_seconds", "When templates last changed.", self.template_reload_time.load(Relaxed)),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {p}_{name} {help}\n# TYPE {p}_{name} gauge\n{p}_{name} {value}");
+        }
+        let _ = writeln!(out, "# HELP {p}_template_parse_errors_total Template keys that failed to parse when loaded.");
+        let _ = writeln!(out, "# TYPE {p}_template_parse_errors_total counter");
+        let _ = writeln!(out, "{p}_template_parse_errors_total {}", self.template_parse_errors.load(Relaxed));
+        let _ = writeln!(out, "# HELP {p}_build_info Build information.\n# TYPE {p}_build_info gauge");
+        let _ = writeln!(out, "{p}_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_buckets_move() {
+        let m = Metrics::default();
+        m.admission("mutated", Duration::from_micros(80));
+        m.admission("denied", Duration::from_millis(3));
+        let text = m.render(StoreStats { templates: 7, errors: 1 });
+        assert!(text.contains("pod_template_webhook_admissions_total{result=\"mutated\"} 1"));
+        assert!(text.contains("pod_template_webhook_admissions_total{result=\"denied\"} 1"));
+        assert!(text.contains("pod_template_webhook_admission_duration_seconds_bucket{le=\"0.0001\"} 1"));
+        assert!(text.contains("pod_template_webhook_admission_duration_seconds_bucket{le=\"0.005\"} 2"));
+        assert!(text.contains("pod_template_webhook_admission_duration_seconds_count 2"));
+        assert!(text.contains("pod_template_webhook_templates_loaded 7"));
+        assert!(text.contains("pod_template_webhook_template_errors 1"));
+    }
+}

@@ -1,0 +1,183 @@
+//! HTTP: the TLS webhook endpoint (`POST /mutate`) and the plain admin endpoint (`/healthz`,
+//! `/readyz`, `/metrics`), connection handling and graceful drain.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::admission::{self, Decision, Policy};
+use crate::metrics::Metrics;
+use crate::store::TemplateStore;
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub store: Arc<dyn TemplateStore>,
+    pub policy: Policy,
+    pub metrics: Arc<Metrics>,
+    /// Set on SIGTERM: readiness turns false while in-flight requests finish.
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn TemplateStore>, policy: Policy) -> Arc<Self> {
+        Arc::new(AppState { store, policy, metrics: Arc::default(), draining: AtomicBool::new(false) })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.store.is_ready() && !self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Timeouts and caps of the webhook listener.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest accepted request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// A client must finish the TLS handshake and send its request headers within this time.
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may take to finish after shutdown starts.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 3 * 1024 * 1024,
+            header_read_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The webhook routes (served over TLS).
+pub fn webhook_router(state: Arc<AppState>, limits: &Limits) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .with_state(state)
+}
+
+/// The admin routes (plain HTTP).
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let decision = admission::parse_review(&body)
+        .and_then(|req| admission::mutate(&req, &*state.store, &state.policy).map(|d| (req, d)));
+    match decision {
+        Ok((req, decision)) => {
+            let body = admission::response_body(&decision);
+            let took = started.elapsed();
+            state.metrics.admission(decision.outcome.as_str(), took);
+            log_decision(&req, &decision, took);
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Err(e) => {
+            state.metrics.admission("error", started.elapsed());
+            tracing::warn!(error = %e, "bad admission request");
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+    }
+}
+
+fn log_decision(req: &kube::core::admission::AdmissionRequest<kube::core::DynamicObject>, d: &Decision, took: Duration) {
+    let pod = req.object.as_ref().and_then(|o| o.metadata.name.clone().or_else(|| o.metadata.generate_name.clone()));
+    tracing::info!(
+        uid = %req.uid,
+        namespace = req.namespace.as_deref().unwrap_or_default(),
+        pod = pod.as_deref().unwrap_or(&req.name),
+        template = d.template.as_deref().unwrap_or_default(),
+        applied = d.applied.as_deref().unwrap_or_default(),
+        result = d.outcome.as_str(),
+        patch_operations = d.patch_operations,
+        micros = took.as_micros() as u64,
+        "admission"
+    );
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_ready() {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render(state.store.stats());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` resolves, then stops accepting and lets
+/// in-flight requests finish for up to `limits.drain_timeout`.
+pub async fn serve_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(30));
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, app, builder) = (acceptor.clone(), app.clone(), builder.clone());
+        let watcher = graceful.watcher();
+        let handshake_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            let service = TowerToHyperService::new(app);
+            let conn = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("draining in-flight requests");
+    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!(timeout = ?limits.drain_timeout, "drain timeout reached; closing remaining connections");
+    }
+}
+
+#[cfg(test)]
+mod tests;

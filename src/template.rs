@@ -1,0 +1,286 @@
+//! The template model (SPEC §3): one Flyte `PodTemplate`, parsed and validated once, when the
+//! ConfigMap that carries it is loaded. Nothing here runs per admission.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use k8s_openapi::api::core::v1::PodSpec;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// The primary container name Flyte assumes when a template does not say.
+pub const DEFAULT_PRIMARY_CONTAINER_NAME: &str = "primary";
+
+/// A parsed, validated pod template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodTemplate {
+    pub primary_container_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// A (possibly partial) core/v1 PodSpec, validated against the typed model and kept as JSON:
+    /// the merge works on JSON so that fields the pod carries are never lost in a typed round trip.
+    pub pod_spec: Map<String, Value>,
+}
+
+/// Where a template came from; its `Display` is the value of the applied annotation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TemplateSource {
+    pub namespace: String,
+    pub config_map: String,
+    pub key: String,
+    /// The ConfigMap's resourceVersion in a cluster, a content hash for files.
+    pub version: String,
+}
+
+impl fmt::Display for TemplateSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}@{}", self.namespace, self.config_map, self.key, self.version)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// YAML/JSON syntax, or a top-level field that is unknown or of the wrong type.
+    #[error("{0}")]
+    Syntax(String),
+    /// The podSpec does not fit the core/v1 PodSpec model.
+    #[error("podSpec.{path}: {message}")]
+    PodSpec { path: String, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplate {
+    #[serde(rename = "primaryContainerName", alias = "primary_container_name")]
+    primary_container_name: Option<String>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+    #[serde(rename = "podSpec", alias = "pod_spec")]
+    pod_spec: Option<Value>,
+}
+
+impl PodTemplate {
+    /// Parses one ConfigMap value (YAML, or JSON which is YAML too).
+    pub fn parse(text: &str) -> Result<Self, TemplateError> {
+        let raw: RawTemplate =
+            serde_yaml::from_str(text).map_err(|e| TemplateError::Syntax(e.to_string()))?;
+        let primary_container_name = raw
+            .primary_container_name
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| DEFAULT_PRIMARY_CONTAINER_NAME.to_owned());
+        let pod_spec = match raw.pod_spec {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(spec)) => validate_pod_spec(spec)?,
+            Some(other) => {
+                return Err(TemplateError::Syntax(format!(
+                    "podSpec must be a mapping, found {}",
+                    kind_of(&other)
+                )))
+            }
+        };
+        Ok(PodTemplate {
+            primary_container_name,
+            labels: raw.labels.unwrap_or_default(),
+            annotations: raw.annotations.unwrap_or_default(),
+            pod_spec,
+        })
+    }
+
+    /// Container names with a meaning of their own; never added to a pod as containers (§4).
+    pub fn is_reserved_name(&self, name: &str) -> bool {
+        matches!(name, "default" | "default-init" | "primary-init") || name == self.primary_container_name
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// Checks the podSpec against the typed core/v1 model and returns it cleaned of nulls.
+///
+/// Typing catches wrong types; comparing the typed round trip with the input catches unknown
+/// fields (a typo such as `evn` would otherwise be dropped silently, like `kubectl
+/// --validate=strict` refuses it).
+fn validate_pod_spec(mut spec: Map<String, Value>) -> Result<Map<String, Value>, TemplateError> {
+    remove_nulls_in_map(&mut spec);
+    quantities_as_strings(&mut spec);
+    let value = Value::Object(spec);
+    let typed: PodSpec = serde_path_to_error::deserialize(&value).map_err(|e| TemplateError::PodSpec {
+        path: e.path().to_string(),
+        message: e.inner().to_string(),
+    })?;
+    let round_trip = serde_json::to_value(&typed).expect("a PodSpec always serializes");
+    if let Some(path) = first_unknown_field(&value, &round_trip, String::new()) {
+        return Err(TemplateError::PodSpec { path, message: "unknown field".into() });
+    }
+    let Value::Object(spec) = value else { unreachable!() };
+    validate_containers(&spec)?;
+    Ok(spec)
+}
+
+fn validate_containers(spec: &Map<String, Value>) -> Result<(), TemplateError> {
+    for field in ["containers", "initContainers"] {
+        let mut seen = BTreeSet::new();
+        let list = spec.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        for (i, c) in list.iter().enumerate() {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or_default();
+            let path = format!("{field}[{i}].name");
+            if name.is_empty() {
+                return Err(TemplateError::PodSpec { path, message: "a template container needs a name".into() });
+            }
+            if !seen.insert(name) {
+                return Err(TemplateError::PodSpec { path, message: format!("duplicate container name {name:?}") });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn remove_nulls_in_map(map: &mut Map<String, Value>) {
+    map.retain(|_, v| !v.is_null());
+    map.values_mut().for_each(remove_nulls);
+}
+
+fn remove_nulls(v: &mut Value) {
+    match v {
+        Value::Object(map) => remove_nulls_in_map(map),
+        Value::Array(items) => items.iter_mut().for_each(remove_nulls),
+        _ => {}
+    }
+}
+
+/// YAML authors write `cpu: 1` and `nvidia.com/gpu: 1`; Kubernetes accepts numbers for
+/// quantities, so do we.
+fn quantities_as_strings(v: &mut Map<String, Value>) {
+    for (key, value) in v.iter_mut() {
+        match value {
+            Value::Object(map) if matches!(key.as_str(), "limits" | "requests" | "overhead") => {
+                for q in map.values_mut() {
+                    if let Value::Number(n) = q {
+                        *q = Value::String(n.to_string());
+                    }
+                }
+            }
+            Value::Object(map) => quantities_as_strings(map),
+            Value::Array(items) => items.iter_mut().filter_map(Value::as_object_mut).for_each(quantities_as_strings),
+            _ => {}
+        }
+    }
+}
+
+/// The first path present in `input` but absent from the typed round trip.
+fn first_unknown_field(input: &Value, typed: &Value, path: String) -> Option<String> {
+    match (input, typed) {
+        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| {
+            let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+            match b.get(k) {
+                Some(t) => first_unknown_field(v, t, sub),
+                // An empty list or map may be skipped by the serializer; that loses nothing.
+                None if is_empty_collection(v) => None,
+                None => Some(sub),
+            }
+        }),
+        (Value::Array(a), Value::Array(b)) => {
+            a.iter().zip(b).enumerate().find_map(|(i, (v, t))| first_unknown_field(v, t, format!("{path}[{i}]")))
+        }
+        _ => None,
+    }
+}
+
+fn is_empty_collection(v: &Value) -> bool {
+    match v {
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_camel_and_snake_case() {
+        let camel = PodTemplate::parse("primaryContainerName: main\npodSpec: {containers: [{name: main}]}").unwrap();
+        let snake = PodTemplate::parse("primary_container_name: main\npod_spec: {containers: [{name: main}]}").unwrap();
+        assert_eq!(camel, snake);
+        assert_eq!(camel.primary_container_name, "main");
+    }
+
+    #[test]
+    fn json_is_accepted_and_primary_defaults() {
+        let t = PodTemplate::parse(r#"{"labels": {"a": "b"}, "podSpec": {"nodeSelector": {"gpu": "true"}}}"#).unwrap();
+        assert_eq!(t.primary_container_name, "primary");
+        assert_eq!(t.labels["a"], "b");
+        assert_eq!(t.pod_spec["nodeSelector"]["gpu"], "true");
+    }
+
+    #[test]
+    fn empty_template_is_valid() {
+        let t = PodTemplate::parse("{}").unwrap();
+        assert!(t.pod_spec.is_empty() && t.labels.is_empty());
+    }
+
+    #[test]
+    fn unknown_top_level_field_is_named() {
+        let err = PodTemplate::parse("podspec: {}").unwrap_err().to_string();
+        assert!(err.contains("unknown field `podspec`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_nested_field_is_named_with_its_path() {
+        let err = PodTemplate::parse("podSpec: {containers: [{name: primary, evn: []}]}").unwrap_err();
+        assert_eq!(err.to_string(), "podSpec.containers[0].evn: unknown field");
+    }
+
+    #[test]
+    fn wrong_type_names_the_path() {
+        let err = PodTemplate::parse("podSpec: {containers: [{name: p, env: {a: b}}]}").unwrap_err().to_string();
+        assert!(err.starts_with("podSpec.containers[0].env:"), "{err}");
+    }
+
+    #[test]
+    fn yaml_syntax_error_has_a_line() {
+        let err = PodTemplate::parse("labels:\n  a: [b\n").unwrap_err().to_string();
+        assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn numeric_quantities_become_strings() {
+        let t = PodTemplate::parse("podSpec: {containers: [{name: p, resources: {limits: {nvidia.com/gpu: 1, cpu: 0.5}}}]}").unwrap();
+        assert_eq!(t.pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], "1");
+        assert_eq!(t.pod_spec["containers"][0]["resources"]["limits"]["cpu"], "0.5");
+    }
+
+    #[test]
+    fn containers_need_unique_names() {
+        let err = PodTemplate::parse("podSpec: {containers: [{image: x}]}").unwrap_err().to_string();
+        assert!(err.contains("containers[0].name"), "{err}");
+        let err = PodTemplate::parse("podSpec: {initContainers: [{name: a}, {name: a}]}").unwrap_err().to_string();
+        assert!(err.contains("duplicate container name"), "{err}");
+    }
+
+    #[test]
+    fn pod_spec_must_be_a_mapping() {
+        let err = PodTemplate::parse("podSpec: [1]").unwrap_err().to_string();
+        assert!(err.contains("podSpec must be a mapping"), "{err}");
+    }
+
+    #[test]
+    fn reserved_names() {
+        let t = PodTemplate::parse("primaryContainerName: main").unwrap();
+        for n in ["default", "default-init", "primary-init", "main"] {
+            assert!(t.is_reserved_name(n));
+        }
+        assert!(!t.is_reserved_name("primary"));
+    }
+}

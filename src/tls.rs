@@ -1,0 +1,221 @@
+//! Serving certificates: loaded from PEM files and reloaded when they change (also when a Secret
+//! volume swaps its `..data` symlink), keeping the last good pair; or generated self-signed for
+//! local use. TLS 1.2 and 1.3 only, ALPN `h2` then `http/1.1`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::ring::default_provider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: no PEM private key found")]
+    NoKey { path: PathBuf },
+    #[error("{path}: {message}")]
+    Pem { path: PathBuf, message: String },
+    #[error("certificate and key do not form a usable pair: {0}")]
+    Pair(String),
+    #[error("cannot generate a self-signed certificate: {0}")]
+    Generate(String),
+}
+
+/// A certificate chain and key, with the leaf's expiry for metrics.
+pub struct LoadedCert {
+    pub key: Arc<CertifiedKey>,
+    /// Seconds since the epoch after which the leaf is no longer valid (0 when unknown).
+    pub not_after: i64,
+}
+
+/// Parses a PEM chain and a PEM private key.
+pub fn load_pem(cert_pem: &[u8], key_pem: &[u8], cert_path: &Path, key_path: &Path) -> Result<LoadedCert, TlsError> {
+    let pem_err = |path: &Path, e: std::io::Error| TlsError::Pem { path: path.to_owned(), message: e.to_string() };
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_err(cert_path, e))?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate { path: cert_path.to_owned() });
+    }
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| pem_err(key_path, e))?
+        .ok_or_else(|| TlsError::NoKey { path: key_path.to_owned() })?;
+    let not_after = not_after(&chain[0]).unwrap_or(0);
+    let certified = CertifiedKey::from_der(chain, key, &default_provider()).map_err(|e| TlsError::Pair(e.to_string()))?;
+    Ok(LoadedCert { key: Arc::new(certified), not_after })
+}
+
+/// Reads and parses the pair from files.
+pub fn load_files(cert_path: &Path, key_path: &Path) -> Result<(LoadedCert, Vec<u8>), TlsError> {
+    let read = |p: &Path| std::fs::read(p).map_err(|source| TlsError::Read { path: p.to_owned(), source });
+    let (cert, key) = (read(cert_path)?, read(key_path)?);
+    let loaded = load_pem(&cert, &key, cert_path, key_path)?;
+    Ok((loaded, [cert, key].concat()))
+}
+
+/// A self-signed certificate for `localhost`, `127.0.0.1` and `::1`, for local use only.
+pub fn self_signed() -> Result<(LoadedCert, String), TlsError> {
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let generated = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let cert_pem = generated.cert.pem();
+    let key_pem = generated.signing_key.serialize_pem();
+    let loaded = load_pem(cert_pem.as_bytes(), key_pem.as_bytes(), Path::new("<generated>"), Path::new("<generated>"))?;
+    Ok((loaded, cert_pem))
+}
+
+/// The leaf's notAfter, read from the DER without a full X.509 parser: the second UTCTime or
+/// GeneralizedTime of the TBSCertificate is the validity's end.
+fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let der = cert.as_ref();
+    let mut times = Vec::new();
+    let mut i = 0;
+    while i + 2 < der.len() && times.len() < 2 {
+        let (tag, len) = (der[i], der[i + 1] as usize);
+        let is_time = (tag == 0x17 && len == 13) || (tag == 0x18 && len == 15);
+        if is_time && i + 2 + len <= der.len() {
+            if let Some(t) = parse_asn1_time(&der[i + 2..i + 2 + len], tag == 0x18) {
+                times.push(t);
+                i += 2 + len;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    times.get(1).copied()
+}
+
+fn parse_asn1_time(s: &[u8], generalized: bool) -> Option<i64> {
+    let s = std::str::from_utf8(s).ok()?.strip_suffix('Z')?;
+    let (year, rest) = if generalized {
+        (s.get(..4)?.parse::<i64>().ok()?, s.get(4..)?)
+    } else {
+        let yy: i64 = s.get(..2)?.parse().ok()?;
+        (if yy >= 50 { 1900 + yy } else { 2000 + yy }, s.get(2..)?)
+    };
+    let num = |r: std::ops::Range<usize>| rest.get(r)?.parse::<i64>().ok();
+    let (month, day, hour, min, sec) = (num(0..2)?, num(2..4)?, num(4..6)?, num(6..8)?, num(8..10)?);
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec)
+}
+
+/// Days since 1970-01-01 (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The certificate every new handshake gets; swapped atomically on reload.
+pub struct CertResolver {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl std::fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertResolver")
+    }
+}
+
+impl CertResolver {
+    pub fn new(key: Arc<CertifiedKey>) -> Arc<Self> {
+        Arc::new(CertResolver { current: ArcSwap::new(key) })
+    }
+
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        self.current.store(key);
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// The server's rustls configuration: TLS 1.2+, ALPN h2 and http/1.1, certificate from `resolver`.
+pub fn server_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {
+    let mut config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// Re-reads the files every `every`; a changed, valid pair replaces the served one, a broken one
+/// is logged and the last good pair stays. Polling the paths (rather than inotify) also sees a
+/// Secret volume's `..data` symlink swap, which changes no watched inode of the files' names.
+pub async fn watch_files(
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    mut last: Vec<u8>,
+    resolver: Arc<CertResolver>,
+    every: Duration,
+    on_reload: impl Fn(&LoadedCert) + Send + 'static,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let read = |p: &Path| std::fs::read(p);
+        let (Ok(cert), Ok(key)) = (read(&cert_path), read(&key_path)) else { continue };
+        let both = [cert.as_slice(), key.as_slice()].concat();
+        if both == last {
+            continue;
+        }
+        match load_pem(&cert, &key, &cert_path, &key_path) {
+            Ok(loaded) => {
+                resolver.set(loaded.key.clone());
+                tracing::info!(cert = %cert_path.display(), not_after = loaded.not_after, "serving certificate reloaded");
+                on_reload(&loaded);
+                last = both;
+            }
+            // Files are often written one after the other: a mismatch may be half an update.
+            Err(e) => tracing::warn!(error = %e, "new certificate files rejected; the last good pair keeps serving"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_loads_and_has_an_expiry_in_the_future() {
+        let (loaded, pem) = self_signed().unwrap();
+        assert!(pem.contains("BEGIN CERTIFICATE"));
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!(loaded.not_after > now, "{} <= {now}", loaded.not_after);
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(parse_asn1_time(b"491231235959Z", false), Some(2_524_607_999));
+        assert_eq!(parse_asn1_time(b"20500101000000Z", true), Some(2_524_608_000));
+    }
+
+    #[test]
+    fn mismatched_or_missing_pem_is_a_clear_error() {
+        let (a, _) = self_signed().unwrap();
+        drop(a);
+        let gen = || rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        let (one, two) = (gen(), gen());
+        let err = load_pem(one.cert.pem().as_bytes(), two.signing_key.serialize_pem().as_bytes(), Path::new("c"), Path::new("k"));
+        assert!(matches!(err, Err(TlsError::Pair(_))), "a key that does not match the certificate is refused");
+        let err = load_pem(b"junk", b"junk", Path::new("c.pem"), Path::new("k.pem")).err().unwrap().to_string();
+        assert_eq!(err, "c.pem: no PEM certificate found");
+    }
+}
