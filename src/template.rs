@@ -184,8 +184,6 @@ fn first_unknown_field(input: &Value, typed: &Value, path: String) -> Option<Str
             let sub = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
             match b.get(k) {
                 Some(t) => first_unknown_field(v, t, sub),
-                // An empty list or map may be skipped by the serializer; that loses nothing.
-                None if is_empty_collection(v) => None,
                 None => Some(sub),
             }
         }),
@@ -193,14 +191,6 @@ fn first_unknown_field(input: &Value, typed: &Value, path: String) -> Option<Str
             a.iter().zip(b).enumerate().find_map(|(i, (v, t))| first_unknown_field(v, t, format!("{path}[{i}]")))
         }
         _ => None,
-    }
-}
-
-fn is_empty_collection(v: &Value) -> bool {
-    match v {
-        Value::Object(m) => m.is_empty(),
-        Value::Array(a) => a.is_empty(),
-        _ => false,
     }
 }
 
@@ -222,6 +212,12 @@ mod tests {
         assert_eq!(t.primary_container_name, "primary");
         assert_eq!(t.labels["a"], "b");
         assert_eq!(t.pod_spec["nodeSelector"]["gpu"], "true");
+    }
+
+    #[test]
+    fn empty_known_fields_are_not_unknown() {
+        let t = PodTemplate::parse("podSpec: {securityContext: {}, containers: [{name: p, env: [], resources: {}}]}").unwrap();
+        assert_eq!(t.pod_spec["containers"][0]["env"], serde_json::json!([]));
     }
 
     #[test]

@@ -1,1 +1,223 @@
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
 use super::*;
+use crate::store::{Catalog, TemplateIndex};
+
+const SAMPLE: &str = include_str!("../../examples/reviews/flyte-task-pod.json");
+
+fn catalog(entries: &[(&str, &str, &str, &str)]) -> Catalog {
+    let mut c = Catalog::new("flyte");
+    for (ns, cm, key, text) in entries {
+        let data = BTreeMap::from([(key.to_string(), text.to_string())]);
+        c.apply(ns, cm, Some("7"), &data);
+    }
+    c
+}
+
+fn index(entries: &[(&str, &str, &str, &str)]) -> TemplateIndex {
+    catalog(entries).index()
+}
+
+fn hello() -> TemplateIndex {
+    index(&[("flyte", "platform", "hello_world", "labels: {lKeyA: lValA}\npodSpec: {containers: [{name: primary, env: [{name: hello, value: world}]}]}")])
+}
+
+fn review(edit: impl FnOnce(&mut Value)) -> Value {
+    let mut r: Value = serde_json::from_str(SAMPLE).unwrap();
+    edit(&mut r);
+    r
+}
+
+fn decide(r: &Value, store: &TemplateIndex, policy: &Policy) -> Decision {
+    let req = parse_review(&serde_json::to_vec(r).unwrap()).unwrap();
+    mutate(&req, store, policy).unwrap()
+}
+
+fn patched(r: &Value, d: &Decision) -> Value {
+    let mut obj = r["request"]["object"].clone();
+    let patch: json_patch::Patch = serde_json::from_slice(d.response.patch.as_ref().expect("a patch")).unwrap();
+    json_patch::patch(&mut obj, &patch).expect("the patch applies to the object the API server sent");
+    obj
+}
+
+fn body(d: &Decision) -> Value {
+    serde_json::from_slice(&response_body(d)).unwrap()
+}
+
+#[test]
+fn mutates_the_sample_and_echoes_the_review() {
+    let r = review(|_| {});
+    let d = decide(&r, &hello(), &Policy::default());
+    assert_eq!(d.outcome, Outcome::Mutated);
+    let b = body(&d);
+    assert_eq!(b["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(b["kind"], "AdmissionReview");
+    assert_eq!(b["response"]["uid"], r["request"]["uid"]);
+    assert_eq!(b["response"]["allowed"], true);
+    assert_eq!(b["response"]["patchType"], "JSONPatch");
+    assert_eq!(b["response"]["auditAnnotations"]["applied"], "flyte/platform/hello_world@7");
+    let pod = patched(&r, &d);
+    assert_eq!(pod["spec"]["containers"][0]["env"][0], json!({"name": "hello", "value": "world"}));
+    assert_eq!(pod["metadata"]["annotations"]["flyte.org/pod-template-applied"], "flyte/platform/hello_world@7");
+    assert_eq!(pod["metadata"]["managedFields"], r["request"]["object"]["metadata"]["managedFields"], "managedFields untouched");
+    let ops = serde_json::to_string(&serde_json::from_slice::<Value>(d.response.patch.as_ref().unwrap()).unwrap()).unwrap();
+    assert!(!ops.contains("managedFields"), "{ops}");
+}
+
+#[test]
+fn reinvocation_changes_nothing() {
+    let r = review(|_| {});
+    let first = decide(&r, &hello(), &Policy::default());
+    let pod = patched(&r, &first);
+    let again = review(|r| r["request"]["object"] = pod);
+    let second = decide(&again, &hello(), &Policy::default());
+    assert_eq!(second.outcome, Outcome::Unchanged);
+    assert!(second.response.patch.is_none());
+    assert_eq!(second.response.allowed, true);
+}
+
+#[test]
+fn label_keys_with_slash_and_tilde_are_escaped_in_the_patch() {
+    let store = index(&[("flyte", "platform", "hello_world", "labels: {example.com/a~b: v}\nannotations: {x/~: y}")]);
+    let r = review(|r| r["request"]["object"]["metadata"].as_object_mut().unwrap().remove("annotations").map(|_| ()).unwrap());
+    let d = decide(&r, &store, &Policy::default());
+    let patch: Value = serde_json::from_slice(d.response.patch.as_ref().unwrap()).unwrap();
+    let paths: Vec<&str> = patch.as_array().unwrap().iter().map(|op| op["path"].as_str().unwrap()).collect();
+    assert!(paths.contains(&"/metadata/labels/example.com~1a~0b"), "{paths:?}");
+    let pod = patched(&r, &d);
+    assert_eq!(pod["metadata"]["labels"]["example.com/a~b"], "v");
+    assert_eq!(pod["metadata"]["annotations"]["x/~"], "y", "a pod without annotations gets them");
+}
+
+#[test]
+fn only_pod_creates_are_mutated() {
+    for edit in [
+        (|r: &mut Value| r["request"]["operation"] = json!("UPDATE")) as fn(&mut Value),
+        |r| r["request"]["resource"]["resource"] = json!("configmaps"),
+        |r| r["request"]["subResource"] = json!("status"),
+        |r| r["request"]["resource"]["group"] = json!("apps"),
+    ] {
+        let r = review(edit);
+        let d = decide(&r, &hello(), &Policy::default());
+        assert_eq!((d.outcome, d.response.allowed), (Outcome::Unchanged, true));
+        assert!(d.response.patch.is_none());
+    }
+}
+
+#[test]
+fn dry_run_is_handled_like_a_real_request() {
+    let real = decide(&review(|_| {}), &hello(), &Policy::default());
+    let dry = decide(&review(|r| r["request"]["dryRun"] = json!(true)), &hello(), &Policy::default());
+    assert_eq!(real.response, dry.response);
+}
+
+#[test]
+fn a_pod_without_label_or_annotation_is_untouched() {
+    let r = review(|r| r["request"]["object"]["metadata"]["labels"].as_object_mut().unwrap().clear());
+    let d = decide(&r, &hello(), &Policy::default());
+    assert_eq!(d.outcome, Outcome::Unchanged);
+    assert!(d.template.is_none());
+}
+
+#[test]
+fn an_environment_without_template_is_allowed_unchanged() {
+    let r = review(|r| r["request"]["object"]["metadata"]["labels"]["flyte.org/environment"] = json!("nothing-here"));
+    let d = decide(&r, &hello(), &Policy::default());
+    assert_eq!((d.outcome, d.response.allowed), (Outcome::Unchanged, true));
+    assert!(d.response.warnings.is_none());
+}
+
+#[test]
+fn the_annotation_wins_over_the_label() {
+    let store = index(&[
+        ("flyte", "platform", "hello_world", "labels: {from: label}"),
+        ("flyte", "platform", "special", "labels: {from: annotation}"),
+    ]);
+    let r = review(|r| r["request"]["object"]["metadata"]["annotations"]["flyte.org/pod-template"] = json!("special"));
+    assert_eq!(patched(&r, &decide(&r, &store, &Policy::default()))["metadata"]["labels"]["from"], "annotation");
+}
+
+#[test]
+fn a_missing_explicit_template_is_denied_naming_it_and_the_namespaces() {
+    let r = review(|r| r["request"]["object"]["metadata"]["annotations"]["flyte.org/pod-template"] = json!("nope"));
+    let d = decide(&r, &hello(), &Policy::default());
+    assert_eq!(d.outcome, Outcome::Denied);
+    let b = body(&d);
+    assert_eq!(b["response"]["allowed"], false);
+    assert!(b["response"]["status"]["code"].as_u64().unwrap() >= 400);
+    let msg = b["response"]["status"]["message"].as_str().unwrap();
+    assert!(msg.contains("\"nope\"") && msg.contains("flytesnacks-development") && msg.contains("flyte"), "{msg}");
+    assert!(msg.contains("flyte.org/pod-template"), "says how it was named: {msg}");
+
+    let warn = Policy { on_missing: OnProblem::Warn, ..Policy::default() };
+    let d = decide(&r, &hello(), &warn);
+    assert_eq!((d.outcome, d.response.allowed), (Outcome::Unchanged, true));
+    assert!(d.response.warnings.as_ref().unwrap()[0].contains("\"nope\""));
+}
+
+#[test]
+fn a_broken_template_is_denied_with_configmap_key_and_error() {
+    let store = index(&[("flyte", "platform", "hello_world", "podSpec: {containers: [{name: primary, evn: []}]}")]);
+    let d = decide(&review(|_| {}), &store, &Policy::default());
+    assert_eq!(d.outcome, Outcome::Denied);
+    let msg = &d.response.result.message;
+    assert!(msg.contains("flyte/platform") && msg.contains("\"hello_world\"") && msg.contains("containers[0].evn: unknown field"), "{msg}");
+    assert!(d.response.result.code >= 400);
+
+    let warn = Policy { on_broken: OnProblem::Warn, ..Policy::default() };
+    let d = decide(&review(|_| {}), &store, &warn);
+    assert_eq!((d.outcome, d.response.allowed), (Outcome::Unchanged, true));
+    assert!(d.response.warnings.as_ref().unwrap()[0].contains("unknown field"));
+}
+
+#[test]
+fn a_stale_template_still_applies_with_a_warning() {
+    let mut c = catalog(&[("flyte", "platform", "hello_world", "labels: {v: good}")]);
+    c.apply("flyte", "platform", Some("8"), &BTreeMap::from([("hello_world".into(), "labels: [".into())]));
+    let r = review(|_| {});
+    let d = decide(&r, &c.index(), &Policy::default());
+    assert_eq!(d.outcome, Outcome::Mutated);
+    assert_eq!(patched(&r, &d)["metadata"]["labels"]["v"], "good");
+    assert_eq!(d.applied.as_deref(), Some("flyte/platform/hello_world@7"));
+    let w = &d.response.warnings.as_ref().unwrap()[0];
+    assert!(w.contains("version 8") && w.contains("last good version 7"), "{w}");
+}
+
+#[test]
+fn a_pod_never_sees_another_namespaces_template() {
+    let store = index(&[("team-a", "mine", "hello_world", "labels: {secret: team-a}")]);
+    let d = decide(&review(|_| {}), &store, &Policy::default());
+    assert_eq!(d.outcome, Outcome::Unchanged, "flytesnacks-development must not get team-a's template");
+}
+
+#[test]
+fn custom_names_are_honoured() {
+    let mut policy = Policy::default();
+    policy.names.environment_label = "example.com/env".into();
+    policy.names.applied_annotation = "example.com/applied".into();
+    let r = review(|r| {
+        let labels = r["request"]["object"]["metadata"]["labels"].as_object_mut().unwrap();
+        labels.remove("flyte.org/environment");
+        labels.insert("example.com/env".into(), json!("hello_world"));
+    });
+    let d = decide(&r, &hello(), &policy);
+    assert_eq!(patched(&r, &d)["metadata"]["annotations"]["example.com/applied"], "flyte/platform/hello_world@7");
+}
+
+#[test]
+fn malformed_reviews_are_clear_errors() {
+    for (body, needle) in [
+        (&b"not json"[..], "not a valid admission.k8s.io/v1 AdmissionReview"),
+        (b"{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\"}", "has no request"),
+        (b"[1,2]", "AdmissionReview"),
+        (b"{\"request\": {\"uid\": 5}}", "AdmissionReview"),
+    ] {
+        let err = parse_review(body).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+    let r = review(|r| r["request"].as_object_mut().unwrap().remove("object").map(|_| ()).unwrap());
+    let req = parse_review(&serde_json::to_vec(&r).unwrap()).unwrap();
+    assert!(matches!(mutate(&req, &hello(), &Policy::default()), Err(BadReview::NoObject)));
+}

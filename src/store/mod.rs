@@ -217,6 +217,21 @@ impl TemplateIndex {
     }
 }
 
+/// A fixed index is a store too (tests, and the directory store's contents).
+impl TemplateStore for TemplateIndex {
+    fn lookup(&self, namespace: &str, name: &str) -> Lookup {
+        TemplateIndex::lookup(self, namespace, name)
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.stats
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

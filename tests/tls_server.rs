@@ -1,0 +1,642 @@
+//! The TLS webhook listener over a real socket on 127.0.0.1: certificates from a test CA, ALPN,
+//! TLS versions, body limits and bad bodies, certificate reload through a Secret-volume style
+//! `..data` symlink swap, and graceful drain.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Body, Bytes, Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ProtocolVersion, RootCertStore, SupportedProtocolVersion};
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use pod_template_webhook::admission::Policy;
+use pod_template_webhook::names::Names;
+use pod_template_webhook::server::{serve_tls, webhook_router, AppState, Limits};
+use pod_template_webhook::store::dir::DirStore;
+use pod_template_webhook::tls::{self, CertResolver};
+
+/// Every test body runs under this bound.
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn crate_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn flyte_review() -> Vec<u8> {
+    std::fs::read(crate_path("examples/reviews/flyte-task-pod.json")).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test PKI
+
+struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    der: CertificateDer<'static>,
+}
+
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { der: cert.der().clone(), issuer: rcgen::Issuer::new(params, key) }
+    }
+
+    /// A leaf for `localhost` and `127.0.0.1`, signed by this CA.
+    fn leaf(&self, common_name: &str) -> Leaf {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
+    }
+}
+
+fn resolver_for(leaf: &Leaf) -> Arc<CertResolver> {
+    let loaded = tls::load_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), Path::new("cert.pem"), Path::new("key.pem"))
+        .expect("the generated pair loads");
+    CertResolver::new(loaded.key)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+struct Server {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<()>,
+}
+
+async fn start_server(resolver: Arc<CertResolver>, limits: Limits) -> Server {
+    let store = DirStore::load(&crate_path("examples/templates"), &Names::default()).expect("example templates load");
+    let state = AppState::new(Arc::new(store), Policy::default());
+    let app = webhook_router(state, &limits);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = TlsAcceptor::from(tls::server_config(resolver));
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(serve_tls(listener, acceptor, app, limits, async move {
+        let _ = rx.await;
+    }));
+    Server { addr, shutdown: Some(tx), handle }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client_config(ca: &CertificateDer<'static>, alpn: &[&[u8]], versions: &[&'static SupportedProtocolVersion]) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+const ALL_VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+async fn connect(addr: SocketAddr, config: Arc<ClientConfig>, server_name: &str) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(server_name.to_owned()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), TlsConnector::from(config).connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("TLS handshake timed out"))?
+}
+
+fn presented_leaf(tls: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    let (_, conn) = tls.get_ref();
+    conn.peer_certificates().expect("the server presented a certificate")[0].clone().into_owned()
+}
+
+fn alpn(tls: &TlsStream<TcpStream>) -> Option<Vec<u8>> {
+    tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Proto {
+    H1,
+    H2,
+}
+
+/// A request sender over one TLS connection, HTTP/1.1 or HTTP/2; the connection is driven by a
+/// spawned task.
+enum Sender<B> {
+    H1(hyper::client::conn::http1::SendRequest<B>),
+    H2(hyper::client::conn::http2::SendRequest<B>),
+}
+
+async fn handshake<B>(tls: TlsStream<TcpStream>, proto: Proto) -> Sender<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = TokioIo::new(tls);
+    match proto {
+        Proto::H1 => {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await.expect("HTTP/1.1 handshake");
+            tokio::spawn(conn);
+            Sender::H1(send)
+        }
+        Proto::H2 => {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("HTTP/2 handshake");
+            tokio::spawn(conn);
+            Sender::H2(send)
+        }
+    }
+}
+
+fn mutate_request<B>(body: B) -> Request<B> {
+    Request::post("https://localhost/mutate")
+        .header(hyper::header::HOST, "localhost")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .unwrap()
+}
+
+impl<B> Sender<B>
+where
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn send(&mut self, req: Request<B>) -> impl std::future::Future<Output = hyper::Result<Response<Incoming>>> + Send + 'static {
+        let fut: std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<Response<Incoming>>> + Send>> = match self {
+            Sender::H1(s) => {
+                // HTTP/1.1 uses the origin form of the target.
+                let mut req = req;
+                let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+                *req.uri_mut() = path.parse().unwrap();
+                Box::pin(s.send_request(req))
+            }
+            Sender::H2(s) => Box::pin(s.send_request(req)),
+        };
+        fut
+    }
+}
+
+async fn read_response(resp: Response<Incoming>) -> (StatusCode, Bytes) {
+    let status = resp.status();
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("response body within 10 s")
+        .expect("response body")
+        .to_bytes();
+    (status, body)
+}
+
+/// POSTs `body` to /mutate on a fresh connection with `proto` (ALPN asserted), returns status and body.
+async fn post_once(addr: SocketAddr, ca: &CertificateDer<'static>, proto: Proto, body: Vec<u8>) -> (StatusCode, Bytes) {
+    let offer: &[u8] = if proto == Proto::H2 { b"h2" } else { b"http/1.1" };
+    let tls = connect(addr, client_config(ca, &[offer], ALL_VERSIONS), "localhost").await.expect("TLS handshake");
+    assert_eq!(alpn(&tls).as_deref(), Some(offer));
+    let mut sender = handshake::<Full<Bytes>>(tls, proto).await;
+    let resp = sender.send(mutate_request(Full::new(Bytes::from(body)))).await.expect("a response");
+    read_response(resp).await
+}
+
+/// Asserts `body` is the AdmissionReview answer to flyte-task-pod.json: uid echoed, allowed, and
+/// a JSON patch that adds hello=world to the primary container.
+fn assert_flyte_mutated(body: &[u8]) {
+    let review: Value = serde_json::from_slice(&flyte_review()).unwrap();
+    let answer: Value = serde_json::from_slice(body).unwrap_or_else(|e| panic!("response is not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1", "{answer}");
+    assert_eq!(answer["kind"], "AdmissionReview", "{answer}");
+    let resp = &answer["response"];
+    assert_eq!(resp["uid"], review["request"]["uid"], "uid echoed: {answer}");
+    assert_eq!(resp["allowed"], true, "{answer}");
+    assert_eq!(resp["patchType"], "JSONPatch", "{answer}");
+    let patch_bytes: Vec<u8> = resp["patch"]
+        .as_array()
+        .expect("patch is an array of bytes")
+        .iter()
+        .map(|b| u8::try_from(b.as_u64().expect("byte")).expect("byte"))
+        .collect();
+    let patch: json_patch::Patch = serde_json::from_slice(&patch_bytes).expect("patch is a JSON Patch");
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch).expect("patch applies to the request object");
+    let env = pod["spec"]["containers"][0]["env"].as_array().expect("primary container has env");
+    assert!(
+        env.iter().any(|e| e["name"] == "hello" && e["value"] == "world"),
+        "hello=world env added to the primary container: {env:?}"
+    );
+}
+
+fn listener_limits(max_body_bytes: usize) -> Limits {
+    Limits { max_body_bytes, ..Limits::default() }
+}
+
+macro_rules! bounded {
+    ($body:expr) => {
+        tokio::time::timeout(TEST_TIMEOUT, $body).await.expect("test exceeded its time bound")
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. ALPN h2 and http/1.1, CA-signed certificate, /mutate works over both
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutate_over_h2_and_http1_with_a_ca_signed_certificate() {
+    bounded!(async {
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let mut server = start_server(resolver_for(&leaf), Limits::default()).await;
+
+        for (proto, offer, name) in [(Proto::H2, &b"h2"[..], "127.0.0.1"), (Proto::H1, &b"http/1.1"[..], "localhost")] {
+            let tls = connect(server.addr, client_config(&ca.der, &[offer], ALL_VERSIONS), name)
+                .await
+                .unwrap_or_else(|e| panic!("{proto:?}: handshake with a client trusting only the test CA: {e}"));
+            assert_eq!(alpn(&tls).as_deref(), Some(offer), "{proto:?}: negotiated ALPN");
+            assert_eq!(presented_leaf(&tls), leaf.der, "{proto:?}: the server presents the configured leaf");
+            assert_eq!(tls.get_ref().1.peer_certificates().unwrap().len(), 1);
+            let mut sender = handshake::<Full<Bytes>>(tls, proto).await;
+            // Two requests on the same connection: keep-alive / multiplexing works.
+            for _ in 0..2 {
+                let resp = sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.expect("response");
+                assert_eq!(resp.headers().get("content-type").unwrap(), "application/json", "{proto:?}");
+                let (status, body) = read_response(resp).await;
+                assert_eq!(status, StatusCode::OK, "{proto:?}: {}", String::from_utf8_lossy(&body));
+                assert_flyte_mutated(&body);
+            }
+        }
+
+        // A client offering both gets h2 (the server prefers it); one offering neither gets no ALPN
+        // but still a working HTTP/1.1 connection.
+        let tls = connect(server.addr, client_config(&ca.der, &[b"http/1.1", b"h2"], ALL_VERSIONS), "localhost").await.unwrap();
+        assert_eq!(alpn(&tls).as_deref(), Some(&b"h2"[..]));
+        let tls = connect(server.addr, client_config(&ca.der, &[], ALL_VERSIONS), "localhost").await.unwrap();
+        assert_eq!(alpn(&tls), None);
+        let mut sender = handshake::<Full<Bytes>>(tls, Proto::H1).await;
+        let (status, body) = read_response(sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_flyte_mutated(&body);
+
+        // A client trusting another CA refuses the server.
+        let other = TestCa::new("other CA");
+        let err = connect(server.addr, client_config(&other.der, &[b"h2"], ALL_VERSIONS), "localhost").await;
+        assert!(err.is_err(), "a client trusting a different CA must fail the handshake");
+
+        server.shutdown.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server.handle).await.expect("serve_tls returns after shutdown").unwrap();
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. TLS versions
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls12_only_and_tls13_only_clients_both_work() {
+    bounded!(async {
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let server = start_server(resolver_for(&leaf), Limits::default()).await;
+
+        for (version, expect) in [(&rustls::version::TLS12, ProtocolVersion::TLSv1_2), (&rustls::version::TLS13, ProtocolVersion::TLSv1_3)] {
+            let tls = connect(server.addr, client_config(&ca.der, &[b"h2"], &[version]), "localhost")
+                .await
+                .unwrap_or_else(|e| panic!("{expect:?}-only client: {e}"));
+            assert_eq!(tls.get_ref().1.protocol_version(), Some(expect));
+            assert_eq!(alpn(&tls).as_deref(), Some(&b"h2"[..]), "{expect:?}");
+            assert_eq!(presented_leaf(&tls), leaf.der);
+            let mut sender = handshake::<Full<Bytes>>(tls, Proto::H2).await;
+            let (status, body) = read_response(sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.unwrap()).await;
+            assert_eq!(status, StatusCode::OK, "{expect:?}");
+            assert_flyte_mutated(&body);
+        }
+        // A client offering both gets TLS 1.3.
+        let tls = connect(server.addr, client_config(&ca.der, &[b"h2"], ALL_VERSIONS), "localhost").await.unwrap();
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(ProtocolVersion::TLSv1_3));
+        drop(server);
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Body limit and malformed bodies
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_bodies_are_4xx_and_the_server_keeps_serving() {
+    bounded!(async {
+        const LIMIT: usize = 64 * 1024;
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let server = start_server(resolver_for(&leaf), listener_limits(LIMIT)).await;
+
+        // The example review itself is below the limit, so the limit is what decides.
+        assert!(flyte_review().len() < LIMIT);
+        // A syntactically valid AdmissionReview padded past the limit.
+        let mut big: Value = serde_json::from_slice(&flyte_review()).unwrap();
+        big["request"]["object"]["metadata"]["annotations"]["padding"] = Value::String("x".repeat(LIMIT + 1024));
+        let big = serde_json::to_vec(&big).unwrap();
+        assert!(big.len() > LIMIT);
+
+        for proto in [Proto::H1, Proto::H2] {
+            let (status, body) = post_once(server.addr, &ca.der, proto, big.clone()).await;
+            assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{proto:?}: {}", String::from_utf8_lossy(&body));
+
+            let (status, body) = post_once(server.addr, &ca.der, proto, b"{\"apiVersion\": \"admission.k8s.io/v1\", \"kind\": ".to_vec()).await;
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{proto:?}: {text}");
+            assert!(text.contains("AdmissionReview"), "{proto:?}: message names what was expected: {text}");
+
+            let (status, body) = post_once(server.addr, &ca.der, proto, b"not json at all".to_vec()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{proto:?}: {}", String::from_utf8_lossy(&body));
+            assert!(String::from_utf8_lossy(&body).contains("AdmissionReview"));
+
+            let (status, body) = post_once(server.addr, &ca.der, proto, br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec()).await;
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{proto:?}: review without request: {text}");
+            assert!(text.contains("request"), "{proto:?}: {text}");
+
+            // A valid review still works on a new connection.
+            let (status, body) = post_once(server.addr, &ca.der, proto, flyte_review()).await;
+            assert_eq!(status, StatusCode::OK, "{proto:?}: {}", String::from_utf8_lossy(&body));
+            assert_flyte_mutated(&body);
+        }
+
+        // Exactly at the limit is accepted by the size check (then rejected as bad JSON, 400, not 413).
+        let mut at_limit = b"{".to_vec();
+        at_limit.resize(LIMIT, b' ');
+        let (status, _) = post_once(server.addr, &ca.der, Proto::H1, at_limit).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "a body of exactly max_body_bytes is not too large");
+        drop(server);
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Certificate reload through a Secret-volume `..data` symlink swap
+
+/// A directory laid out like a Kubernetes Secret volume: `cert.pem` and `key.pem` are symlinks
+/// into `..data`, itself a symlink to a timestamped directory.
+struct SecretVolume {
+    dir: tempfile::TempDir,
+    generation: usize,
+}
+
+impl SecretVolume {
+    fn new(cert_pem: &[u8], key_pem: &[u8]) -> SecretVolume {
+        let dir = tempfile::tempdir().unwrap();
+        let mut volume = SecretVolume { dir, generation: 0 };
+        volume.publish(cert_pem, key_pem);
+        std::os::unix::fs::symlink("..data/cert.pem", volume.cert()).unwrap();
+        std::os::unix::fs::symlink("..data/key.pem", volume.key()).unwrap();
+        volume
+    }
+
+    fn cert(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("key.pem")
+    }
+
+    /// Writes a new generation directory and atomically points `..data` at it (as the kubelet does).
+    fn publish(&mut self, cert_pem: &[u8], key_pem: &[u8]) {
+        self.generation += 1;
+        let gen_name = format!("..2026_01_01_00_00_0{}.{}", self.generation, 1000 + self.generation);
+        let gen_dir = self.dir.path().join(&gen_name);
+        std::fs::create_dir(&gen_dir).unwrap();
+        std::fs::write(gen_dir.join("cert.pem"), cert_pem).unwrap();
+        std::fs::write(gen_dir.join("key.pem"), key_pem).unwrap();
+        let tmp = self.dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&gen_name, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("..data")).unwrap();
+    }
+}
+
+async fn handshake_leaf(addr: SocketAddr, ca: &CertificateDer<'static>) -> CertificateDer<'static> {
+    let tls = connect(addr, client_config(ca, &[b"h2"], ALL_VERSIONS), "localhost").await.expect("handshake");
+    presented_leaf(&tls)
+}
+
+/// Polls new handshakes until the presented leaf is `want`, for at most `bound`.
+async fn wait_for_leaf(addr: SocketAddr, ca: &CertificateDer<'static>, want: &CertificateDer<'static>, bound: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if &handshake_leaf(addr, ca).await == want {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < bound, "the new certificate was not served within {bound:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_reloads_on_a_secret_volume_symlink_swap_and_keeps_the_last_good_pair() {
+    bounded!(async {
+        let ca = TestCa::new("test CA");
+        let (first, second, third, fourth) = (ca.leaf("first"), ca.leaf("second"), ca.leaf("third"), ca.leaf("fourth"));
+        let mut volume = SecretVolume::new(first.cert_pem.as_bytes(), first.key_pem.as_bytes());
+
+        let (loaded, bytes) = tls::load_files(&volume.cert(), &volume.key()).expect("initial pair loads through the symlinks");
+        let resolver = CertResolver::new(loaded.key);
+        let reloads = Arc::new(AtomicUsize::new(0));
+        let counter = reloads.clone();
+        let watcher = tokio::spawn(tls::watch_files(volume.cert(), volume.key(), bytes, resolver.clone(), Duration::from_millis(100), move |c| {
+            assert!(c.not_after > 0, "a reloaded certificate has a known expiry");
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        let server = start_server(resolver, Limits::default()).await;
+
+        assert_eq!(handshake_leaf(server.addr, &ca.der).await, first.der);
+        // Unchanged files are not "reloaded".
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(reloads.load(Ordering::SeqCst), 0, "no reload without a change");
+
+        // Swap to the second pair.
+        volume.publish(second.cert_pem.as_bytes(), second.key_pem.as_bytes());
+        let took = wait_for_leaf(server.addr, &ca.der, &second.der, Duration::from_secs(5)).await;
+        eprintln!("second certificate served after {took:?}");
+        assert_eq!(reloads.load(Ordering::SeqCst), 1);
+        // Requests still work with the new certificate.
+        let (status, body) = post_once(server.addr, &ca.der, Proto::H2, flyte_review()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_flyte_mutated(&body);
+
+        // Swap to broken pairs: a garbage key, then a valid key that does not match the certificate.
+        let broken: [(&str, &[u8], &[u8]); 3] = [
+            ("garbage key", third.cert_pem.as_bytes(), b"-----BEGIN PRIVATE KEY-----\nnot base64 !!\n-----END PRIVATE KEY-----\n"),
+            ("no PEM at all", b"garbage", b"garbage"),
+            ("mismatched key", third.cert_pem.as_bytes(), fourth.key_pem.as_bytes()),
+        ];
+        for (what, cert, key) in broken {
+            volume.publish(cert, key);
+            // Ten polling periods: every handshake meanwhile still gets the last good pair.
+            let until = Instant::now() + Duration::from_millis(1000);
+            let mut handshakes = 0;
+            while Instant::now() < until {
+                assert_eq!(handshake_leaf(server.addr, &ca.der).await, second.der, "{what}: the last good pair keeps serving");
+                handshakes += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert!(handshakes >= 3, "{what}: only {handshakes} handshakes in 1 s");
+            assert_eq!(reloads.load(Ordering::SeqCst), 1, "{what}: a broken pair is not a reload");
+        }
+
+        // The watcher survived the broken files: a good pair is picked up again.
+        volume.publish(third.cert_pem.as_bytes(), third.key_pem.as_bytes());
+        wait_for_leaf(server.addr, &ca.der, &third.der, Duration::from_secs(5)).await;
+        assert_eq!(reloads.load(Ordering::SeqCst), 2);
+        assert!(!watcher.is_finished(), "watch_files keeps running");
+        watcher.abort();
+        drop(server);
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Graceful shutdown
+
+type ChunkSender = futures::channel::mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>;
+type ChunkBody = StreamBody<futures::channel::mpsc::UnboundedReceiver<Result<Frame<Bytes>, Infallible>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_requests_then_returns() {
+    bounded!(async {
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let drain_timeout = Duration::from_secs(20);
+        let mut server = start_server(resolver_for(&leaf), Limits { drain_timeout, ..Limits::default() }).await;
+        let review = flyte_review();
+        let half = review.len() / 2;
+
+        // Before shutdown: a few complete requests (a keep-alive connection that will be idle at
+        // shutdown, which must not hold the drain up).
+        let idle_tls = connect(server.addr, client_config(&ca.der, &[b"http/1.1"], ALL_VERSIONS), "localhost").await.unwrap();
+        let mut idle = handshake::<Full<Bytes>>(idle_tls, Proto::H1).await;
+        let (status, _) = read_response(idle.send(mutate_request(Full::new(Bytes::from(review.clone())))).await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+        let idle_h2_tls = connect(server.addr, client_config(&ca.der, &[b"h2"], ALL_VERSIONS), "localhost").await.unwrap();
+        let mut idle_h2 = handshake::<Full<Bytes>>(idle_h2_tls, Proto::H2).await;
+        let (status, _) = read_response(idle_h2.send(mutate_request(Full::new(Bytes::from(review.clone())))).await.unwrap()).await;
+        assert_eq!(status, StatusCode::OK);
+
+        // In flight at shutdown: requests whose bodies are streamed slowly, on HTTP/1.1 and HTTP/2
+        // connections (three streams share one HTTP/2 connection).
+        let mut in_flight: Vec<(Proto, ChunkSender, JoinHandle<hyper::Result<Response<Incoming>>>)> = Vec::new();
+        let mut h2_shared: Option<Sender<ChunkBody>> = None;
+        for proto in [Proto::H1, Proto::H1, Proto::H2, Proto::H2, Proto::H2] {
+            let mut sender = if proto == Proto::H2 && h2_shared.is_some() {
+                h2_shared.take().unwrap()
+            } else {
+                let offer: &[u8] = if proto == Proto::H2 { b"h2" } else { b"http/1.1" };
+                let tls = connect(server.addr, client_config(&ca.der, &[offer], ALL_VERSIONS), "localhost").await.unwrap();
+                handshake::<ChunkBody>(tls, proto).await
+            };
+            let (tx, rx) = futures::channel::mpsc::unbounded();
+            tx.unbounded_send(Ok(Frame::data(Bytes::copy_from_slice(&review[..half / 2])))).unwrap();
+            let resp = tokio::spawn(sender.send(mutate_request(StreamBody::new(rx))));
+            if proto == Proto::H2 {
+                h2_shared = Some(sender);
+            }
+            in_flight.push((proto, tx, resp));
+        }
+        // Let the server read the headers and the first chunks.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (_, tx, _) in &in_flight {
+            tx.unbounded_send(Ok(Frame::data(Bytes::copy_from_slice(&review[half / 2..half])))).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (proto, _, resp) in &in_flight {
+            assert!(!resp.is_finished(), "{proto:?}: the request must still be in flight (its body is incomplete)");
+        }
+
+        // Shutdown starts while every request is half-sent.
+        let shutdown_at = Instant::now();
+        server.shutdown.take().unwrap().send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!server.handle.is_finished(), "serve_tls must wait for the in-flight requests");
+        // No new connections once shutdown has begun.
+        let refused = tokio::time::timeout(Duration::from_secs(5), async {
+            match connect(server.addr, client_config(&ca.der, &[b"h2"], ALL_VERSIONS), "localhost").await {
+                Err(_) => true,
+                Ok(tls) => {
+                    // Accepted by a lingering socket: it must not serve requests.
+                    let mut s = handshake::<Full<Bytes>>(tls, Proto::H2).await;
+                    s.send(mutate_request(Full::new(Bytes::from(review.clone())))).await.is_err()
+                }
+            }
+        })
+        .await
+        .unwrap_or(true);
+        assert!(refused, "a new connection after shutdown must not be served");
+
+        // The bodies finish, slowly.
+        for chunk in review[half..].chunks(review[half..].len() / 3 + 1) {
+            for (_, tx, _) in &in_flight {
+                tx.unbounded_send(Ok(Frame::data(Bytes::copy_from_slice(chunk)))).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut completed = 0;
+        for (proto, tx, resp) in in_flight {
+            drop(tx); // end of body
+            let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+                .await
+                .unwrap_or_else(|_| panic!("{proto:?}: in-flight request got no answer"))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{proto:?}: in-flight request failed during drain: {e}"));
+            let (status, body) = read_response(resp).await;
+            assert_eq!(status, StatusCode::OK, "{proto:?}: {}", String::from_utf8_lossy(&body));
+            assert_flyte_mutated(&body);
+            completed += 1;
+        }
+        assert_eq!(completed, 5);
+
+        // serve_tls returns once they are done, well before the drain timeout (idle keep-alive
+        // connections must not hold it up).
+        tokio::time::timeout(Duration::from_secs(8), &mut server.handle)
+            .await
+            .expect("serve_tls returns soon after the in-flight requests completed")
+            .unwrap();
+        let took = shutdown_at.elapsed();
+        eprintln!("serve_tls returned {took:?} after shutdown began");
+        assert!(took < drain_timeout, "returned by draining, not by hitting the drain timeout ({took:?})");
+        drop((idle, idle_h2));
+    })
+}
+
+/// `serve_tls` with nothing in flight returns promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_without_requests_returns_promptly() {
+    bounded!(async {
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let mut server = start_server(resolver_for(&leaf), Limits::default()).await;
+        assert_eq!(handshake_leaf(server.addr, &ca.der).await, leaf.der);
+        let started = Instant::now();
+        server.shutdown.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), &mut server.handle).await.expect("serve_tls returns").unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(TcpStream::connect(server.addr).await.is_err(), "the listener is closed");
+    })
+}
