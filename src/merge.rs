@@ -248,9 +248,15 @@ fn primary_container(
     annotated(DEFAULT_CONTAINER_ANNOTATION)
         .or_else(|| annotated(PRIMARY_CONTAINER_ANNOTATION))
         .or_else(|| Some(template.primary_container_name.as_str()).filter(|n| exists(n)))
-        .or_else(|| Some(pod_name).filter(|n| !n.is_empty() && exists(n)))
+        // Not a name the template defines: a sidecar it added must not become the primary on
+        // reinvocation.
+        .or_else(|| Some(pod_name).filter(|n| !n.is_empty() && exists(n) && !defined_by_template(template, n)))
         .map(str::to_owned)
         .or_else(|| names.first().cloned())
+}
+
+fn defined_by_template(template: &PodTemplate, name: &str) -> bool {
+    container_names(&template.pod_spec, "containers").iter().any(|n| n == name)
 }
 
 /// The init container that gets the template's `primary-init`: the pod's first init container
@@ -293,6 +299,10 @@ impl<'a> ContainerList<'a> {
         }
     }
 
+    fn other_field(&self) -> &'static str {
+        if self.field == "containers" { "initContainers" } else { "containers" }
+    }
+
     fn merge(&self, spec: &mut Map<String, Value>, t: &PodTemplate, warnings: &mut Vec<String>) {
         let templates: &[Value] = t.pod_spec.get(self.field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         if templates.is_empty() {
@@ -302,11 +312,21 @@ impl<'a> ContainerList<'a> {
         let default = find(self.default_name);
         let primary_template = find(self.primary_template);
 
-        let pod_names = container_names(spec, self.field);
+        let own_names = container_names(spec, self.field);
+        // Container names are unique across both lists of a pod.
+        let other_names = container_names(spec, self.other_field());
         let mut added = Vec::new();
         for tc in templates {
             let name = tc.get("name").and_then(Value::as_str).unwrap_or_default();
-            if t.is_reserved_name(name) || pod_names.iter().any(|n| n == name) {
+            if t.is_reserved_name(name) || own_names.iter().any(|n| n == name) {
+                continue;
+            }
+            if other_names.iter().any(|n| n == name) {
+                warnings.push(format!(
+                    "template container {name:?} not added to {}: the pod has a container of that name in {}",
+                    self.field,
+                    self.other_field()
+                ));
                 continue;
             }
             if tc.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {

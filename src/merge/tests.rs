@@ -364,3 +364,20 @@ fn the_shared_flyte_sample_gets_exactly_the_documented_changes() {
     env.insert(0, json!({"name": "hello", "value": "world"}));
     assert_eq!(out, expected);
 }
+
+#[test]
+fn a_template_container_never_reuses_a_name_from_the_other_list() {
+    let t = tpl("podSpec: {initContainers: [{name: primary, image: x:1}]}\nprimaryContainerName: main");
+    let m = merge_pod(&simple_pod(), &t);
+    assert!(m.pod["spec"].get("initContainers").is_none(), "{}", m.pod);
+    assert!(m.warnings[0].contains("\"primary\""), "{:?}", m.warnings);
+}
+
+#[test]
+fn a_sidecar_named_like_the_pod_does_not_become_primary_on_reinvocation() {
+    // Found by the property test: the pod is named "main", the template adds a sidecar "main".
+    let pod = json!({"metadata": {"name": "main"}, "spec": {"containers": [{"name": "side", "image": "i:1"}]}});
+    let out = merged(&pod, "podSpec: {containers: [{name: main, image: m:1}, {name: primary, workingDir: /p}]}");
+    assert_eq!(out["spec"]["containers"][0]["workingDir"], "/p");
+    assert!(out["spec"]["containers"][1].get("workingDir").is_none());
+}
