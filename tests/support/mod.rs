@@ -1,0 +1,274 @@
+//! Test fixtures shared by the end-to-end tests: a real etcd + kube-apiserver on loopback, built
+//! from their upstream Go modules by `tests/tools/build.sh` (cached outside git), and test
+//! certificates made with rcgen.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+
+/// A CA and a leaf signed by it, PEM encoded.
+pub struct TestPki {
+    pub ca_pem: String,
+    pub ca_der: Vec<u8>,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: Vec<u8>,
+}
+
+impl TestPki {
+    pub fn new(name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        TestPki { ca_pem: ca.pem(), ca_der: ca.der().to_vec(), ca }
+    }
+
+    /// A serving certificate for 127.0.0.1 and localhost.
+    pub fn server(&self) -> Leaf {
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
+    /// A client certificate: `CN=user, O=group`.
+    pub fn client(&self, user: &str, group: &str) -> Leaf {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, user);
+        params.distinguished_name.push(DnType::OrganizationName, group);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    fn sign(&self, params: CertificateParams) -> Leaf {
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn tools_bin() -> PathBuf {
+    let root = std::env::var_os("PTW_TOOLS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/pod-template-webhook/tools")
+    });
+    root.join("bin")
+}
+
+/// The path of a test tool, built from its Go module on first use (`tests/tools/build.sh`).
+pub fn tool(name: &str) -> PathBuf {
+    let path = tools_bin().join(name);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/build.sh");
+    // build.sh is idempotent and cheap when up to date; serialize concurrent test binaries.
+    let lock = std::fs::File::create(std::env::temp_dir().join("ptw-tools-build.lock")).unwrap();
+    lock_file(&lock);
+    if !path.exists() {
+        let started = Instant::now();
+        let status = Command::new("bash").arg(&script).arg(name).status().expect("run tests/tools/build.sh");
+        assert!(status.success(), "tests/tools/build.sh {name} failed");
+        eprintln!("built {name} in {:?}", started.elapsed());
+    }
+    path
+}
+
+fn lock_file(f: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; released when the file is closed.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+}
+
+/// Starts `cmd` so that it dies with the thread that started it (PR_SET_PDEATHSIG): a test
+/// process that ends, even by a panic or a kill, leaves no etcd or API server behind.
+fn spawn_tied(cmd: &mut Command, log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// etcd and kube-apiserver on loopback, with RBAC and the admission webhooks on.
+pub struct ApiServer {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub pki: TestPki,
+    pub kubeconfig: PathBuf,
+    etcd: Child,
+    apiserver: Child,
+}
+
+impl ApiServer {
+    /// Starts both processes; call it from a thread that outlives the tests (see `spawn_tied`).
+    pub fn start() -> ApiServer {
+        let (etcd_bin, apiserver_bin) = (tool("etcd"), tool("kube-apiserver"));
+        let dir = tempfile::Builder::new().prefix("ptw-apiserver-").tempdir().unwrap();
+        let d = dir.path();
+        let pki = TestPki::new("ptw-test-ca");
+        let serving = pki.server();
+        let admin = pki.client("ptw-admin", "system:masters");
+        let sa_key = KeyPair::generate().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = d.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let ca = write("ca.crt", &pki.ca_pem);
+        let (cert, key) = (write("apiserver.crt", &serving.cert_pem), write("apiserver.key", &serving.key_pem));
+        let sa = write("sa.key", &sa_key.serialize_pem());
+        let sa_pub = write("sa.pub", &sa_key.public_key_pem());
+
+        let (client_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{client_port}");
+        let etcd = spawn_tied(
+            Command::new(etcd_bin)
+                .arg("--name=ptw")
+                .arg(format!("--data-dir={}", d.join("etcd").display()))
+                .arg(format!("--listen-client-urls={etcd_url}"))
+                .arg(format!("--advertise-client-urls={etcd_url}"))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+                .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
+                .arg(format!("--initial-cluster=ptw=http://127.0.0.1:{peer_port}"))
+                .arg("--unsafe-no-fsync")
+                .arg("--log-level=warn"),
+            &d.join("etcd.log"),
+        );
+        let apiserver = spawn_tied(
+            Command::new(apiserver_bin)
+                .arg(format!("--etcd-servers={etcd_url}"))
+                .arg("--bind-address=127.0.0.1")
+                .arg("--advertise-address=127.0.0.1")
+                .arg(format!("--secure-port={api_port}"))
+                .arg(format!("--cert-dir={}", d.join("certs").display()))
+                .arg(format!("--tls-cert-file={}", cert.display()))
+                .arg(format!("--tls-private-key-file={}", key.display()))
+                .arg(format!("--client-ca-file={}", ca.display()))
+                .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+                .arg(format!("--service-account-key-file={}", sa_pub.display()))
+                .arg(format!("--service-account-signing-key-file={}", sa.display()))
+                .arg("--service-cluster-ip-range=10.0.0.0/24")
+                .arg("--authorization-mode=Node,RBAC")
+                .arg("--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,MutatingAdmissionWebhook,ValidatingAdmissionWebhook")
+                .arg("--endpoint-reconciler-type=none")
+                .arg("--profiling=false")
+                .arg("--v=1"),
+            &d.join("kube-apiserver.log"),
+        );
+        let url = format!("https://127.0.0.1:{api_port}");
+        let kubeconfig = d.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &pki.ca_pem, &admin.cert_pem, &admin.key_pem)).unwrap();
+        let mut server = ApiServer { url, dir, pki, kubeconfig, etcd, apiserver };
+        server.wait_ready(&ca, &admin);
+        server
+    }
+
+    fn wait_ready(&mut self, ca: &Path, admin: &Leaf) {
+        let started = Instant::now();
+        let d = self.dir.path();
+        let (cert, key) = (d.join("admin.crt"), d.join("admin.key"));
+        std::fs::write(&cert, &admin.cert_pem).unwrap();
+        std::fs::write(&key, &admin.key_pem).unwrap();
+        loop {
+            if let Ok(Some(status)) = self.apiserver.try_wait() {
+                panic!("kube-apiserver exited ({status}):\n{}", self.log_tail("kube-apiserver.log"));
+            }
+            let ok = Command::new("curl")
+                .args(["-fsS", "-o", "/dev/null", "--cacert"])
+                .arg(ca)
+                .arg("--cert")
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key)
+                .arg(format!("{}/readyz", self.url))
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                eprintln!("kube-apiserver ready in {:?} at {}", started.elapsed(), self.url);
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "kube-apiserver not ready:\n{}", self.log_tail("kube-apiserver.log"));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    pub fn log_tail(&self, name: &str) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join(name)) {
+            let _ = f.read_to_string(&mut text);
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Stops the API server (etcd stays): the "API server went away" case.
+    pub fn stop_apiserver(&mut self) {
+        let _ = self.apiserver.kill();
+        let _ = self.apiserver.wait();
+    }
+
+    pub async fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.config().await).unwrap()
+    }
+
+    pub async fn config(&self) -> kube::Config {
+        let kc = kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.unwrap()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = self.apiserver.kill();
+        let _ = self.etcd.kill();
+        let _ = self.apiserver.wait();
+        let _ = self.etcd.wait();
+    }
+}
+
+fn b64(text: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn kubeconfig_yaml(url: &str, ca: &str, cert: &str, key: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: ptw\n  cluster:\n    server: {url}\n    certificate-authority-data: {}\n\
+         users:\n- name: admin\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\n\
+         contexts:\n- name: ptw\n  context: {{cluster: ptw, user: admin}}\ncurrent-context: ptw\n",
+        b64(ca),
+        b64(cert),
+        b64(key)
+    )
+}
