@@ -19,6 +19,7 @@ pub struct TestPki {
     ca: CertifiedIssuer<'static, KeyPair>,
 }
 
+#[derive(Clone)]
 pub struct Leaf {
     pub cert_pem: String,
     pub key_pem: String,
@@ -115,6 +116,8 @@ pub struct ApiServer {
     pub kubeconfig: PathBuf,
     etcd: Child,
     apiserver: Child,
+    apiserver_cmd: Command,
+    admin: Leaf,
 }
 
 impl ApiServer {
@@ -152,8 +155,8 @@ impl ApiServer {
                 .arg("--log-level=warn"),
             &d.join("etcd.log"),
         );
-        let apiserver = spawn_tied(
-            Command::new(apiserver_bin)
+        let mut apiserver_cmd = Command::new(apiserver_bin);
+        apiserver_cmd
                 .arg(format!("--etcd-servers={etcd_url}"))
                 .arg("--bind-address=127.0.0.1")
                 .arg("--advertise-address=127.0.0.1")
@@ -170,14 +173,14 @@ impl ApiServer {
                 .arg("--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,MutatingAdmissionWebhook,ValidatingAdmissionWebhook")
                 .arg("--endpoint-reconciler-type=none")
                 .arg("--profiling=false")
-                .arg("--v=1"),
-            &d.join("kube-apiserver.log"),
-        );
+                .arg("--v=1");
+        let apiserver = spawn_tied(&mut apiserver_cmd, &d.join("kube-apiserver.log"));
         let url = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = d.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&url, &pki.ca_pem, &admin.cert_pem, &admin.key_pem)).unwrap();
-        let mut server = ApiServer { url, dir, pki, kubeconfig, etcd, apiserver };
+        let mut server = ApiServer { url, dir, pki, kubeconfig, etcd, apiserver, apiserver_cmd, admin: admin.clone() };
         server.wait_ready(&ca, &admin);
+        server.admin = admin;
         server
     }
 
@@ -224,6 +227,14 @@ impl ApiServer {
     pub fn stop_apiserver(&mut self) {
         let _ = self.apiserver.kill();
         let _ = self.apiserver.wait();
+    }
+
+    /// Starts the API server again on the same port and etcd.
+    pub fn restart_apiserver(&mut self) {
+        let log = self.dir.path().join("kube-apiserver-restarted.log");
+        self.apiserver = spawn_tied(&mut self.apiserver_cmd, &log);
+        let (ca, admin) = (self.dir.path().join("ca.crt"), self.admin.clone());
+        self.wait_ready(&ca, &admin);
     }
 
     pub async fn client(&self) -> kube::Client {
