@@ -147,6 +147,9 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "PTW_DRAIN_TIMEOUT_SECONDS", default_value_t = 20)]
     pub drain_timeout_seconds: u64,
+    /// Load-test baseline: answer every review `allowed` without parsing it.
+    #[arg(long, hide = true)]
+    pub noop_handler: bool,
     #[command(flatten)]
     pub names: NameArgs,
 }
@@ -333,7 +336,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(130);
         });
     };
-    server::serve_tls(listener, acceptor, server::webhook_router(state, &limits), limits, shutdown).await;
+    let app = if args.noop_handler { server::noop_router(&limits) } else { server::webhook_router(state, &limits) };
+    server::serve_tls(listener, acceptor, app, limits, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     tracing::info!("stopped");

@@ -71,6 +71,15 @@ pub fn webhook_router(state: Arc<AppState>, limits: &Limits) -> Router {
         .with_state(state)
 }
 
+/// A baseline for load tests only (`serve --noop-handler`): answers `allowed` without reading
+/// the review, so the TLS and HTTP stack can be measured alone.
+pub fn noop_router(limits: &Limits) -> Router {
+    const ALLOWED: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":true}}"#;
+    Router::new()
+        .route("/mutate", post(|_: Bytes| async { ([(header::CONTENT_TYPE, "application/json")], ALLOWED) }))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+}
+
 /// The admin routes (plain HTTP).
 pub fn admin_router(state: Arc<AppState>) -> Router {
     Router::new()
