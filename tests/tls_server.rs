@@ -190,6 +190,14 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    /// Waits until the connection can take another request (HTTP/1.1 finishes the previous one).
+    async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
     fn send(&mut self, req: Request<B>) -> impl std::future::Future<Output = hyper::Result<Response<Incoming>>> + Send + 'static {
         let fut: std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<Response<Incoming>>> + Send>> = match self {
             Sender::H1(s) => {
@@ -282,6 +290,7 @@ async fn mutate_over_h2_and_http1_with_a_ca_signed_certificate() {
             let mut sender = handshake::<Full<Bytes>>(tls, proto).await;
             // Two requests on the same connection: keep-alive / multiplexing works.
             for _ in 0..2 {
+                sender.ready().await.unwrap_or_else(|e| panic!("{proto:?}: connection kept open for another request: {e}"));
                 let resp = sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.expect("response");
                 assert_eq!(resp.headers().get("content-type").unwrap(), "application/json", "{proto:?}");
                 let (status, body) = read_response(resp).await;
@@ -552,6 +561,7 @@ async fn shutdown_drains_in_flight_requests_then_returns() {
                 let tls = connect(server.addr, client_config(&ca.der, &[offer], ALL_VERSIONS), "localhost").await.unwrap();
                 handshake::<ChunkBody>(tls, proto).await
             };
+            sender.ready().await.unwrap();
             let (tx, rx) = futures::channel::mpsc::unbounded();
             tx.unbounded_send(Ok(Frame::data(Bytes::copy_from_slice(&review[..half / 2])))).unwrap();
             let resp = tokio::spawn(sender.send(mutate_request(StreamBody::new(rx))));
@@ -638,5 +648,90 @@ async fn shutdown_without_requests_returns_promptly() {
         tokio::time::timeout(Duration::from_secs(5), &mut server.handle).await.expect("serve_tls returns").unwrap();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(TcpStream::connect(server.addr).await.is_err(), "the listener is closed");
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow clients: the handshake and the request headers are time-bounded.
+
+/// Reads until EOF or error; returns how long that took, or None if the connection stayed open
+/// for `bound`.
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(mut stream: S, bound: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let result = tokio::time::timeout(bound, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    result.ok().map(|()| started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_slow_clients_are_disconnected_after_the_header_read_timeout() {
+    bounded!(async {
+        use tokio::io::AsyncWriteExt;
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let timeout = Duration::from_millis(500);
+        let server = start_server(resolver_for(&leaf), Limits { header_read_timeout: timeout, ..Limits::default() }).await;
+
+        // A TCP connection that never starts the TLS handshake.
+        let tcp = TcpStream::connect(server.addr).await.unwrap();
+        let took = closed_within(tcp, Duration::from_secs(5)).await.expect("a silent TCP client is disconnected");
+        assert!(took >= timeout.mul_f32(0.8), "not before the timeout: {took:?}");
+
+        // A TLS client that sends half a request head and stalls (slowloris).
+        let mut tls = connect(server.addr, client_config(&ca.der, &[b"http/1.1"], ALL_VERSIONS), "localhost").await.unwrap();
+        tls.write_all(b"POST /mutate HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+        tls.flush().await.unwrap();
+        let took = closed_within(tls, Duration::from_secs(5)).await.expect("a client stalling in its request head is disconnected");
+        assert!(took >= timeout.mul_f32(0.8), "not before the timeout: {took:?}");
+
+        // Meanwhile and afterwards, normal clients are served.
+        let (status, body) = post_once(server.addr, &ca.der, Proto::H1, flyte_review()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_flyte_mutated(&body);
+        drop(server);
+    })
+}
+
+/// A body without Content-Length (HTTP/1.1 chunked, HTTP/2 DATA frames) is capped too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_bodies_without_content_length_are_capped() {
+    bounded!(async {
+        const LIMIT: usize = 64 * 1024;
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let server = start_server(resolver_for(&leaf), listener_limits(LIMIT)).await;
+        for proto in [Proto::H1, Proto::H2] {
+            let offer: &[u8] = if proto == Proto::H2 { b"h2" } else { b"http/1.1" };
+            let tls = connect(server.addr, client_config(&ca.der, &[offer], ALL_VERSIONS), "localhost").await.unwrap();
+            let mut sender = handshake::<ChunkBody>(tls, proto).await;
+            let (tx, rx) = futures::channel::mpsc::unbounded();
+            // 2 x LIMIT in 8 KiB chunks, all queued up front; no Content-Length header.
+            for _ in 0..(2 * LIMIT / 8192) {
+                tx.unbounded_send(Ok(Frame::data(Bytes::from(vec![b' '; 8192])))).unwrap();
+            }
+            drop(tx);
+            let req = mutate_request(StreamBody::new(rx));
+            assert!(req.headers().get(hyper::header::CONTENT_LENGTH).is_none());
+            match tokio::time::timeout(Duration::from_secs(10), sender.send(req)).await.expect("an answer within 10 s") {
+                Ok(resp) => {
+                    let (status, body) = read_response(resp).await;
+                    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{proto:?}: {}", String::from_utf8_lossy(&body));
+                }
+                // The server may also reset the upload once over the cap; it must not accept it.
+                Err(e) => eprintln!("{proto:?}: upload cut off: {e}"),
+            }
+        }
+        let (status, _) = post_once(server.addr, &ca.der, Proto::H2, flyte_review()).await;
+        assert_eq!(status, StatusCode::OK);
+        drop(server);
     })
 }
