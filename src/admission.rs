@@ -68,8 +68,9 @@ pub struct Decision {
 /// A request body that is not an AdmissionReview we can answer: the server says 400.
 #[derive(Debug, thiserror::Error)]
 pub enum BadReview {
+    // Not `#[source]`: the message already carries the cause, and chains would print it twice.
     #[error("request body is not a valid admission.k8s.io/v1 AdmissionReview: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     #[error("AdmissionReview has no request")]
     NoRequest,
     #[error("AdmissionReview for a pod CREATE has no object")]
@@ -78,7 +79,7 @@ pub enum BadReview {
 
 /// Parses a review body (JSON).
 pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, BadReview> {
-    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)?;
+    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body).map_err(BadReview::Json)?;
     review.try_into().map_err(|_| BadReview::NoRequest)
 }
 

@@ -168,7 +168,8 @@ pub fn run() -> anyhow::Result<()> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -250,7 +251,7 @@ fn validate(names: &Names, paths: &[PathBuf]) -> anyhow::Result<()> {
                     match crate::template::PodTemplate::parse(text) {
                         Ok(_) => ok += 1,
                         Err(e) => {
-                            let at = dir::key_line(&file, key).map(|l| format!(":{l}")).unwrap_or_default();
+                            let at = dir::key_line(&file, cm.document, key).map(|l| format!(":{l}")).unwrap_or_default();
                             errors.push(format!(
                                 "{}{at}: ConfigMap {}/{} key {key:?}: {e}",
                                 file.display(), cm.namespace, cm.name

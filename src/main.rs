@@ -1,3 +1,6 @@
-fn main() -> anyhow::Result<()> {
-    pod_template_webhook::cli::run()
+fn main() {
+    if let Err(e) = pod_template_webhook::cli::run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

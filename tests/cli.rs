@@ -593,7 +593,6 @@ fn serve_answers_byte_for_byte_what_mutate_prints_and_shuts_down_gracefully() {
 /// the file that looks like `  <key>:` (another document of a multi-document file, or a nested
 /// field of an earlier template).
 #[test]
-#[ignore = "src bug: store::dir::key_line returns the first `  <key>:` line of the whole file (see report)"]
 fn validate_reports_the_line_of_the_right_configmap_in_a_multi_document_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("multi.yaml");

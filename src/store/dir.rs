@@ -21,6 +21,8 @@ pub enum DirError {
 #[derive(Debug, Clone)]
 pub struct ConfigMapManifest {
     pub path: PathBuf,
+    /// 0-based index of the YAML document in the file.
+    pub document: usize,
     pub namespace: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
@@ -80,6 +82,7 @@ pub fn read_config_maps(file: &Path, platform_namespace: &str) -> Result<Vec<Con
         let name = manifest.metadata.name.filter(|n| !n.is_empty()).ok_or_else(|| error("ConfigMap without metadata.name".into()))?;
         found.push(ConfigMapManifest {
             path: file.to_owned(),
+            document: i,
             namespace: manifest.metadata.namespace.unwrap_or_else(|| platform_namespace.to_owned()),
             name,
             labels: manifest.metadata.labels.unwrap_or_default(),
@@ -141,15 +144,41 @@ impl TemplateStore for DirStore {
     }
 }
 
-/// The line of `file` where the value of data key `key` starts (for `validate` messages).
-pub fn key_line(file: &Path, key: &str) -> Option<usize> {
+/// The 1-based line of `file` where data key `key` of YAML document `document` starts (for
+/// `validate` messages); `None` when the layout is not the usual block style.
+pub fn key_line(file: &Path, document: usize, key: &str) -> Option<usize> {
     let text = std::fs::read_to_string(file).ok()?;
-    text.lines().position(|line| {
-        let t = line.trim_start();
-        let t = t.strip_prefix('"').and_then(|t| t.strip_prefix(key)).and_then(|t| t.strip_prefix('"')).or_else(|| t.strip_prefix(key));
-        t.is_some_and(|rest| rest.starts_with(':')) && line.starts_with(' ')
-    })
-    .map(|i| i + 1)
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut doc = 0;
+    let mut in_data = false;
+    let mut child_indent = None;
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("---") {
+            if i > 0 {
+                doc += 1;
+            }
+            in_data = false;
+            continue;
+        }
+        if doc != document || line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        if indent(line) == 0 {
+            in_data = line.trim_end() == "data:";
+            child_indent = None;
+            continue;
+        }
+        if in_data {
+            let level = *child_indent.get_or_insert(indent(line));
+            let t = line.trim_start();
+            let name = t.strip_prefix('"').and_then(|t| t.strip_prefix(key)).and_then(|t| t.strip_prefix('"'));
+            let name = name.or_else(|| t.strip_prefix('\'').and_then(|t| t.strip_prefix(key)).and_then(|t| t.strip_prefix('\'')));
+            if indent(line) == level && name.or_else(|| t.strip_prefix(key)).is_some_and(|rest| rest.starts_with(':')) {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -196,8 +225,10 @@ mod tests {
     fn finds_the_line_of_a_key() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.yaml");
-        std::fs::write(&file, "kind: ConfigMap\ndata:\n  other: x\n  mine: |\n    labels: [\n").unwrap();
-        assert_eq!(key_line(&file, "mine"), Some(4));
-        assert_eq!(key_line(&file, "absent"), None);
+        let text = "kind: ConfigMap\ndata:\n  other: |\n    mine: nested\n  mine: |\n    labels: [\n---\nkind: ConfigMap\ndata:\n  mine: x\n";
+        std::fs::write(&file, text).unwrap();
+        assert_eq!(key_line(&file, 0, "mine"), Some(5), "a nested field of another key is not the key");
+        assert_eq!(key_line(&file, 1, "mine"), Some(10), "the key of the right document");
+        assert_eq!(key_line(&file, 0, "absent"), None);
     }
 }
