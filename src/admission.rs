@@ -174,6 +174,40 @@ pub fn mutate(req: &AdmissionRequest<DynamicObject>, store: &dyn TemplateStore, 
     Ok(decision)
 }
 
+/// The validating webhook for template ConfigMaps (`POST /validate`): a labelled ConfigMap
+/// whose templates do not parse is refused at apply time, naming each key and its error.
+pub fn validate_templates(req: &AdmissionRequest<DynamicObject>, names: &Names) -> Decision {
+    let mut decision = Decision {
+        response: AdmissionResponse::from(req),
+        outcome: Outcome::Unchanged,
+        template: None,
+        applied: None,
+        patch_operations: 0,
+    };
+    let is_config_map = req.resource.group.is_empty() && req.resource.resource == "configmaps";
+    let Some(object) = req.object.as_ref().filter(|_| is_config_map) else { return decision };
+    let labelled = object.metadata.labels.as_ref().and_then(|l| l.get(&names.source_label)).is_some_and(|v| v == "true");
+    if !labelled || !matches!(req.operation, Operation::Create | Operation::Update) {
+        return decision;
+    }
+    let name = object.metadata.name.as_deref().unwrap_or(&req.name);
+    let namespace = req.namespace.as_deref().unwrap_or_default();
+    let data = object.data.get("data").and_then(Value::as_object);
+    let errors: Vec<String> = data
+        .into_iter()
+        .flatten()
+        .filter_map(|(key, text)| {
+            let text = text.as_str().unwrap_or_default();
+            crate::template::PodTemplate::parse(text).err().map(|e| format!("key {key:?}: {e}"))
+        })
+        .collect();
+    if !errors.is_empty() {
+        let message = format!("template ConfigMap {namespace}/{name} does not parse: {}", errors.join("; "));
+        decision = refuse(decision, OnProblem::Deny, 422, "Invalid", message);
+    }
+    decision
+}
+
 fn refuse(mut decision: Decision, on: OnProblem, code: u16, reason: &str, message: String) -> Decision {
     match on {
         OnProblem::Deny => {

@@ -147,6 +147,12 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "PTW_DRAIN_TIMEOUT_SECONDS", default_value_t = 20)]
     pub drain_timeout_seconds: u64,
+    /// Requests handled at once; more get 503 at once.
+    #[arg(long, env = "PTW_MAX_CONCURRENT_REQUESTS", default_value_t = Limits::default().max_concurrent_requests)]
+    pub max_concurrent_requests: usize,
+    /// Seconds a request (body included) may take; keep it below the webhook's timeoutSeconds.
+    #[arg(long, env = "PTW_REQUEST_TIMEOUT_SECONDS", default_value_t = 4)]
+    pub request_timeout_seconds: u64,
     /// Load-test baseline: answer every review `allowed` without parsing it.
     #[arg(long, hide = true)]
     pub noop_handler: bool,
@@ -309,6 +315,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds),
         drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
+        max_concurrent_requests: args.max_concurrent_requests.max(1),
+        request_timeout: Duration::from_secs(args.request_timeout_seconds.max(1)),
     };
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let admin = tokio::net::TcpListener::bind(args.admin_listen)

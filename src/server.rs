@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +19,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::{BoxError, ServiceBuilder};
 
 use crate::admission::{self, Decision, Policy};
 use crate::metrics::Metrics;
@@ -51,6 +54,10 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub drain_timeout: Duration,
+    /// Requests handled at once; more are answered 503 at once.
+    pub max_concurrent_requests: usize,
+    /// A request (body included) must complete within this; below the webhook's timeoutSeconds.
+    pub request_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -59,16 +66,37 @@ impl Default for Limits {
             max_body_bytes: 3 * 1024 * 1024,
             header_read_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(20),
+            max_concurrent_requests: 1024,
+            request_timeout: Duration::from_secs(4),
         }
     }
 }
 
 /// The webhook routes (served over TLS).
 pub fn webhook_router(state: Arc<AppState>, limits: &Limits) -> Router {
+    let guard = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(refused))
+        .load_shed()
+        .layer(GlobalConcurrencyLimitLayer::new(limits.max_concurrent_requests))
+        .timeout(limits.request_timeout);
     Router::new()
         .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(guard)
         .with_state(state)
+}
+
+/// Requests over the concurrency bound, or slower than the request timeout, get a clear answer
+/// instead of a queue: the API server's own timeout is close behind.
+async fn refused(err: BoxError) -> (StatusCode, String) {
+    if err.is::<tower::load_shed::error::Overloaded>() {
+        (StatusCode::SERVICE_UNAVAILABLE, "too many concurrent requests; retry\n".into())
+    } else if err.is::<tower::timeout::error::Elapsed>() {
+        (StatusCode::REQUEST_TIMEOUT, "request not completed within the request timeout\n".into())
+    } else {
+        (StatusCode::INTERNAL_SERVER_ERROR, format!("{err}\n"))
+    }
 }
 
 /// A baseline for load tests only (`serve --noop-handler`): answers `allowed` without reading
@@ -122,6 +150,25 @@ fn log_decision(req: &kube::core::admission::AdmissionRequest<kube::core::Dynami
         micros = took.as_micros() as u64,
         "admission"
     );
+}
+
+async fn validate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    match admission::parse_review(&body) {
+        Ok(req) => {
+            let decision = admission::validate_templates(&req, &state.policy.names);
+            state.metrics.admission(decision.outcome.as_str(), started.elapsed());
+            if decision.outcome == admission::Outcome::Denied {
+                tracing::info!(uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or_default(), name = %req.name,
+                    message = %decision.response.result.message, "template ConfigMap refused");
+            }
+            ([(header::CONTENT_TYPE, "application/json")], admission::response_body(&decision)).into_response()
+        }
+        Err(e) => {
+            state.metrics.admission("error", started.elapsed());
+            (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+    }
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

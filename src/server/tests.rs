@@ -4,6 +4,8 @@ use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
+use std::time::{Duration, Instant};
+use axum::body::Bytes;
 
 use super::*;
 use crate::store::Catalog;
@@ -75,4 +77,78 @@ async fn metrics_move_and_readiness_flips_when_draining() {
     st.draining.store(true, Ordering::Relaxed);
     assert_eq!(call(admin.clone(), "GET", "/readyz", "").await.0, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(call(admin, "GET", "/healthz", "").await.0, StatusCode::OK, "alive while draining");
+}
+
+/// A request whose body never ends: it holds its slot until dropped.
+fn stalled_request() -> (Request<Body>, tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let req = Request::post("/mutate").body(Body::from_stream(stream)).unwrap();
+    (req, tx)
+}
+
+#[tokio::test]
+async fn requests_over_the_concurrency_bound_get_503_at_once() {
+    let limits = Limits { max_concurrent_requests: 1, ..Limits::default() };
+    let app = webhook_router(state(), &limits);
+    let (held, _tx) = stalled_request();
+    let first = tokio::spawn(app.clone().oneshot(held));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let (status, body) = call(app.clone(), "POST", "/mutate", SAMPLE).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("too many concurrent requests"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused without queueing");
+    first.abort();
+    let _ = first.await;
+    assert_eq!(call(app, "POST", "/mutate", SAMPLE).await.0, StatusCode::OK, "the slot is free again");
+}
+
+#[tokio::test]
+async fn a_request_slower_than_the_timeout_is_answered_408() {
+    let limits = Limits { request_timeout: Duration::from_millis(200), ..Limits::default() };
+    let app = webhook_router(state(), &limits);
+    let (req, _tx) = stalled_request();
+    let started = Instant::now();
+    let resp = app.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+fn config_map_review(operation: &str, labels: serde_json::Value, data: serde_json::Value) -> String {
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "cm-1", "operation": operation, "namespace": "team", "name": "tpl", "userInfo": {},
+            "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+            "resource": {"group": "", "version": "v1", "resource": "configmaps"},
+            "object": {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tpl", "namespace": "team", "labels": labels}, "data": data}
+        }
+    })
+    .to_string()
+}
+
+#[tokio::test]
+async fn validate_refuses_labelled_config_maps_whose_templates_do_not_parse() {
+    let app = webhook_router(state(), &Limits::default());
+    let labelled = serde_json::json!({"flyte.org/pod-templates": "true"});
+    let broken = serde_json::json!({"good": "labels: {a: b}", "bad": "podspec: {}"});
+    for op in ["CREATE", "UPDATE"] {
+        let (status, body) = call(app.clone(), "POST", "/validate", config_map_review(op, labelled.clone(), broken.clone())).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["response"]["allowed"], false, "{op}");
+        let msg = v["response"]["status"]["message"].as_str().unwrap();
+        assert!(msg.contains("team/tpl") && msg.contains("key \"bad\"") && msg.contains("unknown field `podspec`"), "{msg}");
+        assert!(!msg.contains("\"good\""), "{msg}");
+    }
+    let ok = config_map_review("CREATE", labelled.clone(), serde_json::json!({"good": "labels: {a: b}"}));
+    let v: serde_json::Value = serde_json::from_str(&call(app.clone(), "POST", "/validate", ok).await.1).unwrap();
+    assert_eq!(v["response"]["allowed"], true);
+    let unlabelled = config_map_review("CREATE", serde_json::json!({}), broken.clone());
+    let v: serde_json::Value = serde_json::from_str(&call(app.clone(), "POST", "/validate", unlabelled).await.1).unwrap();
+    assert_eq!(v["response"]["allowed"], true, "only template sources are checked");
+    let delete = config_map_review("DELETE", labelled, broken);
+    let v: serde_json::Value = serde_json::from_str(&call(app, "POST", "/validate", delete).await.1).unwrap();
+    assert_eq!(v["response"]["allowed"], true, "a broken ConfigMap can always be deleted");
 }
