@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::ResourceExt;
@@ -124,7 +124,25 @@ async fn start_webhook(api: &ApiServer) -> Env {
         }]
     }))
     .unwrap();
-    Api::<MutatingWebhookConfiguration>::all(admin).create(&PostParams::default(), &config).await.unwrap();
+    Api::<MutatingWebhookConfiguration>::all(admin.clone()).create(&PostParams::default(), &config).await.unwrap();
+    // The validating webhook for template ConfigMaps, only where a test opts in (other tests
+    // store broken templates on purpose).
+    let validating: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": "pod-template-webhook-validate"},
+        "webhooks": [{
+            "name": "validate.pod-templates.flyte.org",
+            "clientConfig": {"url": format!("https://127.0.0.1:{}/validate", addr.port()), "caBundle": b64(&pki.ca_pem)},
+            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps"]}],
+            "objectSelector": {"matchLabels": {"flyte.org/pod-templates": "true"}},
+            "namespaceSelector": {"matchLabels": {"ptw-validate": "true"}},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+        }]
+    }))
+    .unwrap();
+    Api::<ValidatingWebhookConfiguration>::all(admin).create(&PostParams::default(), &validating).await.unwrap();
     Env { kubeconfig: api.kubeconfig.clone(), state, api_calls, reviews }
 }
 
@@ -147,7 +165,11 @@ async fn client() -> kube::Client {
 }
 
 async fn ensure_namespace(c: &kube::Client, name: &str) {
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    ensure_namespace_labelled(c, name, json!({})).await
+}
+
+async fn ensure_namespace_labelled(c: &kube::Client, name: &str, labels: Value) {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
     let _ = Api::<Namespace>::all(c.clone()).create(&PostParams::default(), &ns).await;
     // No controller-manager runs, so nobody creates the `default` ServiceAccount.
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
@@ -438,4 +460,27 @@ async fn the_webhook_is_ready_and_counts_admissions_in_metrics() {
         .unwrap();
     assert!(mutated >= 1, "{text}");
     assert!(env().state.is_ready());
+}
+
+#[tokio::test]
+async fn broken_template_config_maps_are_refused_at_apply_time() {
+    let c = client().await;
+    let ns = format!("validate-{}", std::process::id());
+    ensure_namespace_labelled(&c, &ns, json!({"ptw-validate": "true"})).await;
+    let cms = Api::<ConfigMap>::namespaced(c.clone(), &ns);
+    let cm = |data: Value| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": "tpl", "labels": {"flyte.org/pod-templates": "true"}}, "data": data})).unwrap()
+    };
+    let broken = cm(json!({"fine": "labels: {a: b}", "typo": "podSpec: {containers: [{name: primary, evn: []}]}"}));
+    let text = cms.create(&PostParams::default(), &broken).await.unwrap_err().to_string();
+    assert!(text.contains("denied the request") && text.contains("key \"typo\"") && text.contains("evn: unknown field"), "{text}");
+    assert!(cms.get_opt("tpl").await.unwrap().is_none());
+    let dry = PostParams { dry_run: true, ..PostParams::default() };
+    assert!(cms.create(&dry, &broken).await.is_err(), "server-side dry-run is validated too");
+    assert!(cms.create(&dry, &cm(json!({"fine": "labels: {a: b}"}))).await.is_ok());
+    assert!(cms.get_opt("tpl").await.unwrap().is_none(), "dry-run stored nothing");
+    cms.create(&PostParams::default(), &cm(json!({"fine": "labels: {a: b}"}))).await.unwrap();
+    let mut update = cms.get("tpl").await.unwrap();
+    update.data.as_mut().unwrap().insert("typo".into(), "labels: [".into());
+    assert!(cms.replace("tpl", &PostParams::default(), &update).await.is_err(), "a broken update is refused too");
 }

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2016 # bash -c '...' scripts below expand their own "$1"...
 # Build the test tool binaries (kube-apiserver, etcd, helm) from Go modules
 # fetched via the Go module proxy, into a cache directory outside git:
 #
@@ -36,6 +37,7 @@ modver() { (cd "$1" && go list -m -f '{{.Version}}' "$2"); }
 sha() { cat "$@" | sha256sum | cut -c1-16; }
 
 # build_one NAME STAMP_KEY CMD...  (CMD must produce $BIN_DIR/NAME.tmp)
+# (CMD is `bash -c '...' _ args`: single quotes are intentional.)
 build_one() {
 	local name="$1" key="$2"
 	shift 2
@@ -66,7 +68,8 @@ build_apiserver() {
 	for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 		ld+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
 	done
-	local key="k8s.io/kubernetes@$v $GOVER $(sha "$dir/go.mod" "$dir/go.sum") ld=$(printf '%s' "$ld" | sha256sum | cut -c1-8)"
+	local key
+	key="k8s.io/kubernetes@$v $GOVER $(sha "$dir/go.mod" "$dir/go.sum") ld=$(printf '%s' "$ld" | sha256sum | cut -c1-8)"
 	build_one kube-apiserver "$key" \
 		bash -c 'cd "$1" && go build -trimpath -ldflags "$2" -o "$3" k8s.io/kubernetes/cmd/kube-apiserver' \
 		_ "$dir" "$ld" "$BIN_DIR/kube-apiserver.tmp"
@@ -76,7 +79,8 @@ build_etcd() {
 	local dir="$HERE/etcd" v
 	v="$(modver "$dir" go.etcd.io/etcd/server/v3)"
 	local ld="-s -w"
-	local key="go.etcd.io/etcd/server/v3@$v $GOVER $(sha "$dir/go.mod" "$dir/go.sum")"
+	local key
+	key="go.etcd.io/etcd/server/v3@$v $GOVER $(sha "$dir/go.mod" "$dir/go.sum")"
 	# `go install go.etcd.io/etcd/server/v3@vX` is refused (its go.mod has
 	# replace directives), hence the tiny wrapper module in ./etcd.
 	build_one etcd "$key" \
@@ -91,7 +95,8 @@ build_helm() {
 	local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$v -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
 	ld+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=37"
 	ld+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=37"
-	local key="helm.sh/helm/v3@$v $GOVER ld=$(printf '%s' "$ld" | sha256sum | cut -c1-8)"
+	local key
+	key="helm.sh/helm/v3@$v $GOVER ld=$(printf '%s' "$ld" | sha256sum | cut -c1-8)"
 	# helm's go.mod has no replace directives, so plain `go install pkg@version`
 	# works (module checksums verified against sum.golang.org). GOFLAGS must
 	# not carry -mod=... for `go install pkg@version`.

@@ -109,6 +109,16 @@ else
 	gen_certs
 fi
 
+# On any failure, do not leave a half-started etcd/apiserver behind.
+started_ok=0
+cleanup_on_failure() {
+	if [[ $started_ok != 1 ]]; then
+		log "startup failed; stopping anything started (logs kept in $DIR)"
+		"$HERE/stop-apiserver.sh" "$DIR" || true
+	fi
+}
+trap cleanup_on_failure EXIT
+
 # --- etcd ---------------------------------------------------------------------
 ETCD_URL="http://127.0.0.1:$ETCD_CLIENT_PORT"
 log "starting etcd on $ETCD_URL (data $DIR/etcd-data)"
@@ -207,4 +217,5 @@ PTW_ADMIN_KEY=$PKI/admin.key
 KUBECONFIG=$DIR/kubeconfig
 EOF
 
+started_ok=1
 log "ready after ${SECONDS}s: $APISERVER_URL (kubeconfig $DIR/kubeconfig, env $DIR/env)"

@@ -22,6 +22,7 @@ req() {
 	CODE="${out##*$'\n'}"
 	BODY="${out%$'\n'*}"
 }
+msg() { sed -n 's/.*"message": *"\(\([^"\\]\|\\.\)*\)".*/\1/p' <<<"$BODY"; }
 expect() {
 	[[ "$CODE" == "$1" ]] || fail "$2: expected HTTP $1, got $CODE: $BODY"
 	echo "ok   $2 (HTTP $CODE)"
@@ -43,7 +44,7 @@ POD='{"apiVersion":"v1","kind":"Pod","metadata":{"name":"NAME"},"spec":{AUTOMOUN
 # automountServiceAccountToken is false, so both are rejected (403).
 p="${POD/NAME/no-sa}"
 req POST "/api/v1/namespaces/$NS/pods" "${p/AUTOMOUNT/}"
-expect 403 "pod rejected without default SA: $(grep -o '"message": *"[^"]*"' <<<"$BODY")"
+expect 403 "pod rejected without default SA: $(msg)"
 p="${POD/NAME/no-sa-nomount}"
 req POST "/api/v1/namespaces/$NS/pods" "${p/AUTOMOUNT/\"automountServiceAccountToken\":false,}"
 expect 403 "pod with automountServiceAccountToken=false also rejected"

@@ -10,12 +10,12 @@ set -euo pipefail
 DIR="$1"
 
 stop() {
-	local pidf="$DIR/$1.pid" pid i
+	local pidf="$DIR/$1.pid" pid _
 	[[ -f "$pidf" ]] || return 0
 	pid="$(cat "$pidf")"
 	if kill -0 "$pid" 2>/dev/null; then
 		kill -TERM "$pid" 2>/dev/null || true
-		for i in $(seq 1 50); do
+		for _ in $(seq 1 50); do
 			kill -0 "$pid" 2>/dev/null || break
 			sleep 0.2
 		done
