@@ -15,7 +15,7 @@ use crate::names::Names;
 use crate::server::{self, AppState, Limits};
 use crate::store::dir::{self, DirStore};
 use crate::store::{cluster, TemplateStore};
-use crate::tls;
+use crate::{certs, tls};
 
 #[derive(Parser, Debug)]
 #[command(name = "pod-template-webhook", version, about = "Merges pod templates from ConfigMaps into pods: a Kubernetes mutating admission webhook")]
@@ -129,6 +129,23 @@ pub struct ServeArgs {
     /// PEM private key matching --tls-cert.
     #[arg(long, env = "PTW_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Builtin certificates: keep a CA and serving certificate in this Secret of the platform
+    /// namespace (created if absent), patch the caBundle, renew before expiry.
+    #[arg(long, env = "PTW_CERT_SECRET", conflicts_with = "tls_cert")]
+    pub cert_secret: Option<String>,
+    /// Subject alternative names of the builtin serving certificate (comma-separated).
+    #[arg(long, env = "PTW_CERT_DNS_NAMES", value_delimiter = ',')]
+    pub cert_dns_names: Vec<String>,
+    /// Webhook configuration(s) (mutating, and validating of the same name) whose caBundle the
+    /// builtin mode keeps current.
+    #[arg(long, env = "PTW_WEBHOOK_CONFIGURATION")]
+    pub webhook_configuration: Option<String>,
+    /// Lifetime of a builtin serving certificate in seconds; renewed when a third remains.
+    #[arg(long, env = "PTW_CERT_VALIDITY_SECONDS", default_value_t = 365 * 24 * 3600)]
+    pub cert_validity_seconds: u64,
+    /// How often the builtin mode checks the Secret and the caBundle, in seconds.
+    #[arg(long, env = "PTW_CERT_CHECK_SECONDS", default_value_t = 10)]
+    pub cert_check_seconds: u64,
     /// How often the certificate files are checked for changes, in seconds.
     #[arg(long, env = "PTW_CERT_RELOAD_SECONDS", default_value_t = 2)]
     pub cert_reload_seconds: u64,
@@ -289,13 +306,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => cluster::ClusterStore::start(&policy.names, &args.watch_namespaces, metrics.clone()).await?,
     };
-    let state = Arc::new(AppState { store, policy, metrics: metrics.clone(), draining: Default::default() });
+    let platform_namespace = policy.names.platform_namespace.clone();
+    let state = AppState::with_metrics(store, policy, metrics.clone());
 
     let (cert, files) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let (loaded, bytes) = tls::load_files(cert, key)?;
             (loaded, Some((cert.clone(), key.clone(), bytes)))
         }
+        _ if args.cert_secret.is_some() => (tls::self_signed()?.0, None),
         _ => {
             let (loaded, _) = tls::self_signed()?;
             tracing::warn!("no --tls-cert/--tls-key: serving a generated SELF-SIGNED certificate for localhost; for local use only");
@@ -304,7 +323,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     metrics.certificate_loaded(cert.not_after);
     let resolver = tls::CertResolver::new(cert.key);
-    if let Some((cert, key, bytes)) = files {
+    if let Some(secret) = &args.cert_secret {
+        // Until the Secret's pair is served and the caBundle patched, the placeholder
+        // self-signed certificate above is not trusted by anyone: stay unready.
+        state.certificate_ready.store(false, std::sync::atomic::Ordering::Release);
+        let cfg = certs::BuiltinConfig {
+            namespace: platform_namespace,
+            secret: secret.clone(),
+            dns_names: args.cert_dns_names.clone(),
+            webhook_configuration: args.webhook_configuration.clone(),
+            validity: Duration::from_secs(args.cert_validity_seconds.max(60)),
+            check_every: Duration::from_secs(args.cert_check_seconds.max(1)),
+        };
+        let client = kube::Client::try_default().await.context("builtin certificates need the Kubernetes API")?;
+        let m = metrics.clone();
+        let task = certs::BuiltinCerts::new(client, cfg, resolver.clone());
+        tokio::spawn(task.run(state.certificate_ready.clone(), move |c| m.certificate_loaded(c.not_after)));
+    } else if let Some((cert, key, bytes)) = files {
         let every = Duration::from_secs(args.cert_reload_seconds.max(1));
         let m = metrics.clone();
         tokio::spawn(tls::watch_files(cert, key, bytes, resolver.clone(), every, move |c| m.certificate_loaded(c.not_after)));

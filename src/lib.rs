@@ -5,6 +5,7 @@
 //! [`merge`] and [`template`] are pure; [`server`], [`tls`], [`store`] and [`cli`] are the shell.
 
 pub mod admission;
+pub mod certs;
 pub mod cli;
 pub mod merge;
 pub mod metrics;

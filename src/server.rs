@@ -33,15 +33,22 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set on SIGTERM: readiness turns false while in-flight requests finish.
     pub draining: AtomicBool,
+    /// False until the serving certificate is in place (builtin certificates).
+    pub certificate_ready: Arc<AtomicBool>,
 }
 
 impl AppState {
     pub fn new(store: Arc<dyn TemplateStore>, policy: Policy) -> Arc<Self> {
-        Arc::new(AppState { store, policy, metrics: Arc::default(), draining: AtomicBool::new(false) })
+        Self::with_metrics(store, policy, Arc::default())
+    }
+
+    pub fn with_metrics(store: Arc<dyn TemplateStore>, policy: Policy, metrics: Arc<Metrics>) -> Arc<Self> {
+        let certificate_ready = Arc::new(AtomicBool::new(true));
+        Arc::new(AppState { store, policy, metrics, draining: AtomicBool::new(false), certificate_ready })
     }
 
     pub fn is_ready(&self) -> bool {
-        self.store.is_ready() && !self.draining.load(Ordering::Relaxed)
+        self.store.is_ready() && self.certificate_ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Relaxed)
     }
 }
 

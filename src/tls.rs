@@ -71,48 +71,10 @@ pub fn self_signed() -> Result<(LoadedCert, String), TlsError> {
     Ok((loaded, cert_pem))
 }
 
-/// The leaf's notAfter, read from the DER without a full X.509 parser: the second UTCTime or
-/// GeneralizedTime of the TBSCertificate is the validity's end.
-fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
-    let der = cert.as_ref();
-    let mut times = Vec::new();
-    let mut i = 0;
-    while i + 2 < der.len() && times.len() < 2 {
-        let (tag, len) = (der[i], der[i + 1] as usize);
-        let is_time = (tag == 0x17 && len == 13) || (tag == 0x18 && len == 15);
-        if is_time && i + 2 + len <= der.len() {
-            if let Some(t) = parse_asn1_time(&der[i + 2..i + 2 + len], tag == 0x18) {
-                times.push(t);
-                i += 2 + len;
-                continue;
-            }
-        }
-        i += 1;
-    }
-    times.get(1).copied()
-}
-
-fn parse_asn1_time(s: &[u8], generalized: bool) -> Option<i64> {
-    let s = std::str::from_utf8(s).ok()?.strip_suffix('Z')?;
-    let (year, rest) = if generalized {
-        (s.get(..4)?.parse::<i64>().ok()?, s.get(4..)?)
-    } else {
-        let yy: i64 = s.get(..2)?.parse().ok()?;
-        (if yy >= 50 { 1900 + yy } else { 2000 + yy }, s.get(2..)?)
-    };
-    let num = |r: std::ops::Range<usize>| rest.get(r)?.parse::<i64>().ok();
-    let (month, day, hour, min, sec) = (num(0..2)?, num(2..4)?, num(4..6)?, num(6..8)?, num(8..10)?);
-    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec)
-}
-
-/// Days since 1970-01-01 (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// The certificate's notAfter, in seconds since the epoch.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
 }
 
 /// The certificate every new handshake gets; swapped atomically on reload.
@@ -200,17 +162,7 @@ mod tests {
     }
 
     #[test]
-    fn civil_dates() {
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
-        assert_eq!(parse_asn1_time(b"491231235959Z", false), Some(2_524_607_999));
-        assert_eq!(parse_asn1_time(b"20500101000000Z", true), Some(2_524_608_000));
-    }
-
-    #[test]
     fn mismatched_or_missing_pem_is_a_clear_error() {
-        let (a, _) = self_signed().unwrap();
-        drop(a);
         let gen = || rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
         let (one, two) = (gen(), gen());
         let err = load_pem(one.cert.pem().as_bytes(), two.signing_key.serialize_pem().as_bytes(), Path::new("c"), Path::new("k"));

@@ -1,0 +1,259 @@
+//! The `builtin` certificate mode: the webhook keeps its own CA and serving certificate in a
+//! Secret (created if absent, so every replica agrees on one CA), patches the caBundle of its
+//! webhook configurations, renews the serving certificate before it expires, and serves whatever
+//! pair the Secret holds — so a renewal by one replica reaches all of them.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use serde_json::json;
+
+use crate::tls::{self, CertResolver, LoadedCert};
+
+#[derive(Debug, Clone)]
+pub struct BuiltinConfig {
+    /// Namespace of the Secret (the webhook's own).
+    pub namespace: String,
+    pub secret: String,
+    /// Subject alternative names of the serving certificate (`<svc>.<ns>.svc`, …).
+    pub dns_names: Vec<String>,
+    /// Mutating (and, if present, validating) webhook configuration whose caBundle we own.
+    pub webhook_configuration: Option<String>,
+    /// Lifetime of a serving certificate; renewed when less than a third remains.
+    pub validity: Duration,
+    /// How often the Secret and the caBundle are checked.
+    pub check_every: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("Kubernetes API: {0}")]
+    Api(#[from] kube::Error),
+    #[error("Secret {0} lacks key {1}")]
+    MissingKey(String, &'static str),
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+const CA_CERT: &str = "ca.crt";
+const CA_KEY: &str = "ca.key";
+const TLS_CERT: &str = "tls.crt";
+const TLS_KEY: &str = "tls.key";
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn validity_window(params: &mut CertificateParams, validity: Duration) {
+    // Back-dated to tolerate clock skew between nodes (less for the short lifetimes of tests).
+    let start = SystemTime::now() - Duration::from_secs(300).min(validity / 4);
+    params.not_before = start.into();
+    params.not_after = (start + validity).into();
+}
+
+fn new_ca() -> Result<(String, String), CertError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.distinguished_name.push(DnType::CommonName, "pod-template-webhook CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    validity_window(&mut params, CA_VALIDITY);
+    Ok((params.self_signed(&key)?.pem(), key.serialize_pem()))
+}
+
+fn new_serving(ca_pem: &str, ca_key_pem: &str, cfg: &BuiltinConfig) -> Result<(String, String), CertError> {
+    let issuer = Issuer::from_ca_cert_pem(ca_pem, KeyPair::from_pem(ca_key_pem)?)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(cfg.dns_names.clone())?;
+    params.distinguished_name.push(DnType::CommonName, cfg.dns_names.first().map_or("pod-template-webhook", String::as_str));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    validity_window(&mut params, cfg.validity);
+    Ok((params.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+}
+
+fn field(secret: &Secret, key: &'static str) -> Result<String, CertError> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .ok_or_else(|| CertError::MissingKey(secret.name_any(), key))
+}
+
+fn secret_data(pairs: [(&str, &str); 4]) -> BTreeMap<String, ByteString> {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec()))).collect()
+}
+
+/// Keeps the serving certificate and the caBundle current.
+pub struct BuiltinCerts {
+    cfg: BuiltinConfig,
+    secrets: Api<Secret>,
+    client: Client,
+    resolver: Arc<CertResolver>,
+    served: Option<String>,
+}
+
+impl BuiltinCerts {
+    pub fn new(client: Client, cfg: BuiltinConfig, resolver: Arc<CertResolver>) -> Self {
+        let secrets = Api::namespaced(client.clone(), &cfg.namespace);
+        BuiltinCerts { cfg, secrets, client, resolver, served: None }
+    }
+
+    /// Runs forever: one pass now, then every `check_every`. `ready` turns true after the first
+    /// pass that serves the Secret's pair with the caBundle in place.
+    pub async fn run(mut self, ready: Arc<AtomicBool>, on_loaded: impl Fn(&LoadedCert) + Send + 'static) {
+        loop {
+            match self.reconcile(&on_loaded).await {
+                Ok(()) => ready.store(true, Ordering::Release),
+                Err(e) => tracing::warn!(error = %e, secret = %self.cfg.secret, "builtin certificates: retrying"),
+            }
+            tokio::time::sleep(self.cfg.check_every).await;
+        }
+    }
+
+    /// One pass: make sure the Secret exists and is fresh, serve its pair, patch the caBundle.
+    pub async fn reconcile(&mut self, on_loaded: &impl Fn(&LoadedCert)) -> Result<(), CertError> {
+        let secret = self.ensure_secret().await?;
+        let (cert, key) = (field(&secret, TLS_CERT)?, field(&secret, TLS_KEY)?);
+        if self.served.as_deref() != Some(cert.as_str()) {
+            let loaded = tls::load_pem(cert.as_bytes(), key.as_bytes(), "tls.crt".as_ref(), "tls.key".as_ref())?;
+            self.resolver.set(loaded.key.clone());
+            on_loaded(&loaded);
+            tracing::info!(secret = %self.cfg.secret, not_after = loaded.not_after, "serving the certificate from the Secret");
+            self.served = Some(cert);
+        }
+        self.patch_ca_bundle(&field(&secret, CA_CERT)?).await
+    }
+
+    /// The Secret, created if absent and renewed if its serving certificate is due.
+    async fn ensure_secret(&self) -> Result<Secret, CertError> {
+        let name = &self.cfg.secret;
+        let Some(secret) = self.secrets.get_opt(name).await? else {
+            let (ca, ca_key) = new_ca()?;
+            let (cert, key) = new_serving(&ca, &ca_key, &self.cfg)?;
+            let secret = Secret {
+                metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
+                type_: Some("kubernetes.io/tls".into()),
+                data: Some(secret_data([(CA_CERT, &ca), (CA_KEY, &ca_key), (TLS_CERT, &cert), (TLS_KEY, &key)])),
+                ..Default::default()
+            };
+            return match self.secrets.create(&PostParams::default(), &secret).await {
+                Ok(created) => {
+                    tracing::info!(secret = %name, "created the webhook CA and serving certificate");
+                    Ok(created)
+                }
+                // Another replica won the race: use its CA.
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(self.secrets.get(name).await?),
+                Err(e) => Err(e.into()),
+            };
+        };
+        let cert = field(&secret, TLS_CERT)?;
+        let expires = rustls_pemfile::certs(&mut cert.as_bytes()).flatten().next().and_then(|c| tls::not_after(&c)).unwrap_or(0);
+        if expires - now() > self.cfg.validity.as_secs() as i64 / 3 {
+            return Ok(secret);
+        }
+        let (ca, ca_key) = (field(&secret, CA_CERT)?, field(&secret, CA_KEY)?);
+        let (cert, key) = new_serving(&ca, &ca_key, &self.cfg)?;
+        let mut renewed = secret.clone();
+        renewed.data = Some(secret_data([(CA_CERT, &ca), (CA_KEY, &ca_key), (TLS_CERT, &cert), (TLS_KEY, &key)]));
+        // replace() carries the resourceVersion: of two replicas renewing at once, one wins.
+        match self.secrets.replace(name, &PostParams::default(), &renewed).await {
+            Ok(stored) => {
+                tracing::info!(secret = %name, "renewed the serving certificate");
+                Ok(stored)
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(self.secrets.get(name).await?),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sets the caBundle of every webhook of the configuration(s), when it differs.
+    async fn patch_ca_bundle(&self, ca_pem: &str) -> Result<(), CertError> {
+        let Some(name) = &self.cfg.webhook_configuration else { return Ok(()) };
+        let mutating: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        if let Some(config) = mutating.get_opt(name).await? {
+            let bundles = config.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()));
+            patch_if_needed(&mutating, name, bundles.collect(), ca_pem).await?;
+        }
+        let validating: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
+        if let Ok(Some(config)) = validating.get_opt(name).await {
+            let bundles = config.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()));
+            patch_if_needed(&validating, name, bundles.collect(), ca_pem).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn patch_if_needed<K>(api: &Api<K>, name: &str, bundles: Vec<Option<&[u8]>>, ca_pem: &str) -> Result<(), CertError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let want = ca_pem.as_bytes();
+    let ops: Vec<_> = bundles
+        .iter()
+        .enumerate()
+        .filter(|(_, have)| **have != Some(want))
+        .map(|(i, _)| json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": ByteString(want.to_vec())}))
+        .collect();
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let patch: json_patch::Patch = serde_json::from_value(json!(ops)).expect("valid JSON patch");
+    api.patch(name, &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
+    tracing::info!(configuration = %name, webhooks = ops.len(), "caBundle patched");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BuiltinConfig {
+        BuiltinConfig {
+            namespace: "flyte".into(),
+            secret: "s".into(),
+            dns_names: vec!["svc.flyte.svc".into(), "127.0.0.1".into()],
+            webhook_configuration: None,
+            validity: Duration::from_secs(3600),
+            check_every: Duration::from_secs(1),
+        }
+    }
+
+    use rustls::client::danger::ServerCertVerifier;
+
+    #[test]
+    fn serving_certificates_chain_to_the_stored_ca() {
+        let (ca, ca_key) = new_ca().unwrap();
+        let (cert, key) = new_serving(&ca, &ca_key, &cfg()).unwrap();
+        let loaded = tls::load_pem(cert.as_bytes(), key.as_bytes(), "c".as_ref(), "k".as_ref()).unwrap();
+        let remaining = loaded.not_after - now();
+        assert!((3000..=3600).contains(&remaining), "{remaining}");
+        // Verify the chain with rustls' own verifier.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls_pemfile::certs(&mut ca.as_bytes()).next().unwrap().unwrap()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let leaf = rustls_pemfile::certs(&mut cert.as_bytes()).next().unwrap().unwrap();
+        for name in ["svc.flyte.svc", "127.0.0.1"] {
+            let server_name = rustls_pki_types::ServerName::try_from(name).unwrap();
+            verifier
+                .verify_server_cert(&leaf, &[], &server_name, &[], rustls_pki_types::UnixTime::now())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+}
