@@ -1,0 +1,162 @@
+//! Hostile input against the real TLS server: each class gets its status or a closed
+//! connection, and the server still answers a valid review afterwards.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use pod_template_webhook::admission::Policy;
+use pod_template_webhook::names::Names;
+use pod_template_webhook::server::{serve_tls, webhook_router, AppState, Limits};
+use pod_template_webhook::store::dir::DirStore;
+use pod_template_webhook::tls;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SAMPLE: &[u8] = include_bytes!("../examples/reviews/flyte-task-pod.json");
+
+struct Server {
+    port: u16,
+    ca_pem: String,
+}
+
+async fn start(limits: Limits) -> Server {
+    let pki = support::TestPki::new("hostile-ca");
+    let leaf = pki.server();
+    let cert = tls::load_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), "c".as_ref(), "k".as_ref()).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(tls::CertResolver::new(cert.key)));
+    let store = DirStore::load(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/templates").as_ref(), &Names::default()).unwrap();
+    let app = webhook_router(AppState::new(Arc::new(store), Policy::default()), &limits);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(serve_tls(listener, acceptor, app, limits, std::future::pending()));
+    Server { port, ca_pem: pki.ca_pem }
+}
+
+impl Server {
+    async fn tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls_pemfile::certs(&mut self.ca_pem.as_bytes()).next().unwrap().unwrap()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await.unwrap()
+    }
+
+    /// POSTs `body` to /mutate over a fresh HTTP/1.1 connection.
+    async fn post<B>(&self, body: B) -> (StatusCode, String)
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(self.tls().await)).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::post("/mutate").header("content-type", "application/json").body(body).unwrap();
+        match send.send_request(req).await {
+            Ok(resp) => {
+                let status = resp.status();
+                let bytes = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                (status, String::from_utf8_lossy(&bytes).into_owned())
+            }
+            Err(e) => (StatusCode::from_u16(599).unwrap(), e.to_string()),
+        }
+    }
+
+    async fn still_answers(&self) {
+        let (status, body) = self.post(Full::new(Bytes::from_static(SAMPLE))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains("\"allowed\":true"), "{body}");
+    }
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap()
+}
+
+#[tokio::test]
+async fn tls_garbage_closes_the_connection_and_leaves_the_server_alone() {
+    let server = start(Limits::default()).await;
+    for garbage in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0][..], &[0u8; 4096][..]] {
+        let mut tcp = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+        let _ = tcp.write_all(garbage).await;
+        let mut buf = vec![0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue, // a TLS alert, then the close
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "the server must close a connection that speaks no TLS");
+    }
+    server.still_answers().await;
+}
+
+#[tokio::test]
+async fn bad_json_of_every_kind_is_a_4xx_never_a_panic() {
+    let server = start(Limits::default()).await;
+    let deeply_nested = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000));
+    let mut not_utf8 = SAMPLE.to_vec();
+    not_utf8[40] = 0xff;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("deeply nested", deeply_nested.into_bytes()),
+        ("not UTF-8", not_utf8),
+        ("truncated", SAMPLE[..SAMPLE.len() / 2].to_vec()),
+        ("empty", Vec::new()),
+        ("wrong shape", br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":[]}}"#.to_vec()),
+        ("huge number", format!("{{\"request\": {}}}", "9".repeat(100_000)).into_bytes()),
+    ];
+    for (what, body) in cases {
+        let (status, text) = server.post(Full::new(Bytes::from(body))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {text}");
+        assert!(text.contains("AdmissionReview"), "{what}: {text}");
+    }
+    server.still_answers().await;
+}
+
+#[tokio::test]
+async fn a_100_mb_body_is_refused_with_413_and_memory_stays_bounded() {
+    let server = start(Limits::default()).await;
+    let before = rss_kib();
+    // Streamed, without Content-Length: the cap must hold while reading, not just on the header.
+    let chunk = Bytes::from(vec![b' '; 1 << 20]);
+    let frames = futures::stream::iter((0..100).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))));
+    let (status, _) = server.post(StreamBody::new(frames)).await;
+    // The server may answer 413 before the client has sent everything, which can end the
+    // connection mid-request: either way nothing beyond the cap may be buffered.
+    assert!(status == StatusCode::PAYLOAD_TOO_LARGE || status.as_u16() == 599, "{status}");
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 40, "RSS grew by {grown_mib} MiB for a 100 MB body");
+    // With a Content-Length, the refusal is immediate.
+    let (status, _) = server.post(Full::new(Bytes::from(vec![b' '; 4 << 20]))).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    server.still_answers().await;
+}
+
+#[tokio::test]
+async fn a_client_that_trickles_its_body_is_cut_off_by_the_request_timeout() {
+    let limits = Limits { request_timeout: Duration::from_millis(300), ..Limits::default() };
+    let server = start(limits).await;
+    let frames = futures::stream::unfold(0, |i| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (i < 50).then(|| (Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b" "))), i + 1))
+    });
+    let started = std::time::Instant::now();
+    let (status, _) = server.post(StreamBody::new(frames)).await;
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    server.still_answers().await;
+}
