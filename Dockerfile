@@ -1,0 +1,34 @@
+# syntax=docker/dockerfile:1
+#
+# The pod-template-webhook image: a multi-stage build, distroless and non-root at runtime.
+#
+#   docker build -t ghcr.io/pod-template-webhook/pod-template-webhook:0.1.0 .
+#
+# The tag must match the chart's appVersion (charts/pod-template-webhook/Chart.yaml), which is the
+# chart's default image tag. NOTE: there is no Docker engine on the project's CI machines, so this
+# image is NOT built (or tested) in CI; CI tests the same binary directly (cargo test) and the chart
+# with a real helm and kube-apiserver. Build and push it from a release workflow that has Docker or
+# BuildKit.
+
+# Builder. The Debian release MUST match the runtime image's (distroless cc-debian12 = bookworm,
+# glibc 2.36): plain `rust:1.95` now follows the newest Debian (trixie, glibc 2.41), and a binary
+# linked there fails to start on bookworm ("GLIBC_2.3x not found").
+FROM rust:1.95-bookworm AS builder
+WORKDIR /src
+COPY . .
+# Cache mounts keep the registry and target dir across builds (BuildKit); the binary is copied out
+# of the cached target dir.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin pod-template-webhook \
+ && install -D -m 0755 target/release/pod-template-webhook /out/pod-template-webhook
+
+# Runtime: glibc + libgcc + CA certificates, no shell, no package manager. `nonroot` = uid 65532,
+# the user the chart's securityContext expects (runAsNonRoot, runAsUser 65532).
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=builder /out/pod-template-webhook /usr/local/bin/pod-template-webhook
+USER 65532:65532
+# The webhook (TLS, POST /mutate) and admin (/healthz, /readyz, /metrics) ports.
+EXPOSE 8443 8080
+ENTRYPOINT ["/usr/local/bin/pod-template-webhook"]
+CMD ["serve"]

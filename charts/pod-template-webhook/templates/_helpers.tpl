@@ -1,0 +1,157 @@
+{{/* Chart name, truncated to 63 characters (a DNS label). */}}
+{{- define "ptw.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Full name: the prefix of every resource. Truncated to 52 characters so that suffixes such as
+"-selfsigned" or "-test" still fit in 63.
+*/}}
+{{- define "ptw.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 52 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ptw.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels selecting the webhook pods. Never change them: Deployment selectors are immutable. */}}
+{{- define "ptw.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "ptw.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "ptw.labels" -}}
+helm.sh/chart: {{ include "ptw.chart" . }}
+{{ include "ptw.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pod-template-webhook
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "ptw.serviceAccountName" -}}
+{{- default (include "ptw.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "ptw.webhookConfigurationName" -}}
+{{- default (include "ptw.fullname" .) .Values.webhook.configurationName -}}
+{{- end -}}
+
+{{/* Secret with the serving certificate in builtin and certManager modes. */}}
+{{- define "ptw.certSecretName" -}}
+{{- default (printf "%s-tls" (include "ptw.fullname" .)) .Values.certs.secretName -}}
+{{- end -}}
+
+{{/* The cert-manager Certificate of the webhook (named in cert-manager.io/inject-ca-from). */}}
+{{- define "ptw.servingCertificateName" -}}
+{{- printf "%s-serving" (include "ptw.fullname" .) -}}
+{{- end -}}
+
+{{/* DNS names of the serving certificate, as a list. */}}
+{{- define "ptw.dnsNames" -}}
+{{- $svc := include "ptw.fullname" . -}}
+{{- $names := list (printf "%s.%s.svc" $svc .Release.Namespace) (printf "%s.%s.svc.%s" $svc .Release.Namespace .Values.certs.clusterDomain) -}}
+{{- range .Values.certs.extraDnsNames -}}
+{{- $names = append $names . -}}
+{{- end -}}
+{{- toJson (uniq $names) -}}
+{{- end -}}
+
+{{- define "ptw.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The certificate mode, validated; fails rendering with a clear message on a bad combination. */}}
+{{- define "ptw.certMode" -}}
+{{- $mode := .Values.certs.mode -}}
+{{- if eq $mode "existingSecret" -}}
+{{- if not .Values.certs.existingSecret.name -}}
+{{- fail "certs.mode=existingSecret requires certs.existingSecret.name: the kubernetes.io/tls Secret (keys tls.crt, tls.key) the webhook serves" -}}
+{{- end -}}
+{{- if not .Values.certs.existingSecret.caBundle -}}
+{{- fail "certs.mode=existingSecret requires certs.existingSecret.caBundle: the base64-encoded PEM of the CA that signed the Secret's certificate (the API server verifies the webhook with it)" -}}
+{{- end -}}
+{{- else if eq $mode "certManager" -}}
+{{- with .Values.certs.certManager.issuerRef -}}
+{{- if not .name -}}
+{{- fail "certs.certManager.issuerRef needs a name (or leave issuerRef empty for a self-signed CA chain)" -}}
+{{- end -}}
+{{- end -}}
+{{- else if ne $mode "builtin" -}}
+{{- fail (printf "certs.mode must be builtin, certManager or existingSecret, not %q" $mode) -}}
+{{- end -}}
+{{- $mode -}}
+{{- end -}}
+
+{{/* Namespaces whose ConfigMaps the webhook reads when watchNamespaces is set: those plus the release namespace. */}}
+{{- define "ptw.watchedNamespaces" -}}
+{{- $all := list .Release.Namespace -}}
+{{- range .Values.config.watchNamespaces -}}
+{{- $all = append $all . -}}
+{{- end -}}
+{{- toJson (uniq $all) -}}
+{{- end -}}
+
+{{/* Hardened container securityContext. */}}
+{{- define "ptw.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+privileged: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Hardened pod securityContext. */}}
+{{- define "ptw.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* "host:port" for a listener; IPv6 addresses get brackets. Argument: (list address port). */}}
+{{- define "ptw.hostPort" -}}
+{{- $addr := index . 0 -}}
+{{- $port := index . 1 -}}
+{{- if contains ":" $addr -}}
+{{- printf "[%s]:%v" (trimAll "[]" $addr) $port -}}
+{{- else -}}
+{{- printf "%s:%v" $addr $port -}}
+{{- end -}}
+{{- end -}}
+
+{{/* RBAC rules of the template reader (ClusterRole, or a Role per watched namespace). */}}
+{{- define "ptw.templateReaderRules" -}}
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
