@@ -248,15 +248,15 @@ fn primary_container(
     annotated(DEFAULT_CONTAINER_ANNOTATION)
         .or_else(|| annotated(PRIMARY_CONTAINER_ANNOTATION))
         .or_else(|| Some(template.primary_container_name.as_str()).filter(|n| exists(n)))
-        // Not a name the template defines: a sidecar it added must not become the primary on
-        // reinvocation.
         .or_else(|| Some(pod_name).filter(|n| !n.is_empty() && exists(n) && !defined_by_template(template, n)))
         .map(str::to_owned)
-        .or_else(|| names.first().cloned())
+        .or_else(|| names.iter().find(|n| !defined_by_template(template, n)).cloned())
 }
 
+/// A container the template could add as a sidecar: never chosen as primary by the fallback
+/// rules, or the choice would change once it has been added.
 fn defined_by_template(template: &PodTemplate, name: &str) -> bool {
-    container_names(&template.pod_spec, "containers").iter().any(|n| n == name)
+    !template.is_reserved_name(name) && container_names(&template.pod_spec, "containers").iter().any(|n| n == name)
 }
 
 /// The init container that gets the template's `primary-init`: the pod's first init container

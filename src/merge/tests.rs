@@ -381,3 +381,13 @@ fn a_sidecar_named_like_the_pod_does_not_become_primary_on_reinvocation() {
     assert_eq!(out["spec"]["containers"][0]["workingDir"], "/p");
     assert!(out["spec"]["containers"][1].get("workingDir").is_none());
 }
+
+#[test]
+fn a_pod_without_containers_does_not_make_an_added_sidecar_primary() {
+    // Found by fuzzing (fuzz/corpus/merge_patch/no-containers): the only container is the one the
+    // template added, and the first-container rule must not pick it on reinvocation.
+    let pod = json!({"metadata": {"name": "p"}, "spec": {}});
+    let out = merged(&pod, "podSpec: {containers: [{name: primary, workingDir: /p}, {name: shipper, image: s:1}]}");
+    assert_eq!(names(&out["spec"]["containers"]), ["shipper"]);
+    assert!(out["spec"]["containers"][0].get("workingDir").is_none());
+}
