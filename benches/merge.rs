@@ -14,6 +14,10 @@
 //! - `scaling` merge + diff for 100 / 500 / 1,500 / 3,000 env vars; the run ends by printing
 //!             the time ratios (linear would be 5x / 15x / 30x).
 //!
+//! - `proposed` the same inputs through the prototypes in `benches/proposed/` (the changes that
+//!             docs/performance.md proposes for src/admission.rs), after checking that their
+//!             patch yields exactly the pod the current code yields.
+//!
 //! Before the benchmarks, each input's size, patch operation count and patch size are printed.
 
 use std::collections::BTreeMap;
@@ -23,6 +27,8 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};
+
+mod proposed;
 
 use pod_template_webhook::admission::{self, Policy};
 use pod_template_webhook::merge::merge_pod;
@@ -254,6 +260,36 @@ fn bench_case(c: &mut Criterion, group: &str, body: &[u8], store: &TemplateIndex
     g.finish();
 }
 
+/// The pod the API server would store: `pod` with the response's patch applied.
+fn patched(pod: &Value, response: &[u8]) -> Value {
+    let review: Value = serde_json::from_slice(response).unwrap();
+    let bytes = match &review["response"]["patch"] {
+        Value::Array(numbers) => numbers.iter().map(|n| n.as_u64().unwrap() as u8).collect(),
+        Value::String(b64) => proposed::base64_decode(b64),
+        _ => return pod.clone(),
+    };
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    let mut out = pod.clone();
+    json_patch::patch(&mut out, &patch).unwrap();
+    out
+}
+
+/// The prototypes must give the API server the same pod as the current code.
+fn check_proposed(label: &str, body: &[u8], store: &TemplateIndex) {
+    let pod = pod_of(body);
+    let current = full_path(body, store, &Policy::default());
+    let (new, ops) = proposed::admit(body, store, &Policy::default().names);
+    assert_eq!(patched(&pod, &current), patched(&pod, &new), "{label}: the proposed patch gives another pod");
+    let review: Value = serde_json::from_slice(&new).unwrap();
+    let patch = proposed::base64_decode(review["response"]["patch"].as_str().unwrap_or_default());
+    eprintln!(
+        "proposed {label:<10} same pod: yes   patch {ops:>5} ops {:>7} B  response {:>7} B (current {:>7} B)",
+        patch.len(),
+        new.len(),
+        current.len()
+    );
+}
+
 fn benches(c: &mut Criterion) {
     let env_tpl = env_template();
     let store = store_with(&[("envheavy", env_tpl)]);
@@ -270,10 +306,35 @@ fn benches(c: &mut Criterion) {
     describe("env1500", &env1500, &store, &envheavy);
     describe("pod64k", &big, &store, &gpu);
 
+    for (label, body) in [("flyte", &flyte), ("gpu", &gpu_pod), ("env1500", &env1500), ("pod64k", &big)] {
+        check_proposed(label, body, &store);
+    }
+
     bench_case(c, "flyte", &flyte, &store, &hello, true);
     bench_case(c, "gpu", &gpu_pod, &store, &gpu, false);
     bench_case(c, "env1500", &env1500, &store, &envheavy, false);
     bench_case(c, "pod64k", &big, &store, &gpu, false);
+
+    let names = Policy::default().names;
+    let mut g = c.benchmark_group("proposed");
+    for (label, body) in [("flyte", &flyte), ("gpu", &gpu_pod), ("env1500", &env1500), ("pod64k", &big)] {
+        g.bench_function(format!("{label}_full_path"), |b| b.iter(|| proposed::admit(black_box(body), &store, &names)));
+    }
+    {
+        let pod = pod_of(&flyte);
+        let merged = merge_pod(&pod, &hello).pod;
+        let (patch, _) = proposed::diff(&pod, &merged);
+        g.bench_function("flyte_1_parse", |b| b.iter(|| proposed::parse(black_box(&flyte))));
+        g.bench_function("flyte_4_diff_to_bytes", |b| b.iter(|| proposed::diff(black_box(&pod), &merged)));
+        g.bench_function("flyte_7_response", |b| {
+            b.iter(|| proposed::write_response("admission.k8s.io/v1", black_box("3b9f8a3e-0c5d-4c55-9d1e-6a0f1f6f2a11"), Some(&patch), Some("flyte/platform-pod-templates/hello_world@1")))
+        });
+        let pod = pod_of(&env1500);
+        g.bench_function("env1500_merge_and_diff", |b| {
+            b.iter(|| proposed::diff(black_box(&pod), &merge_pod(&pod, &envheavy).pod))
+        });
+    }
+    g.finish();
 
     let big_store = store_1000();
     let policy = Policy::default();
@@ -326,6 +387,11 @@ fn summary() {
                 let verdict = if ns <= goal { "ok" } else { "OVER GOAL" };
                 eprintln!("{group:>8}/{f:<15} {:>10.2} us   goal <= {:>7.0} us  {verdict}", ns / 1e3, goal / 1e3);
             }
+        }
+    }
+    for group in ["flyte", "gpu", "env1500", "pod64k"] {
+        if let (Some(now), Some(new)) = (estimate(&[group, "full_path"]), estimate(&["proposed", &format!("{group}_full_path")])) {
+            eprintln!("proposed {group:>8}/full_path {:>10.2} us  (current {:>10.2} us, x{:.1} faster)", new / 1e3, now / 1e3, now / new);
         }
     }
     for f in ["merge_and_diff", "full_path"] {

@@ -1,0 +1,112 @@
+//! A small driver for instruction-level profiling of the admission path (docs/performance.md):
+//!
+//!   cargo bench --bench profile_driver --no-run        # prints the binary's path
+//!   valgrind --tool=callgrind --callgrind-out-file=cg.out target/release/deps/profile_driver-HASH flyte 2000
+//!   callgrind_annotate --inclusive=yes cg.out | head -60
+//!
+//! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`, `proposed`) and an iteration count. `flyte`, `gpu`
+//! and `env1500` run `parse_review` + `mutate` + `response_body` as the server does (no HTTP, no
+//! log line). `log` runs the flyte path and also emits the server's per-admission `info!` line
+//! through a `tracing_subscriber` fmt layer writing to a sink, to count what the log line costs.
+//! `proposed` runs the flyte review through the prototype in `benches/proposed/`.
+//! Under `cargo bench` (an argument `--bench`), it runs each input a few times and exits.
+
+#[path = "proposed/mod.rs"]
+#[allow(dead_code)]
+mod proposed;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use pod_template_webhook::admission::{self, Policy};
+use pod_template_webhook::store::{dir, Catalog, TemplateIndex};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn store() -> TemplateIndex {
+    let mut data = BTreeMap::new();
+    for file in dir::manifest_files(&Path::new(ROOT).join("examples/templates")).unwrap() {
+        for cm in dir::read_config_maps(&file, "flyte").unwrap() {
+            data.extend(cm.data);
+        }
+    }
+    let mut env = String::from("primaryContainerName: primary\npodSpec:\n  containers:\n    - name: default\n      env: [{name: TZ, value: UTC}]\n    - name: primary\n      env:\n");
+    for i in 0..15 {
+        env.push_str(&format!("        - {{name: PLATFORM_{i:02}, value: \"platform value {i}\"}}\n"));
+    }
+    data.insert("envheavy".into(), env);
+    let mut catalog = Catalog::new("flyte");
+    assert!(catalog.apply("flyte", "platform-pod-templates", Some("1"), &data).is_empty());
+    catalog.index()
+}
+
+fn input(name: &str) -> Vec<u8> {
+    let read = |rel: &str| std::fs::read(Path::new(ROOT).join(rel)).unwrap();
+    match name {
+        "flyte" | "log" | "proposed" => read("examples/reviews/flyte-task-pod.json"),
+        "gpu" => read("examples/reviews/gpu-task-pod.json"),
+        "env1500" => {
+            let mut review: Value = serde_json::from_slice(&read("examples/reviews/flyte-task-pod.json")).unwrap();
+            let pod = &mut review["request"]["object"];
+            pod["metadata"]["labels"]["flyte.org/environment"] = json!("envheavy");
+            pod["spec"]["containers"][0]["env"] =
+                (0..1500).map(|i| json!({"name": format!("POD_ENV_{i:05}"), "value": format!("value-{i}")})).collect();
+            serde_json::to_vec(&review).unwrap()
+        }
+        other => panic!("unknown input {other:?}: flyte, gpu, env1500 or log"),
+    }
+}
+
+fn run(name: &str, iterations: usize) -> usize {
+    let store = store();
+    let policy = Policy::default();
+    let body = input(name);
+    let mut bytes = 0;
+    if name == "proposed" {
+        for _ in 0..iterations {
+            bytes += proposed::admit(std::hint::black_box(&body), &store, &policy.names).0.len();
+        }
+        return bytes;
+    }
+    for _ in 0..iterations {
+        let started = std::time::Instant::now();
+        let req = admission::parse_review(std::hint::black_box(&body)).unwrap();
+        let decision = admission::mutate(&req, &store, &policy).unwrap();
+        bytes += admission::response_body(&decision).len();
+        if name == "log" {
+            // The same event as server::log_decision.
+            let pod = req.object.as_ref().and_then(|o| o.metadata.name.clone().or_else(|| o.metadata.generate_name.clone()));
+            tracing::info!(
+                uid = %req.uid,
+                namespace = req.namespace.as_deref().unwrap_or_default(),
+                pod = pod.as_deref().unwrap_or(&req.name),
+                template = decision.template.as_deref().unwrap_or_default(),
+                applied = decision.applied.as_deref().unwrap_or_default(),
+                result = decision.outcome.as_str(),
+                patch_operations = decision.patch_operations,
+                micros = started.elapsed().as_micros() as u64,
+                "admission"
+            );
+        }
+    }
+    bytes
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--bench" || a == "--test") || args.is_empty() {
+        for name in ["flyte", "gpu", "env1500"] {
+            std::hint::black_box(run(name, 3));
+        }
+        return;
+    }
+    if args[0] == "log" {
+        // As the server logs (text format, EnvFilter at info), into a sink instead of stderr.
+        tracing_subscriber::fmt().with_writer(std::io::sink).with_env_filter(tracing_subscriber::EnvFilter::new("info")).init();
+    }
+    let iterations = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1000);
+    let bytes = run(&args[0], iterations);
+    eprintln!("{} x {iterations}: {bytes} response bytes", args[0]);
+}

@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# End-to-end load test of `pod-template-webhook serve` over TLS (issue #6; docs/performance.md).
+#
+#   scripts/load-test.sh            # about 2-3 minutes after the release build
+#
+# What it does, all on 127.0.0.1, bounded in time:
+#   1. installs h2load (Debian nghttp2-client) and wrk if missing, builds --release;
+#   2. writes 1,000 template keys (100 ConfigMaps x 10 keys) plus examples/templates to a temp dir;
+#   3. starts three servers on that directory, each with a generated self-signed certificate:
+#        real   the webhook, RUST_LOG=info (the default: one log line per admission)
+#        quiet  the webhook, RUST_LOG=warn (no per-admission line)
+#        noop   --noop-handler: answers `allowed` without parsing (the TLS + HTTP stack alone);
+#   4. drives each with the real AdmissionReview (examples/reviews/flyte-task-pod.json):
+#        HTTP/2   h2load, keep-alive, $H2_CLIENTS connections x $H2_STREAMS streams
+#        HTTP/1.1 wrk with a Lua script POSTing the review, $H1_CONNS keep-alive connections
+#      then a rate-limited HTTP/2 pass at $RATE admissions/s against `real`;
+#   5. prints req/s, client p50/p99, throughput relative to noop, the server-side latency from
+#      the /metrics histogram (bucket deltas before/after each pass), and VmRSS idle and under load.
+#
+# Knobs (environment): DURATION (s per pass, 8), WARMUP (s, 1), H2_CLIENTS (4), H2_STREAMS (32),
+# H1_CONNS (64), RATE (5000), RATE_CLIENTS (25), ROUNDS (2: each pass runs ROUNDS times, servers
+# alternating, and the best round counts), TEMPLATES (1000), KEEP=1 keeps the temp dir, PERF=1
+# records `perf` on the real server during its first HTTP/2 pass (needs perf), PRELOAD=/path/lib.so
+# adds a fourth server: real with LD_PRELOAD (e.g. /usr/lib/x86_64-linux-gnu/libjemalloc.so.2).
+# The client shares the machine with the server: on a 2-core machine both compete for CPU, so
+# read the absolute req/s as a lower bound and the ratio to noop (same run, same client) as the
+# figure that compares.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+DURATION=${DURATION:-8}
+WARMUP=${WARMUP:-1}
+H2_CLIENTS=${H2_CLIENTS:-4}
+H2_STREAMS=${H2_STREAMS:-32}
+H1_CONNS=${H1_CONNS:-64}
+RATE=${RATE:-5000}
+RATE_CLIENTS=${RATE_CLIENTS:-25}
+ROUNDS=${ROUNDS:-2}
+TEMPLATES=${TEMPLATES:-1000}
+REVIEW=${REVIEW:-examples/reviews/flyte-task-pod.json}
+BIN=target/release/pod-template-webhook
+
+say() { printf '\n== %s\n' "$*" >&2; }
+die() { printf 'load-test: %s\n' "$*" >&2; exit 1; }
+
+# --- 1. tools and build ------------------------------------------------------------------------
+need=()
+command -v h2load >/dev/null || need+=(nghttp2-client)
+command -v wrk >/dev/null || need+=(wrk)
+command -v curl >/dev/null || need+=(curl)
+if ((${#need[@]})); then
+    say "installing ${need[*]}"
+    [[ $(id -u) == 0 ]] || die "need root to apt-get install ${need[*]} (or install them yourself)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+say "cargo build --release"
+cargo build --release --bin pod-template-webhook >&2
+
+WORK=$(mktemp -d /tmp/ptw-load.XXXXXX)
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    if [[ ${KEEP:-0} == 1 ]]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- 2. templates -----------------------------------------------------------------------------
+say "writing $TEMPLATES template keys to $WORK/templates"
+mkdir -p "$WORK/templates"
+cp examples/templates/*.yaml "$WORK/templates/"
+per_cm=10
+for ((cm = 0; cm < (TEMPLATES + per_cm - 1) / per_cm; cm++)); do
+    {
+        printf 'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: load-templates-%03d\n' "$cm"
+        # Every tenth ConfigMap lives in a team namespace, the rest in the platform namespace.
+        if ((cm % 10 == 9)); then printf '  namespace: team-%d\n' "$cm"; else printf '  namespace: flyte\n'; fi
+        printf '  labels:\n    flyte.org/pod-templates: "true"\ndata:\n'
+        for ((k = 0; k < per_cm && cm * per_cm + k < TEMPLATES; k++)); do
+            n=$((cm * per_cm + k))
+            cat <<EOF
+  env-$(printf %04d "$n"): |
+    primaryContainerName: primary
+    labels: {team: t$n}
+    annotations: {cost-center: "$n"}
+    podSpec:
+      containers:
+        - name: primary
+          env: [{name: TEMPLATE_ID, value: "$n"}, {name: TZ, value: UTC}]
+          resources: {requests: {cpu: 500m, memory: 1Gi}}
+      imagePullSecrets: [{name: regcred-$n}]
+      nodeSelector: {pool: p$n}
+      tolerations: [{key: dedicated, operator: Equal, value: t$n, effect: NoSchedule}]
+EOF
+        done
+    } >"$WORK/templates/load-$(printf %03d "$cm").yaml"
+done
+"$BIN" validate "$WORK/templates" >&2
+
+# --- 3. servers -------------------------------------------------------------------------------
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+next_port=${BASE_PORT:-$((20000 + RANDOM % 20000))}
+free_port() { # sets FREE (no subshell: next_port must advance)
+    while ! port_free "$next_port"; do next_port=$((next_port + 1)); done
+    FREE=$next_port
+    next_port=$((next_port + 1))
+}
+
+declare -A PID PORT ADMIN
+start() { # name RUST_LOG extra-args...
+    local name=$1 level=$2
+    shift 2
+    free_port
+    PORT[$name]=$FREE
+    free_port
+    ADMIN[$name]=$FREE
+    RUST_LOG=$level "$BIN" serve --templates "$WORK/templates" \
+        --listen "127.0.0.1:${PORT[$name]}" --admin-listen "127.0.0.1:${ADMIN[$name]}" "$@" \
+        2>"$WORK/$name.log" &
+    PID[$name]=$!
+    PIDS+=("$!")
+}
+SERVERS=(noop real quiet)
+start real info
+start quiet warn
+start noop warn --noop-handler
+# Optional experiment: the real server with a preloaded allocator (e.g. Debian libjemalloc2).
+if [[ -n ${PRELOAD:-} ]]; then
+    LD_PRELOAD=$PRELOAD start preload info
+    SERVERS+=(preload)
+fi
+for name in "${SERVERS[@]}"; do
+    for _ in $(seq 100); do
+        curl -sf "http://127.0.0.1:${ADMIN[$name]}/readyz" >/dev/null 2>&1 && break
+        kill -0 "${PID[$name]}" 2>/dev/null || { cat "$WORK/$name.log" >&2; die "server $name exited"; }
+        sleep 0.1
+    done
+    curl -sf "http://127.0.0.1:${ADMIN[$name]}/readyz" >/dev/null || die "server $name not ready"
+done
+
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+loaded=$(curl -s "http://127.0.0.1:${ADMIN[real]}/metrics" | awk '/^pod_template_webhook_templates_loaded / {print $2}')
+answer=$(curl -sk "https://127.0.0.1:${PORT[real]}/mutate" -H 'content-type: application/json' --data-binary "@$REVIEW")
+grep -q '"patchType":"JSONPatch"' <<<"$answer" || die "the real server did not mutate the sample review: $answer"
+sleep 1
+IDLE_RSS=$(rss_kb "${PID[real]}")
+IDLE_RSS_NOOP=$(rss_kb "${PID[noop]}")
+say "servers ready: real :${PORT[real]} quiet :${PORT[quiet]} noop :${PORT[noop]}; templates loaded: $loaded; idle VmRSS real ${IDLE_RSS} kB, noop ${IDLE_RSS_NOOP} kB"
+
+# --- 4. load ----------------------------------------------------------------------------------
+cat >"$WORK/post.lua" <<EOF
+local f = assert(io.open("$ROOT/$REVIEW", "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+EOF
+
+# Samples VmRSS of $1 every 0.2 s into $2 until killed.
+sample_rss() { while kill -0 "$1" 2>/dev/null; do rss_kb "$1" >>"$2"; sleep 0.2; done; }
+max_of() { sort -n "$1" | tail -1; }
+
+metrics() { curl -s "http://127.0.0.1:${ADMIN[$1]}/metrics" | grep '^pod_template_webhook_admission_duration_seconds_bucket' || true; }
+# Server-side p50/p99 estimate from the histogram delta between two /metrics snapshots
+# (linear interpolation inside a bucket, as Prometheus' histogram_quantile does).
+server_quantiles() { # before after
+    awk '
+        function le(line) { sub(/.*le="/, "", line); sub(/".*/, "", line); return line }
+        NR == FNR { before[le($1)] = $2; next }
+        { n++; bound[n] = le($1); cum[n] = $2 - before[le($1)] }
+        END {
+            total = cum[n]
+            if (total <= 0) { print "n/a n/a 0"; exit }
+            split("0.5 0.99", qs, " ")
+            for (i = 1; i <= 2; i++) {
+                target = qs[i] * total; prev_b = 0; prev_c = 0; out = ""
+                for (j = 1; j <= n; j++) {
+                    if (cum[j] >= target) {
+                        if (bound[j] == "+Inf") { out = ">" prev_b * 1e6; break }
+                        out = sprintf("%.0f", (prev_b + (bound[j] - prev_b) * (target - prev_c) / (cum[j] - prev_c)) * 1e6)
+                        break
+                    }
+                    prev_b = bound[j]; prev_c = cum[j]
+                }
+                printf "%s ", out
+            }
+            print total
+        }' "$1" "$2"
+}
+
+# Client-side percentiles (us) from an h2load --log-file: column 3 is the response time.
+log_quantiles() {
+    sort -n -k3,3 "$1" | awk '{ d[NR] = $3 } END {
+        if (NR == 0) { print "n/a n/a"; exit }
+        p50 = d[int(NR * 0.50) + (NR * 0.50 > int(NR * 0.50))]; p99 = d[int(NR * 0.99) + (NR * 0.99 > int(NR * 0.99))]
+        print p50, p99 }'
+}
+
+declare -A RPS P50 P99 SP50 SP99 RSS_LOAD FAIL
+# One pass: proto (h2|h1|rate) and server name. Fills RPS/P50/P99/SP50/SP99/RSS_LOAD[proto.name].
+pass() { # proto name round
+    local proto=$1 name=$2 key="$1.$2.$3" url="https://127.0.0.1:${PORT[$2]}/mutate" out="$WORK/$1.$2.$3"
+    metrics "$name" >"$out.before"
+    : >"$out.rss"
+    sample_rss "${PID[$name]}" "$out.rss" &
+    local sampler=$! perf_pid=""
+    if [[ ${PERF:-0} == 1 && $key == h2.real.1 ]] && command -v perf >/dev/null; then
+        perf record -F 999 -g -o "$WORK/perf.data" -p "${PID[$name]}" -- sleep "$DURATION" >/dev/null 2>&1 &
+        perf_pid=$!
+    fi
+    case $proto in
+    h2 | rate)
+        local args=(-c "$H2_CLIENTS" -m "$H2_STREAMS")
+        [[ $proto == rate ]] && args=(-c "$RATE_CLIENTS" -m 4 --rps=$((RATE / RATE_CLIENTS)))
+        timeout $((DURATION + WARMUP + 20)) h2load "${args[@]}" -D "$DURATION" --warm-up-time="$WARMUP" \
+            -H 'content-type: application/json' -d "$REVIEW" --log-file="$out.reqlog" "$url" >"$out.txt" 2>&1 || true
+        RPS[$key]=$(awk '/^finished in/ {gsub(",", "", $4); print $4}' "$out.txt")
+        read -r P50[$key] P99[$key] < <(log_quantiles "$out.reqlog")
+        FAIL[$key]=$(awk '/^requests:/ {f = $10 + $12 + $14} /^status codes:/ {f += $5 + $7 + $9} END {print f + 0}' "$out.txt")
+        ;;
+    h1)
+        timeout $((DURATION + 20)) wrk -t1 -c "$H1_CONNS" -d "${DURATION}s" --timeout 5s --latency -s "$WORK/post.lua" "$url" >"$out.txt" 2>&1 || true
+        RPS[$key]=$(awk '/^Requests\/sec:/ {print $2}' "$out.txt")
+        local to_us='function us(v) { if (v ~ /us$/) return v + 0; if (v ~ /ms$/) return v * 1000; if (v ~ /s$/) return v * 1e6; return v }'
+        P50[$key]=$(awk "$to_us"' $1 == "50%" {print us($2)}' "$out.txt")
+        P99[$key]=$(awk "$to_us"' $1 == "99%" {print us($2)}' "$out.txt")
+        FAIL[$key]=$(awk '/Non-2xx/ {f += $NF} /Socket errors/ {gsub(",", ""); f += $4 + $6 + $8 + $10} END {print f + 0}' "$out.txt")
+        ;;
+    esac
+    [[ -n $perf_pid ]] && wait "$perf_pid" 2>/dev/null || true
+    kill "$sampler" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
+    RSS_LOAD[$key]=$(max_of "$out.rss")
+    metrics "$name" >"$out.after"
+    if [[ $name != noop ]]; then
+        read -r SP50[$key] SP99[$key] _ < <(server_quantiles "$out.before" "$out.after")
+    else
+        SP50[$key]="-" SP99[$key]="-"
+    fi
+    printf '%-5s %-7s %10s req/s  client p50 %7s us p99 %7s us  server p50 %5s us p99 %5s us  failed %s  max VmRSS %s kB\n' \
+        "$proto" "$name" "${RPS[$key]:-?}" "${P50[$key]:-?}" "${P99[$key]:-?}" "${SP50[$key]}" "${SP99[$key]}" "${FAIL[$key]:-?}" "${RSS_LOAD[$key]:-?}" >&2
+}
+
+# Keeps, for proto.name, the round with the most req/s (the least disturbed by other load).
+best() {
+    local proto=$1 name=$2 r bestr=1
+    for ((r = 2; r <= ROUNDS; r++)); do
+        awk -v a="${RPS[$proto.$name.$r]:-0}" -v b="${RPS[$proto.$name.$bestr]:-0}" 'BEGIN { exit !(a > b) }' && bestr=$r
+    done
+    local k="$proto.$name.$bestr" f=0
+    for ((r = 1; r <= ROUNDS; r++)); do f=$((f + ${FAIL[$proto.$name.$r]:-0})); done
+    RPS[$proto.$name]=${RPS[$k]} P50[$proto.$name]=${P50[$k]} P99[$proto.$name]=${P99[$k]}
+    SP50[$proto.$name]=${SP50[$k]} SP99[$proto.$name]=${SP99[$k]} RSS_LOAD[$proto.$name]=${RSS_LOAD[$k]} FAIL[$proto.$name]=$f
+}
+# Servers alternate within a round, so slow phases of a shared machine hit all of them.
+say "HTTP/2 (h2load -c $H2_CLIENTS -m $H2_STREAMS, ${DURATION}s, $ROUNDS rounds)"
+for ((round = 1; round <= ROUNDS; round++)); do
+    for name in "${SERVERS[@]}"; do pass h2 "$name" "$round"; sleep 1; done
+done
+say "HTTP/1.1 (wrk -t1 -c $H1_CONNS, keep-alive, ${DURATION}s, $ROUNDS rounds)"
+for ((round = 1; round <= ROUNDS; round++)); do
+    for name in "${SERVERS[@]}"; do pass h1 "$name" "$round"; sleep 1; done
+done
+for name in "${SERVERS[@]}"; do best h2 "$name"; best h1 "$name"; done
+say "rate-limited HTTP/2 at $RATE req/s (h2load -c $RATE_CLIENTS -m 4 --rps $((RATE / RATE_CLIENTS)), ${DURATION}s)"
+pass rate real 1
+best_rounds=$ROUNDS ROUNDS=1
+best rate real
+ROUNDS=$best_rounds
+sleep 1
+AFTER_RSS=$(rss_kb "${PID[real]}")
+LOG_LINES=$(grep -c ' admission' "$WORK/real.log" || true)
+
+# --- 5. report --------------------------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else print "n/a" }'; }
+max_load_rss=$(printf '%s\n' "${RSS_LOAD[h2.real]:-0}" "${RSS_LOAD[h1.real]:-0}" "${RSS_LOAD[rate.real]:-0}" | sort -n | tail -1)
+{
+    echo
+    echo "== summary ($(nproc) cores; client and servers share them; review $(wc -c <"$REVIEW") B; $loaded templates loaded)"
+    printf '%-44s %14s %14s\n' "figure" "measured" "goal"
+    printf '%-44s %14s %14s\n' "HTTP/2 admissions/s (real, info log)" "${RPS[h2.real]}" ">= 25000"
+    printf '%-44s %14s %14s\n' "HTTP/1.1 admissions/s (real, info log)" "${RPS[h1.real]}" ">= 25000"
+    printf '%-44s %14s %14s\n' "HTTP/2 ratio real/noop" "$(ratio "${RPS[h2.real]}" "${RPS[h2.noop]}")" ">= 0.8"
+    printf '%-44s %14s %14s\n' "HTTP/1.1 ratio real/noop" "$(ratio "${RPS[h1.real]}" "${RPS[h1.noop]}")" ">= 0.8"
+    printf '%-44s %14s %14s\n' "HTTP/2 ratio quiet(warn)/noop" "$(ratio "${RPS[h2.quiet]}" "${RPS[h2.noop]}")" ""
+    printf '%-44s %14s %14s\n' "HTTP/1.1 ratio quiet(warn)/noop" "$(ratio "${RPS[h1.quiet]}" "${RPS[h1.noop]}")" ""
+    printf '%-44s %14s %14s\n' "log cost: h2 real(info)/quiet(warn)" "$(ratio "${RPS[h2.real]}" "${RPS[h2.quiet]}")" ""
+    printf '%-44s %14s %14s\n' "log cost: h1 real(info)/quiet(warn)" "$(ratio "${RPS[h1.real]}" "${RPS[h1.quiet]}")" ""
+    printf '%-44s %14s %14s\n' "rate pass achieved req/s" "${RPS[rate.real]}" "$RATE"
+    printf '%-44s %14s %14s\n' "server p99 at $RATE/s (us, histogram)" "${SP99[rate.real]}" "< 1000"
+    printf '%-44s %14s %14s\n' "server p50 at $RATE/s (us, histogram)" "${SP50[rate.real]}" ""
+    printf '%-44s %14s %14s\n' "client p99 at $RATE/s (us, h2load)" "${P99[rate.real]}" ""
+    printf '%-44s %14s %14s\n' "VmRSS idle, $loaded templates (MB)" "$(awk -v k="$IDLE_RSS" 'BEGIN {printf "%.1f", k / 1024}')" "< 40"
+    printf '%-44s %14s %14s\n' "VmRSS max under load (MB)" "$(awk -v k="$max_load_rss" 'BEGIN {printf "%.1f", k / 1024}')" "< 40"
+    printf '%-44s %14s %14s\n' "VmRSS after load (MB)" "$(awk -v k="$AFTER_RSS" 'BEGIN {printf "%.1f", k / 1024}')" "< 40"
+    printf '%-44s %14s %14s\n' "VmRSS idle, noop server (MB)" "$(awk -v k="$IDLE_RSS_NOOP" 'BEGIN {printf "%.1f", k / 1024}')" ""
+    if [[ -n ${PRELOAD:-} ]]; then
+        printf '%-44s %14s %14s\n' "HTTP/2 ratio preload/real ($(basename "$PRELOAD"))" "$(ratio "${RPS[h2.preload]}" "${RPS[h2.real]}")" ""
+        printf '%-44s %14s %14s\n' "HTTP/1.1 ratio preload/real" "$(ratio "${RPS[h1.preload]}" "${RPS[h1.real]}")" ""
+        printf '%-44s %14s %14s\n' "VmRSS max under load, preload (MB)" "$(awk -v k="${RSS_LOAD[h2.preload]}" 'BEGIN {printf "%.1f", k / 1024}')" ""
+    fi
+    printf '%-44s %14s %14s\n' "per-admission log lines written (real)" "$LOG_LINES" ""
+    failed=0
+    for k in "${!FAIL[@]}"; do [[ $k == *.[0-9]* ]] && failed=$((failed + ${FAIL[$k]:-0})); done
+    printf '%-44s %14s %14s\n' "failed / non-2xx requests, all passes" "$failed" "0"
+} | tee "$WORK/summary.txt"
+
+if [[ ${PERF:-0} == 1 && -f $WORK/perf.data ]]; then
+    say "perf: top symbols of the real server during its HTTP/2 pass"
+    perf report -i "$WORK/perf.data" --no-children --sort dso,symbol -g none --percent-limit 0.7 --stdio 2>/dev/null |
+        grep -v '^#' | grep '%' | cut -c1-150 | head -45 || true
+fi
