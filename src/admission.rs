@@ -1,10 +1,9 @@
 //! AdmissionReview in, AdmissionResponse out (SPEC §5): resolves the template, merges, and
 //! answers with the JSON Patch between the pod as sent and the merged pod. No HTTP here.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use kube::core::DynamicObject;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::merge::merge_pod;
@@ -53,16 +52,141 @@ impl Outcome {
     }
 }
 
+/// The parts of an `admission.k8s.io/v1` AdmissionReview request the webhook reads; everything
+/// else is ignored. The object stays JSON: the merge and the patch work on exactly what was sent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Request {
+    /// Echoed from the review envelope.
+    #[serde(skip)]
+    pub api_version: String,
+    #[serde(skip)]
+    pub kind: String,
+    pub uid: String,
+    pub resource: GroupVersionResource,
+    #[serde(default)]
+    pub sub_resource: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub operation: String,
+    #[serde(default)]
+    pub object: Option<Value>,
+    /// Handled exactly like a real request: the webhook has no side effects.
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GroupVersionResource {
+    #[serde(default)]
+    pub group: String,
+    #[serde(default)]
+    pub version: String,
+    pub resource: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    request: Option<Request>,
+}
+
+/// The AdmissionResponse, in the shape the API server reads.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Response {
+    pub uid: String,
+    pub allowed: bool,
+    #[serde(rename = "status", skip_serializing_if = "Status::is_empty")]
+    pub result: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    /// The RFC 6902 patch as JSON bytes; sent base64-encoded, as the API server expects `[]byte`.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "base64_bytes")]
+    pub patch: Option<Vec<u8>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub audit_annotations: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warnings: Option<Vec<String>>,
+}
+
+impl Response {
+    fn allow(uid: &str) -> Self {
+        Response { uid: uid.to_owned(), allowed: true, ..Response::default() }
+    }
+
+    fn with_patch(&mut self, patch: Vec<u8>) {
+        self.patch = Some(patch);
+        self.patch_type = Some("JSONPatch");
+    }
+}
+
+fn base64_bytes<S: serde::Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+    use base64::Engine as _;
+    match bytes {
+        Some(b) => s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b)),
+        None => s.serialize_none(),
+    }
+}
+
+/// `status` of a refusal (metav1.Status, the fields the API server shows the user).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct Status {
+    #[serde(skip_serializing_if = "is_zero")]
+    pub code: u16,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+impl Status {
+    fn is_empty(&self) -> bool {
+        *self == Status::default()
+    }
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
+}
+
 /// The answer to one review, and what the log line says about it.
 #[derive(Debug)]
 pub struct Decision {
-    pub response: AdmissionResponse,
+    pub api_version: String,
+    pub kind: String,
+    pub response: Response,
     pub outcome: Outcome,
+    pub namespace: String,
+    /// The pod's name, or its generateName prefix.
+    pub pod: String,
     /// The template name the pod asked for, if any.
     pub template: Option<String>,
     /// `namespace/configmap/key@version` of the template applied.
     pub applied: Option<String>,
     pub patch_operations: usize,
+}
+
+impl Decision {
+    fn unchanged(req: &Request) -> Self {
+        Decision {
+            api_version: req.api_version.clone(),
+            kind: req.kind.clone(),
+            response: Response::allow(&req.uid),
+            outcome: Outcome::Unchanged,
+            namespace: req.namespace.clone().unwrap_or_default(),
+            pod: req.name.clone(),
+            template: None,
+            applied: None,
+            patch_operations: 0,
+        }
+    }
 }
 
 /// A request body that is not an AdmissionReview we can answer: the server says 400.
@@ -78,47 +202,65 @@ pub enum BadReview {
 }
 
 /// Parses a review body (JSON).
-pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, BadReview> {
-    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body).map_err(BadReview::Json)?;
-    review.try_into().map_err(|_| BadReview::NoRequest)
+pub fn parse_review(body: &[u8]) -> Result<Request, BadReview> {
+    let envelope: Envelope = serde_json::from_slice(body).map_err(BadReview::Json)?;
+    let mut req = envelope.request.ok_or(BadReview::NoRequest)?;
+    req.api_version = envelope.api_version.unwrap_or_else(|| "admission.k8s.io/v1".to_owned());
+    req.kind = envelope.kind.unwrap_or_else(|| "AdmissionReview".to_owned());
+    Ok(req)
 }
 
 /// The response body for a decision: exactly what `serve` sends and `mutate` prints.
 pub fn response_body(decision: &Decision) -> Vec<u8> {
-    serde_json::to_vec(&decision.response.clone().into_review()).expect("an AdmissionReview always serializes")
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Review<'a> {
+        api_version: &'a str,
+        kind: &'a str,
+        response: &'a Response,
+    }
+    let review = Review { api_version: &decision.api_version, kind: &decision.kind, response: &decision.response };
+    serde_json::to_vec(&review).expect("an AdmissionReview always serializes")
+}
+
+/// A string at `object.metadata.<field>.<key>`.
+fn meta_str<'a>(object: &'a Value, field: &str, key: &str) -> Option<&'a str> {
+    object.get("metadata")?.get(field)?.get(key)?.as_str()
 }
 
 /// Decides one admission request.
-pub fn mutate(req: &AdmissionRequest<DynamicObject>, store: &dyn TemplateStore, policy: &Policy) -> Result<Decision, BadReview> {
-    let mut decision = Decision {
-        response: AdmissionResponse::from(req),
-        outcome: Outcome::Unchanged,
-        template: None,
-        applied: None,
-        patch_operations: 0,
-    };
+pub fn mutate(mut req: Request, store: &dyn TemplateStore, policy: &Policy) -> Result<Decision, BadReview> {
+    let mut decision = Decision::unchanged(&req);
     let is_pod = req.resource.group.is_empty() && req.resource.resource == "pods" && req.sub_resource.is_none();
-    if !is_pod || req.operation != Operation::Create {
+    if !is_pod || req.operation != "CREATE" {
         return Ok(decision);
     }
-    let object = req.object.as_ref().ok_or(BadReview::NoObject)?;
+    let mut before = req.object.take().filter(Value::is_object).ok_or(BadReview::NoObject)?;
+    let meta = before.get("metadata");
+    if decision.pod.is_empty() {
+        let name = meta.and_then(|m| m.get("name").or_else(|| m.get("generateName"))).and_then(Value::as_str);
+        decision.pod = name.unwrap_or_default().to_owned();
+    }
+    if decision.namespace.is_empty() {
+        let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str);
+        decision.namespace = ns.unwrap_or("default").to_owned();
+    }
     let names = &policy.names;
-    let annotation = object.metadata.annotations.as_ref().and_then(|a| a.get(&names.template_annotation));
-    let label = object.metadata.labels.as_ref().and_then(|l| l.get(&names.environment_label));
-    let (name, explicit) = match (annotation.filter(|a| !a.is_empty()), label.filter(|l| !l.is_empty())) {
-        (Some(a), _) => (a.clone(), true),
-        (None, Some(l)) => (l.clone(), false),
+    let annotation = meta_str(&before, "annotations", &names.template_annotation).filter(|a| !a.is_empty());
+    let label = meta_str(&before, "labels", &names.environment_label).filter(|l| !l.is_empty());
+    let (name, explicit) = match (annotation, label) {
+        (Some(a), _) => (a.to_owned(), true),
+        (None, Some(l)) => (l.to_owned(), false),
         (None, None) => return Ok(decision),
     };
     decision.template = Some(name.clone());
-    let namespace = req.namespace.as_deref().or(object.metadata.namespace.as_deref()).unwrap_or("default");
     let how = if explicit {
         format!("annotation {}", names.template_annotation)
     } else {
         format!("label {}", names.environment_label)
     };
 
-    let Lookup { entry, searched } = store.lookup(namespace, &name);
+    let Lookup { entry, searched } = store.lookup(&decision.namespace, &name);
     let Some(entry) = entry else {
         if !explicit {
             return Ok(decision); // an environment without a template: nothing to apply
@@ -146,7 +288,8 @@ pub fn mutate(req: &AdmissionRequest<DynamicObject>, store: &dyn TemplateStore, 
         }
     };
 
-    let mut before = serde_json::to_value(object).map_err(BadReview::Json)?;
+    // managedFields are never patched; taking them out spares copying them (often the bulk of
+    // the object) in the merge.
     if let Some(meta) = before.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("managedFields");
     }
@@ -160,40 +303,34 @@ pub fn mutate(req: &AdmissionRequest<DynamicObject>, store: &dyn TemplateStore, 
             annotations.insert(names.applied_annotation.clone(), Value::String(applied.clone()));
         }
     }
-    let patch = json_patch::diff(&before, &after);
+    let (patch, operations) = crate::patch::diff(&before, &after);
     decision.applied = Some(applied.clone());
-    decision.response.audit_annotations = HashMap::from([("applied".to_owned(), applied)]);
+    decision.response.audit_annotations = BTreeMap::from([("applied".to_owned(), applied)]);
     if !warnings.is_empty() {
         decision.response.warnings = Some(warnings);
     }
-    if !patch.0.is_empty() {
-        decision.patch_operations = patch.0.len();
+    if operations > 0 {
+        decision.patch_operations = operations;
         decision.outcome = Outcome::Mutated;
-        decision.response = decision.response.with_patch(patch).expect("a JSON patch always serializes");
+        decision.response.with_patch(patch);
     }
     Ok(decision)
 }
 
 /// The validating webhook for template ConfigMaps (`POST /validate`): a labelled ConfigMap
 /// whose templates do not parse is refused at apply time, naming each key and its error.
-pub fn validate_templates(req: &AdmissionRequest<DynamicObject>, names: &Names) -> Decision {
-    let mut decision = Decision {
-        response: AdmissionResponse::from(req),
-        outcome: Outcome::Unchanged,
-        template: None,
-        applied: None,
-        patch_operations: 0,
-    };
+pub fn validate_templates(req: &Request, names: &Names) -> Decision {
+    let mut decision = Decision::unchanged(req);
     let is_config_map = req.resource.group.is_empty() && req.resource.resource == "configmaps";
     let Some(object) = req.object.as_ref().filter(|_| is_config_map) else { return decision };
-    let labelled = object.metadata.labels.as_ref().and_then(|l| l.get(&names.source_label)).is_some_and(|v| v == "true");
-    if !labelled || !matches!(req.operation, Operation::Create | Operation::Update) {
+    let labelled = meta_str(object, "labels", &names.source_label) == Some("true");
+    if !labelled || !matches!(req.operation.as_str(), "CREATE" | "UPDATE") {
         return decision;
     }
-    let name = object.metadata.name.as_deref().unwrap_or(&req.name);
-    let namespace = req.namespace.as_deref().unwrap_or_default();
-    let data = object.data.get("data").and_then(Value::as_object);
-    let errors: Vec<String> = data
+    let name = object.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or(&req.name);
+    let errors: Vec<String> = object
+        .get("data")
+        .and_then(Value::as_object)
         .into_iter()
         .flatten()
         .filter_map(|(key, text)| {
@@ -202,7 +339,7 @@ pub fn validate_templates(req: &AdmissionRequest<DynamicObject>, names: &Names) 
         })
         .collect();
     if !errors.is_empty() {
-        let message = format!("template ConfigMap {namespace}/{name} does not parse: {}", errors.join("; "));
+        let message = format!("template ConfigMap {}/{name} does not parse: {}", decision.namespace, errors.join("; "));
         decision = refuse(decision, OnProblem::Deny, 422, "Invalid", message);
     }
     decision
@@ -211,9 +348,8 @@ pub fn validate_templates(req: &AdmissionRequest<DynamicObject>, names: &Names) 
 fn refuse(mut decision: Decision, on: OnProblem, code: u16, reason: &str, message: String) -> Decision {
     match on {
         OnProblem::Deny => {
-            decision.response = decision.response.deny(message);
-            decision.response.result.code = code;
-            decision.response.result.reason = reason.to_owned();
+            decision.response.allowed = false;
+            decision.response.result = Status { code, reason: reason.to_owned(), message };
             decision.outcome = Outcome::Denied;
         }
         OnProblem::Warn => decision.response.warnings = Some(vec![message]),

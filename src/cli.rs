@@ -217,7 +217,7 @@ fn mutate(args: &TemplateArgs, review: &str) -> anyhow::Result<()> {
     let store = load_dir(args)?;
     let body = read_input(review)?;
     let req = admission::parse_review(&body)?;
-    let decision = admission::mutate(&req, &store, &args.names.policy())?;
+    let decision = admission::mutate(req, &store, &args.names.policy())?;
     let mut out = std::io::stdout().lock();
     out.write_all(&admission::response_body(&decision))?;
     out.write_all(b"\n")?;
@@ -243,7 +243,7 @@ fn render(args: &TemplateArgs, namespace: &str, pod_path: &str) -> anyhow::Resul
         }
     });
     let req = admission::parse_review(&serde_json::to_vec(&review)?)?;
-    let decision = admission::mutate(&req, &store, &args.names.policy())?;
+    let decision = admission::mutate(req, &store, &args.names.policy())?;
     for w in decision.response.warnings.iter().flatten() {
         eprintln!("warning: {w}");
     }

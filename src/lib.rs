@@ -10,6 +10,7 @@ pub mod cli;
 pub mod merge;
 pub mod metrics;
 pub mod names;
+pub mod patch;
 pub mod server;
 pub mod store;
 pub mod template;

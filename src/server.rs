@@ -126,14 +126,13 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
 
 async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let started = Instant::now();
-    let decision = admission::parse_review(&body)
-        .and_then(|req| admission::mutate(&req, &*state.store, &state.policy).map(|d| (req, d)));
+    let decision = admission::parse_review(&body).and_then(|req| admission::mutate(req, &*state.store, &state.policy));
     match decision {
-        Ok((req, decision)) => {
+        Ok(decision) => {
             let body = admission::response_body(&decision);
             let took = started.elapsed();
             state.metrics.admission(decision.outcome.as_str(), took);
-            log_decision(&req, &decision, took);
+            log_decision(&decision, took);
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(e) => {
@@ -144,12 +143,11 @@ async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     }
 }
 
-fn log_decision(req: &kube::core::admission::AdmissionRequest<kube::core::DynamicObject>, d: &Decision, took: Duration) {
-    let pod = req.object.as_ref().and_then(|o| o.metadata.name.clone().or_else(|| o.metadata.generate_name.clone()));
+fn log_decision(d: &Decision, took: Duration) {
     tracing::info!(
-        uid = %req.uid,
-        namespace = req.namespace.as_deref().unwrap_or_default(),
-        pod = pod.as_deref().unwrap_or(&req.name),
+        uid = %d.response.uid,
+        namespace = %d.namespace,
+        pod = %d.pod,
         template = d.template.as_deref().unwrap_or_default(),
         applied = d.applied.as_deref().unwrap_or_default(),
         result = d.outcome.as_str(),

@@ -95,13 +95,11 @@ fn read_json(rel: &str) -> Value {
     serde_json::from_slice(&std::fs::read(crate_path(rel)).unwrap()).unwrap()
 }
 
-/// The bytes of the response's `patch` (kube-core serializes `Vec<u8>` as an array of numbers;
-/// a base64 string is accepted too in case that changes).
+/// The response's `patch`: base64 of the JSON Patch, as Kubernetes encodes `[]byte`.
 fn patch_of(response: &Value) -> json_patch::Patch {
-    let bytes: Vec<u8> = match &response["patch"] {
-        Value::Array(items) => items.iter().map(|b| u8::try_from(b.as_u64().expect("a byte")).expect("a byte")).collect(),
-        other => panic!("unexpected patch encoding: {other}"),
-    };
+    use base64::Engine as _;
+    let text = response["patch"].as_str().unwrap_or_else(|| panic!("patch is not a base64 string: {response}"));
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text).expect("base64");
     serde_json::from_slice(&bytes).expect("the patch is a JSON Patch")
 }
 

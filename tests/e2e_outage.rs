@@ -37,7 +37,8 @@ async fn mutated_label(state: &Arc<AppState>) -> Option<String> {
     let (code, body) = status(server::webhook_router(state.clone(), &Limits::default()), req).await;
     assert_eq!(code, StatusCode::OK);
     let review: Value = serde_json::from_slice(&body).unwrap();
-    let patch: Vec<u8> = serde_json::from_value(review["response"]["patch"].clone()).ok()?;
+    use base64::Engine as _;
+    let patch = base64::engine::general_purpose::STANDARD.decode(review["response"]["patch"].as_str()?).unwrap();
     let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
     let mut pod: Value = serde_json::from_str::<Value>(SAMPLE).unwrap()["request"]["object"].clone();
     json_patch::patch(&mut pod, &patch).unwrap();

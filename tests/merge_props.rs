@@ -148,7 +148,7 @@ proptest! {
             "kind": {"group": "", "version": "v1", "kind": "Pod"},
             "resource": {"group": "", "version": "v1", "resource": "pods"}, "object": pod}});
         let req = parse_review(&serde_json::to_vec(&review).unwrap()).unwrap();
-        let decision = mutate(&req, &store, &Policy::default()).unwrap();
+        let decision = mutate(req, &store, &Policy::default()).unwrap();
         let mut patched = pod.clone();
         if let Some(p) = &decision.response.patch {
             let p: json_patch::Patch = serde_json::from_slice(p).unwrap();
@@ -161,7 +161,7 @@ proptest! {
         // Reinvocation on the patched pod: no patch.
         let review2 = { let mut r = review.clone(); r["request"]["object"] = patched.clone(); r };
         let req2 = parse_review(&serde_json::to_vec(&review2).unwrap()).unwrap();
-        prop_assert!(mutate(&req2, &store, &Policy::default()).unwrap().response.patch.is_none());
+        prop_assert!(mutate(req2, &store, &Policy::default()).unwrap().response.patch.is_none());
 
         // A valid Pod with unique names.
         let typed: Pod = serde_json::from_value(patched).unwrap();

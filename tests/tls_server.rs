@@ -244,12 +244,10 @@ fn assert_flyte_mutated(body: &[u8]) {
     assert_eq!(resp["uid"], review["request"]["uid"], "uid echoed: {answer}");
     assert_eq!(resp["allowed"], true, "{answer}");
     assert_eq!(resp["patchType"], "JSONPatch", "{answer}");
-    let patch_bytes: Vec<u8> = resp["patch"]
-        .as_array()
-        .expect("patch is an array of bytes")
-        .iter()
-        .map(|b| u8::try_from(b.as_u64().expect("byte")).expect("byte"))
-        .collect();
+    let patch_bytes = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.decode(resp["patch"].as_str().expect("patch is base64")).expect("base64")
+    };
     let patch: json_patch::Patch = serde_json::from_slice(&patch_bytes).expect("patch is a JSON Patch");
     let mut pod = review["request"]["object"].clone();
     json_patch::patch(&mut pod, &patch).expect("patch applies to the request object");

@@ -23,12 +23,13 @@ fn store() -> &'static DirStore {
 /// Any bytes as an AdmissionReview body: an error or a response, and a patch that applies.
 pub fn review(data: &[u8]) {
     let Ok(req) = parse_review(data) else { return };
-    let Ok(decision) = mutate(&req, store(), &Policy::default()) else { return };
+    let object = req.object.clone();
+    let Ok(decision) = mutate(req, store(), &Policy::default()) else { return };
     let body = response_body(&decision);
     assert!(serde_json::from_slice::<Value>(&body).is_ok());
-    if let (Some(patch), Some(object)) = (&decision.response.patch, &req.object) {
+    if let (Some(patch), Some(object)) = (&decision.response.patch, object) {
         let patch: json_patch::Patch = serde_json::from_slice(patch).unwrap();
-        let mut pod = serde_json::to_value(object).unwrap();
+        let mut pod = object;
         if let Some(meta) = pod.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.remove("managedFields");
         }

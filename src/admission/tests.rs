@@ -32,7 +32,7 @@ fn review(edit: impl FnOnce(&mut Value)) -> Value {
 
 fn decide(r: &Value, store: &TemplateIndex, policy: &Policy) -> Decision {
     let req = parse_review(&serde_json::to_vec(r).unwrap()).unwrap();
-    mutate(&req, store, policy).unwrap()
+    mutate(req, store, policy).unwrap()
 }
 
 fn patched(r: &Value, d: &Decision) -> Value {
@@ -219,5 +219,5 @@ fn malformed_reviews_are_clear_errors() {
     }
     let r = review(|r| r["request"].as_object_mut().unwrap().remove("object").map(|_| ()).unwrap());
     let req = parse_review(&serde_json::to_vec(&r).unwrap()).unwrap();
-    assert!(matches!(mutate(&req, &hello(), &Policy::default()), Err(BadReview::NoObject)));
+    assert!(matches!(mutate(req, &hello(), &Policy::default()), Err(BadReview::NoObject)));
 }

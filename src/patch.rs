@@ -1,0 +1,146 @@
+//! The JSON Patch (RFC 6902) between the pod as sent and the merged pod, written straight to
+//! bytes. Unlike a naive index-by-index array diff it lines arrays up on their common start and
+//! end, so template entries added in front of a list cost one `add` each instead of rewriting
+//! every entry behind them (1,500 env vars: 19 operations, not 3,019).
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+/// The operations turning `before` into `after`, as a JSON array, and their count.
+pub fn diff(before: &Value, after: &Value) -> (Vec<u8>, usize) {
+    let mut patch = Patch { out: Vec::with_capacity(256), count: 0 };
+    patch.diff(before, after, &mut String::with_capacity(64));
+    patch.out.extend_from_slice(if patch.count == 0 { b"[]" } else { b"]" });
+    (patch.out, patch.count)
+}
+
+struct Patch {
+    out: Vec<u8>,
+    count: usize,
+}
+
+impl Patch {
+    fn diff(&mut self, left: &Value, right: &Value, path: &mut String) {
+        match (left, right) {
+            (Value::Object(l), Value::Object(r)) => {
+                for (key, rv) in r {
+                    let len = push_token(path, key);
+                    match l.get(key) {
+                        Some(lv) if lv == rv => {}
+                        Some(lv) => self.diff(lv, rv, path),
+                        None => self.op("add", path, Some(rv)),
+                    }
+                    path.truncate(len);
+                }
+                for key in l.keys().filter(|k| !r.contains_key(*k)) {
+                    let len = push_token(path, key);
+                    self.op("remove", path, None);
+                    path.truncate(len);
+                }
+            }
+            (Value::Array(l), Value::Array(r)) => {
+                let prefix = l.iter().zip(r).take_while(|(a, b)| a == b).count();
+                let max_suffix = l.len().min(r.len()) - prefix;
+                let suffix = l.iter().rev().zip(r.iter().rev()).take(max_suffix).take_while(|(a, b)| a == b).count();
+                let (lm, rm) = (&l[prefix..l.len() - suffix], &r[prefix..r.len() - suffix]);
+                let common = lm.len().min(rm.len());
+                let len = path.len();
+                for (i, (lv, rv)) in lm.iter().zip(rm).enumerate().filter(|(_, (a, b))| a != b) {
+                    let _ = write!(path, "/{}", prefix + i);
+                    self.diff(lv, rv, path);
+                    path.truncate(len);
+                }
+                for (i, v) in rm.iter().enumerate().skip(common) {
+                    let _ = write!(path, "/{}", prefix + i);
+                    self.op("add", path, Some(v));
+                    path.truncate(len);
+                }
+                // Each removal shifts the rest down: remove at the same index.
+                let _ = write!(path, "/{}", prefix + common);
+                for _ in common..lm.len() {
+                    self.op("remove", path, None);
+                }
+                path.truncate(len);
+            }
+            _ if left == right => {}
+            _ => self.op("replace", path, Some(right)),
+        }
+    }
+
+    fn op(&mut self, kind: &str, path: &str, value: Option<&Value>) {
+        self.out.push(if self.count == 0 { b'[' } else { b',' });
+        self.count += 1;
+        self.out.extend_from_slice(b"{\"op\":\"");
+        self.out.extend_from_slice(kind.as_bytes());
+        self.out.extend_from_slice(b"\",\"path\":");
+        serde_json::to_writer(&mut self.out, path).expect("writing to a Vec cannot fail");
+        if let Some(v) = value {
+            self.out.extend_from_slice(b",\"value\":");
+            serde_json::to_writer(&mut self.out, v).expect("writing to a Vec cannot fail");
+        }
+        self.out.push(b'}');
+    }
+}
+
+/// Appends `/token` escaped as RFC 6901 says (`~` → `~0`, `/` → `~1`); returns the old length.
+fn push_token(path: &mut String, token: &str) -> usize {
+    let len = path.len();
+    path.push('/');
+    for c in token.chars() {
+        match c {
+            '~' => path.push_str("~0"),
+            '/' => path.push_str("~1"),
+            c => path.push(c),
+        }
+    }
+    len
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn check(before: Value, after: Value) -> Vec<Value> {
+        let (bytes, count) = diff(&before, &after);
+        let ops: Vec<Value> = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(ops.len(), count);
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        let mut patched = before;
+        json_patch::patch(&mut patched, &patch).unwrap();
+        assert_eq!(patched, after);
+        ops
+    }
+
+    #[test]
+    fn equal_values_give_an_empty_patch() {
+        assert_eq!(diff(&json!({"a": [1]}), &json!({"a": [1]})), (b"[]".to_vec(), 0));
+    }
+
+    #[test]
+    fn keys_are_escaped() {
+        let ops = check(json!({"l": {}}), json!({"l": {"a/b~c": "v"}}));
+        assert_eq!(ops, [json!({"op": "add", "path": "/l/a~1b~0c", "value": "v"})]);
+    }
+
+    #[test]
+    fn entries_added_in_front_cost_one_add_each() {
+        let before: Vec<Value> = (0..1500).map(|i| json!({"name": format!("E{i}")})).collect();
+        let mut after = vec![json!({"name": "T1"}), json!({"name": "T2"})];
+        after.extend(before.iter().cloned());
+        let ops = check(json!({"env": before}), json!({"env": after}));
+        assert_eq!(ops.len(), 2);
+        assert_eq!(ops[0]["path"], "/env/0");
+    }
+
+    #[test]
+    fn middle_changes_removals_and_replacements() {
+        check(json!([1, 2, 3, 4, 5]), json!([1, 9, 9, 9, 5]));
+        check(json!([1, 2, 3, 4, 5]), json!([1, 5]));
+        check(json!([1, 2]), json!([3, 1, 2, 4]));
+        check(json!({"a": 1, "b": {"c": [1, {"d": 2}]}}), json!({"b": {"c": [1, {"d": 3}, 4]}, "e": null}));
+        check(json!({"a": [1, 2]}), json!({"a": "scalar"}));
+    }
+}
