@@ -10,26 +10,23 @@
 
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::Request;
-use http_body_util::BodyExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::authentication::v1::{SelfSubjectReview, TokenRequest};
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use pod_template_webhook::admission::Policy;
 use pod_template_webhook::names::Names;
-use pod_template_webhook::server::{self, AppState, Limits};
+use pod_template_webhook::server::AppState;
 use pod_template_webhook::store::cluster::ClusterStore;
 use pod_template_webhook::store::TemplateStore;
 use pod_template_webhook::tls;
@@ -777,30 +774,6 @@ fn dev_certs_script_makes_a_pair_the_server_loads() {
 // ---------------------------------------------------------------------------------------------
 // install into the real API server, run the webhook as the chart's ServiceAccount
 
-fn b64(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-async fn ensure_namespace(c: &kube::Client, name: &str) {
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-    let _ = Api::<Namespace>::all(c.clone()).create(&PostParams::default(), &ns).await;
-    // No controller-manager runs, so nobody creates the `default` ServiceAccount.
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
-    let _ = Api::<ServiceAccount>::namespaced(c.clone(), name).create(&PostParams::default(), &sa).await;
-}
-
 async fn helm_async(args: Vec<String>) -> Output {
     tokio::task::spawn_blocking(move || helm(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap()
 }
@@ -820,7 +793,7 @@ async fn token_client(api: &support::ApiServer, token: &str) -> kube::Client {
         "apiVersion: v1\nkind: Config\nclusters:\n- name: ptw\n  cluster:\n    server: {}\n    certificate-authority-data: {}\n\
          users:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: sa\n  context: {{cluster: ptw, user: sa}}\ncurrent-context: sa\n",
         api.url,
-        b64(api.pki.ca_pem.as_bytes()),
+        support::b64(api.pki.ca_pem.as_bytes()),
     );
     let kc = kube::config::Kubeconfig::from_yaml(&yaml).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
@@ -828,36 +801,12 @@ async fn token_client(api: &support::ApiServer, token: &str) -> kube::Client {
     kube::Client::try_from(config).unwrap()
 }
 
-/// A webhook endpoint on loopback for `store`, counting reviews by namespace.
-struct Webhook {
-    port: u16,
-    reviews: Arc<Mutex<HashMap<String, usize>>>,
+async fn serve_webhook(store: Arc<dyn TemplateStore>, pki: &support::TestPki) -> support::Webhook {
+    support::serve_webhook(AppState::new(store, Policy { names: Names::default(), ..Policy::default() }), pki).await
 }
 
-async fn serve_webhook(store: Arc<dyn TemplateStore>, pki: &support::TestPki) -> Webhook {
-    let state = AppState::new(store, Policy { names: Names::default(), ..Policy::default() });
-    let reviews: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let seen = reviews.clone();
-    let app = server::webhook_router(state, &Limits::default()).layer(axum::middleware::from_fn(
-        move |req: Request<Body>, next: axum::middleware::Next| {
-            let seen = seen.clone();
-            async move {
-                let (parts, body) = req.into_parts();
-                let bytes = body.collect().await.unwrap().to_bytes();
-                let review: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                let ns = review["request"]["namespace"].as_str().unwrap_or_default().to_owned();
-                *seen.lock().unwrap().entry(ns).or_default() += 1;
-                next.run(Request::from_parts(parts, Body::from(bytes))).await
-            }
-        },
-    ));
-    let leaf = pki.server();
-    let cert = tls::load_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), "c".as_ref(), "k".as_ref()).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(tls::CertResolver::new(cert.key)));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(server::serve_tls(listener, acceptor, app, Limits::default(), std::future::pending()));
-    Webhook { port, reviews }
+async fn ensure_namespace(c: &kube::Client, name: &str) {
+    support::ensure_namespace(c, name, json!({})).await
 }
 
 fn is_forbidden<T: std::fmt::Debug>(r: Result<T, kube::Error>) -> bool {
@@ -932,7 +881,7 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     let store_holder: Arc<Mutex<Option<Arc<ClusterStore>>>> = Arc::default();
     let lazy = Arc::new(LazyStore(store_holder.clone()));
     let webhook = serve_webhook(lazy.clone(), &pki).await;
-    let ca_bundle = b64(pki.ca_pem.as_bytes());
+    let ca_bundle = support::b64(pki.ca_pem.as_bytes());
 
     // 1. helm install, url mode + existingSecret.
     let base_args = |verb: &str, port: u16| -> Vec<String> {
@@ -1097,7 +1046,7 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     let mut args = base_args("upgrade", webhook2.port);
     args.iter_mut().for_each(|a| {
         if a.starts_with("certs.existingSecret.caBundle=") {
-            *a = format!("certs.existingSecret.caBundle={}", b64(pki2.ca_pem.as_bytes()));
+            *a = format!("certs.existingSecret.caBundle={}", support::b64(pki2.ca_pem.as_bytes()));
         }
     });
     args.extend(["--set".into(), format!("config.watchNamespaces={{{APPS}}}")]);
@@ -1209,7 +1158,7 @@ async fn builtin_mode_rbac_and_ca_bundle(api: &support::ApiServer, admin: &kube:
     let sa_configs = Api::<MutatingWebhookConfiguration>::all(sa.clone());
     let own = sa_configs.get("ptwb").await.expect("get its webhook configuration");
     let name = own.webhooks.as_ref().unwrap()[0].name.clone();
-    let bundle = b64(api.pki.ca_pem.as_bytes());
+    let bundle = support::b64(api.pki.ca_pem.as_bytes());
     let patch = json!({"webhooks": [{"name": name, "clientConfig": {"caBundle": bundle}}]});
     sa_configs.patch("ptwb", &PatchParams::default(), &Patch::Strategic(&patch)).await.expect("patch the caBundle");
     let other_config: MutatingWebhookConfiguration = serde_json::from_value(json!({

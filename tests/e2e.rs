@@ -7,24 +7,23 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::ResourceExt;
 use pod_template_webhook::admission::Policy;
 use pod_template_webhook::names::Names;
-use pod_template_webhook::server::{self, AppState, Limits};
+use pod_template_webhook::server::{self, AppState};
 use pod_template_webhook::store::cluster::ClusterStore;
 use pod_template_webhook::store::TemplateStore;
-use pod_template_webhook::tls;
 use serde_json::{json, Value};
 use support::ApiServer;
 
@@ -35,8 +34,8 @@ struct Env {
     state: Arc<AppState>,
     /// Requests the webhook's own Kubernetes client has sent.
     api_calls: Arc<AtomicUsize>,
-    /// Admission reviews received, by namespace of the pod.
-    reviews: Arc<Mutex<HashMap<String, usize>>>,
+    /// The endpoint the API server calls; counts reviews by namespace.
+    webhook: support::Webhook,
 }
 
 fn env() -> &'static Env {
@@ -83,37 +82,16 @@ async fn start_webhook(api: &ApiServer) -> Env {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // The webhook's TLS endpoint, with a request counter in front of it.
-    let reviews: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let seen = reviews.clone();
-    let app = server::webhook_router(state.clone(), &Limits::default()).layer(axum::middleware::from_fn(
-        move |req: Request<Body>, next: axum::middleware::Next| {
-            let seen = seen.clone();
-            async move {
-                let (parts, body) = req.into_parts();
-                let bytes = body.collect().await.unwrap().to_bytes();
-                let review: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                let ns = review["request"]["namespace"].as_str().unwrap_or_default().to_owned();
-                *seen.lock().unwrap().entry(ns).or_default() += 1;
-                next.run(Request::from_parts(parts, Body::from(bytes))).await
-            }
-        },
-    ));
     let pki = support::TestPki::new("ptw-webhook-ca");
-    let leaf = pki.server();
-    let cert = tls::load_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), "c".as_ref(), "k".as_ref()).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(tls::CertResolver::new(cert.key)));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(server::serve_tls(listener, acceptor, app, Limits::default(), std::future::pending()));
-
+    let webhook = support::serve_webhook(state.clone(), &pki).await;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], webhook.port));
     let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": "pod-template-webhook"},
         "webhooks": [{
             "name": "pod-templates.flyte.org",
-            "clientConfig": {"url": format!("https://127.0.0.1:{}/mutate", addr.port()), "caBundle": b64(&pki.ca_pem)},
+            "clientConfig": {"url": format!("https://127.0.0.1:{}/mutate", addr.port()), "caBundle": support::b64(&pki.ca_pem)},
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
             "objectSelector": {"matchExpressions": [{"key": "flyte.org/environment", "operator": "Exists"}]},
             "sideEffects": "None",
@@ -131,7 +109,7 @@ async fn start_webhook(api: &ApiServer) -> Env {
         "metadata": {"name": "pod-template-webhook-validate"},
         "webhooks": [{
             "name": "validate.pod-templates.flyte.org",
-            "clientConfig": {"url": format!("https://127.0.0.1:{}/validate", addr.port()), "caBundle": b64(&pki.ca_pem)},
+            "clientConfig": {"url": format!("https://127.0.0.1:{}/validate", addr.port()), "caBundle": support::b64(&pki.ca_pem)},
             "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps"]}],
             "objectSelector": {"matchLabels": {"flyte.org/pod-templates": "true"}},
             "namespaceSelector": {"matchLabels": {"ptw-validate": "true"}},
@@ -143,19 +121,7 @@ async fn start_webhook(api: &ApiServer) -> Env {
     }))
     .unwrap();
     Api::<ValidatingWebhookConfiguration>::all(admin).create(&PostParams::default(), &validating).await.unwrap();
-    Env { kubeconfig: api.kubeconfig.clone(), state, api_calls, reviews }
-}
-
-fn b64(text: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("base64")
-        .arg("-w0")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    Env { kubeconfig: api.kubeconfig.clone(), state, api_calls, webhook }
 }
 
 async fn client() -> kube::Client {
@@ -165,15 +131,7 @@ async fn client() -> kube::Client {
 }
 
 async fn ensure_namespace(c: &kube::Client, name: &str) {
-    ensure_namespace_labelled(c, name, json!({})).await
-}
-
-async fn ensure_namespace_labelled(c: &kube::Client, name: &str, labels: Value) {
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
-    let _ = Api::<Namespace>::all(c.clone()).create(&PostParams::default(), &ns).await;
-    // No controller-manager runs, so nobody creates the `default` ServiceAccount.
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}})).unwrap();
-    let _ = Api::<ServiceAccount>::namespaced(c.clone(), name).create(&PostParams::default(), &sa).await;
+    support::ensure_namespace(c, name, json!({})).await
 }
 
 /// A fresh namespace for one test.
@@ -235,7 +193,7 @@ fn env_pod(name: &str, environment: &str) -> Pod {
 }
 
 fn reviews_in(ns: &str) -> usize {
-    env().reviews.lock().unwrap().get(ns).copied().unwrap_or(0)
+    env().webhook.reviews_in(ns)
 }
 
 const RICH: &str = r#"
@@ -466,7 +424,7 @@ async fn the_webhook_is_ready_and_counts_admissions_in_metrics() {
 async fn broken_template_config_maps_are_refused_at_apply_time() {
     let c = client().await;
     let ns = format!("validate-{}", std::process::id());
-    ensure_namespace_labelled(&c, &ns, json!({"ptw-validate": "true"})).await;
+    support::ensure_namespace(&c, &ns, json!({"ptw-validate": "true"})).await;
     let cms = Api::<ConfigMap>::namespaced(c.clone(), &ns);
     let cm = |data: Value| -> ConfigMap {
         serde_json::from_value(json!({"metadata": {"name": "tpl", "labels": {"flyte.org/pod-templates": "true"}}, "data": data})).unwrap()

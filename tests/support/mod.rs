@@ -256,21 +256,63 @@ impl Drop for ApiServer {
     }
 }
 
-fn b64(text: &str) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let bytes = text.as_bytes();
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
+/// Base64 (standard alphabet), as Kubernetes encodes bytes in YAML and JSON.
+pub fn b64(bytes: impl AsRef<[u8]>) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Creates a namespace (if absent) with its `default` ServiceAccount: no controller-manager runs
+/// next to the test API server, so nobody else creates it.
+pub async fn ensure_namespace(c: &kube::Client, name: &str, labels: serde_json::Value) {
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use kube::api::{Api, PostParams};
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+    let _ = Api::<Namespace>::all(c.clone()).create(&PostParams::default(), &ns).await;
+    let sa: ServiceAccount = serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap();
+    let _ = Api::<ServiceAccount>::namespaced(c.clone(), name).create(&PostParams::default(), &sa).await;
+}
+
+/// The webhook's TLS endpoint on loopback, with a certificate from `pki`, counting the reviews
+/// it receives by the pod's namespace.
+pub struct Webhook {
+    pub port: u16,
+    pub reviews: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Webhook {
+    pub fn reviews_in(&self, namespace: &str) -> usize {
+        self.reviews.lock().unwrap().get(namespace).copied().unwrap_or(0)
     }
-    out
+}
+
+pub async fn serve_webhook(state: std::sync::Arc<pod_template_webhook::server::AppState>, pki: &TestPki) -> Webhook {
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use pod_template_webhook::{server, tls};
+    let reviews: Webhook = Webhook { port: 0, reviews: Default::default() };
+    let seen = reviews.reviews.clone();
+    let app = server::webhook_router(state, &server::Limits::default()).layer(axum::middleware::from_fn(
+        move |req: Request<Body>, next: axum::middleware::Next| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect().await.unwrap().to_bytes();
+                let review: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                let ns = review["request"]["namespace"].as_str().unwrap_or_default().to_owned();
+                *seen.lock().unwrap().entry(ns).or_default() += 1;
+                next.run(Request::from_parts(parts, Body::from(bytes))).await
+            }
+        },
+    ));
+    let leaf = pki.server();
+    let cert = tls::load_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), "c".as_ref(), "k".as_ref()).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(tls::CertResolver::new(cert.key)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(server::serve_tls(listener, acceptor, app, server::Limits::default(), std::future::pending()));
+    Webhook { port, ..reviews }
 }
 
 fn kubeconfig_yaml(url: &str, ca: &str, cert: &str, key: &str) -> String {
