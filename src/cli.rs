@@ -33,6 +33,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the Serve variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the webhook server.

@@ -75,7 +75,7 @@ fn reinvocation_changes_nothing() {
     let second = decide(&again, &hello(), &Policy::default());
     assert_eq!(second.outcome, Outcome::Unchanged);
     assert!(second.response.patch.is_none());
-    assert_eq!(second.response.allowed, true);
+    assert!(second.response.allowed);
 }
 
 #[test]
