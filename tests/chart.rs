@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::authentication::v1::{SelfSubjectReview, TokenRequest};
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
@@ -314,6 +314,65 @@ fn check_webhook(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
             assert_eq!(port["targetPort"], "https", "{ctx}");
         }
     }
+    check_validating_webhook(objects, values, ctx);
+}
+
+/// `https://host:port/any/path` -> `https://host:port/validate` (the chart's url-mode rule).
+fn with_validate_path(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let host = rest.split('/').next().unwrap();
+    format!("{scheme}://{host}/validate")
+}
+
+/// The optional ValidatingWebhookConfiguration: rendered exactly when enabled; same name, selectors
+/// and endpoint as the mutating one, but `/validate`, labelled template ConfigMaps only.
+fn check_validating_webhook(objects: &[Value], values: &Value, ctx: &str) {
+    let enabled = value_of(values, "validatingWebhook.enabled").as_bool().unwrap();
+    let found = of_kind(objects, "ValidatingWebhookConfiguration");
+    assert_eq!(found.len(), usize::from(enabled), "{ctx}: ValidatingWebhookConfiguration exactly when validatingWebhook.enabled");
+    if !enabled {
+        return;
+    }
+    let (v, m) = (found[0], one(objects, "MutatingWebhookConfiguration"));
+    // The same name: the builtin certificate mode patches the caBundle of both.
+    assert_eq!(v["metadata"]["name"], m["metadata"]["name"], "{ctx}");
+    assert_eq!(v["metadata"]["annotations"], m["metadata"]["annotations"], "{ctx}");
+    let webhooks = v["webhooks"].as_array().unwrap();
+    assert_eq!(webhooks.len(), 1, "{ctx}");
+    let (w, mw) = (&webhooks[0], &m["webhooks"][0]);
+    assert_eq!(w["name"], format!("validate.{}", value_of(values, "webhook.name").as_str().unwrap()), "{ctx}");
+    assert!(w["name"].as_str().unwrap().split('.').count() >= 3, "{ctx}");
+    assert_eq!(
+        w["rules"],
+        json!([{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps"], "scope": "Namespaced"}]),
+        "{ctx}: CREATE/UPDATE of core/v1 configmaps only"
+    );
+    let label = value_of(values, "config.sourceLabel");
+    assert_eq!(w["objectSelector"], json!({"matchLabels": {label.as_str().unwrap(): "true"}}), "{ctx}: template sources only");
+    let selector = value_of(values, "validatingWebhook.namespaceSelector");
+    if selector.as_object().is_none_or(|m| m.is_empty()) {
+        assert!(w.get("namespaceSelector").is_none(), "{ctx}: every namespace, the release namespace included");
+    } else {
+        assert_eq!(w["namespaceSelector"], selector, "{ctx}");
+    }
+    assert_eq!(w["sideEffects"], "None", "{ctx}");
+    assert_eq!(strs(&w["admissionReviewVersions"]), ["v1"], "{ctx}");
+    assert_eq!(w["failurePolicy"], value_of(values, "validatingWebhook.failurePolicy"), "{ctx}");
+    assert_eq!(w["timeoutSeconds"], mw["timeoutSeconds"], "{ctx}: webhook.timeoutSeconds is shared");
+    assert!(w.get("reinvocationPolicy").is_none(), "{ctx}");
+    let (client, mclient) = (&w["clientConfig"], &mw["clientConfig"]);
+    match value_of(values, "webhook.url").as_str().filter(|u| !u.is_empty()) {
+        Some(url) => {
+            assert_eq!(client["url"], with_validate_path(url), "{ctx}: webhook.url with the path /validate");
+            assert!(client.get("service").is_none(), "{ctx}");
+        }
+        None => {
+            let mut want = mclient["service"].clone();
+            want["path"] = json!("/validate");
+            assert_eq!(client["service"], want, "{ctx}");
+        }
+    }
+    assert_eq!(client.get("caBundle"), mclient.get("caBundle"), "{ctx}: caBundle handled like the mutating one");
 }
 
 fn check_pod_security(spec: &Value, ctx: &str) {
@@ -487,12 +546,22 @@ fn check_rbac(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
                     assert_eq!(names, [config["metadata"]["name"].as_str().unwrap()], "{ctx}: {r}");
                     assert_eq!(verbs, ["get", "patch"].map(String::from).into(), "{ctx}: {r}");
                 }
+                "validatingwebhookconfigurations" => {
+                    assert!(builtin, "{ctx}: webhook configuration access outside builtin mode: {r}");
+                    assert_eq!(kind, "ClusterRole", "{ctx}");
+                    let config = one(objects, "ValidatingWebhookConfiguration");
+                    assert_eq!(names, [config["metadata"]["name"].as_str().unwrap()], "{ctx}: {r}");
+                    assert_eq!(verbs, ["get", "patch"].map(String::from).into(), "{ctx}: {r}");
+                }
                 other => panic!("{ctx}: unexpected RBAC resource {other}: {r}"),
             }
         }
     }
     let has_secrets = rules.iter().any(|(_, _, r)| strs(&r["resources"]).contains(&"secrets".to_owned()));
     assert_eq!(has_secrets, builtin, "{ctx}: Secret rules exactly in builtin mode");
+    let validating = value_of(values, "validatingWebhook.enabled") == true;
+    let has_validating = rules.iter().any(|(_, _, r)| strs(&r["resources"]).contains(&"validatingwebhookconfigurations".to_owned()));
+    assert_eq!(has_validating, builtin && validating, "{ctx}: validating webhook configuration access exactly in builtin mode with validatingWebhook.enabled");
     // ConfigMaps: ClusterRole cluster-wide, or Roles in the watched namespaces + the release namespace.
     let cm_roles: Vec<(String, Option<String>)> = rules
         .iter()
@@ -626,6 +695,9 @@ fn the_schema_rejects_typos_and_bad_values() {
         (&["certs.mode=selfSigned"], "mode"),
         (&["config.onMissingTemplate=allow"], "onMissingTemplate"),
         (&["image.tagg=1"], "tagg"),
+        (&["validatingWebhook.enable=true"], "enable"),
+        (&["validatingWebhook.failurePolicy=Maybe"], "failurePolicy"),
+        (&["validatingWebhook.timeoutSeconds=3"], "timeoutSeconds"),
     ];
     for (sets, needle) in cases {
         let err = render("ptw", "flyte", None, sets).expect_err(&format!("{sets:?} was accepted"));
@@ -664,7 +736,7 @@ fn the_schema_closes_every_level() {
     open.sort();
     assert_eq!(
         open,
-        [".affinity", ".extraEnv[]", ".global", ".networkPolicy.adminFrom[]", ".networkPolicy.webhookFrom[]", ".tolerations[]", ".webhook.namespaceSelector"],
+        [".affinity", ".extraEnv[]", ".global", ".networkPolicy.adminFrom[]", ".networkPolicy.webhookFrom[]", ".tolerations[]", ".validatingWebhook.namespaceSelector", ".webhook.namespaceSelector"],
         "only pass-through Kubernetes objects may be open"
     );
     // Every key of values.yaml is in the schema (and the defaults validate: helm lint does that).
@@ -711,6 +783,82 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The optional ValidatingWebhookConfiguration in every certificate mode and in url mode; its
+/// RBAC exists only in builtin mode with it enabled, and names exactly that configuration.
+#[test]
+fn validating_webhook_is_optional_and_follows_every_certificate_mode() {
+    let validating = |objects: &[Value]| of_kind(objects, "ValidatingWebhookConfiguration").len();
+    let rbac_resources = |objects: &[Value]| -> Vec<String> { rbac_rules(objects).into_iter().flat_map(|(_, _, r)| strs(&r["resources"])).collect() };
+    // Off by default: no object, no RBAC.
+    let objects = render_ok("ptw", "flyte", None, &[]);
+    assert_eq!(validating(&objects), 0);
+    assert!(!rbac_resources(&objects).contains(&"validatingwebhookconfigurations".to_owned()));
+    let ca = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg==";
+    let cases: &[(&str, &[&str])] = &[
+        ("builtin", &[]),
+        ("certManager", &["certs.mode=certManager"]),
+        ("existingSecret", &["certs.mode=existingSecret", "certs.existingSecret.name=tls"]),
+        ("url", &["webhook.url=https://dev.example.com:9443/hooks/mutate", "certs.mode=existingSecret", "certs.existingSecret.name=tls"]),
+    ];
+    for (case, sets) in cases {
+        let ca_set = format!("certs.existingSecret.caBundle={ca}");
+        let mut all: Vec<&str> = vec!["validatingWebhook.enabled=true", &ca_set];
+        all.extend_from_slice(sets);
+        let objects = render_ok("ptw", "flyte", None, &all);
+        let v = one(&objects, "ValidatingWebhookConfiguration");
+        assert_eq!(v["metadata"]["name"], "ptw-pod-template-webhook", "{case}");
+        let w = &v["webhooks"][0];
+        assert_eq!(w["name"], "validate.pod-templates.flyte.org", "{case}");
+        assert_eq!(w["failurePolicy"], "Ignore", "{case}: the default");
+        assert_eq!(w["objectSelector"], json!({"matchLabels": {"flyte.org/pod-templates": "true"}}), "{case}");
+        let client = &w["clientConfig"];
+        match *case {
+            "url" => assert_eq!(client["url"], "https://dev.example.com:9443/validate", "{case}: the path is replaced"),
+            _ => assert_eq!(
+                client["service"],
+                json!({"name": "ptw-pod-template-webhook", "namespace": "flyte", "path": "/validate", "port": 443}),
+                "{case}"
+            ),
+        }
+        let annotations = &v["metadata"]["annotations"];
+        match *case {
+            "builtin" => assert!(client.get("caBundle").is_none() && annotations.is_null(), "{case}: the process fills the caBundle"),
+            "certManager" => {
+                assert!(client.get("caBundle").is_none(), "{case}: the cainjector fills the caBundle");
+                assert_eq!(annotations["cert-manager.io/inject-ca-from"], "flyte/ptw-pod-template-webhook-serving", "{case}");
+            }
+            _ => assert_eq!(client["caBundle"], ca, "{case}"),
+        }
+        let resources = rbac_resources(&objects);
+        assert_eq!(resources.contains(&"validatingwebhookconfigurations".to_owned()), *case == "builtin", "{case}: {resources:?}");
+        // The shared checks (selectors, RBAC scoping, no wildcard).
+        let mut values = json!({"validatingWebhook": {"enabled": true}});
+        for set in sets.iter() {
+            let (path, value) = set.split_once('=').unwrap();
+            let pointer = format!("/{}", path.replace('.', "/"));
+            let mut at = &mut values;
+            for part in pointer.split('/').skip(1) {
+                at = at.as_object_mut().unwrap().entry(part).or_insert_with(|| json!({}));
+            }
+            *at = json!(value);
+        }
+        values["certs"]["existingSecret"]["caBundle"] = json!(ca);
+        check_webhook(&objects, &values, "flyte", case);
+        check_rbac(&objects, &values, "flyte", case);
+        check_certificates(&objects, &values, "flyte", case);
+    }
+    // failurePolicy is its own value; the mutating webhook's is unaffected.
+    let objects = render_ok("ptw", "flyte", None, &["validatingWebhook.enabled=true", "validatingWebhook.failurePolicy=Fail", "webhook.failurePolicy=Ignore"]);
+    assert_eq!(one(&objects, "ValidatingWebhookConfiguration")["webhooks"][0]["failurePolicy"], "Fail");
+    assert_eq!(one(&objects, "MutatingWebhookConfiguration")["webhooks"][0]["failurePolicy"], "Ignore");
+    // The ci permutation that enables it, with its custom source label.
+    let objects = render_ok("ptw", "flyte", Some(&Path::new(CHART).join("ci/validating-values.yaml")), &[]);
+    let w = &one(&objects, "ValidatingWebhookConfiguration")["webhooks"][0];
+    assert_eq!(w["objectSelector"], json!({"matchLabels": {"platform.example.com/templates": "true"}}));
+    assert!(w.get("namespaceSelector").is_none(), "webhook.excludeNamespaces is the mutating webhook's own");
+    assert_eq!(w["timeoutSeconds"], 3);
 }
 
 #[test]
@@ -1177,15 +1325,49 @@ async fn builtin_mode_rbac_and_ca_bundle(api: &support::ApiServer, admin: &kube:
     assert!(is_forbidden(sa_configs.list(&ListParams::default()).await), "list webhook configurations");
     configs.delete("someone-elses", &Default::default()).await.unwrap();
 
-    // helm upgrade keeps the caBundle the process patched in (the chart does not render it).
-    let out = helm_async(install("upgrade", &["webhook.timeoutSeconds=3"])).await;
+    // Without validatingWebhook.enabled: no access to a validating configuration, even of its name.
+    assert!(!can_i_named(&sa, "get", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "ptwb").await);
+    assert!(!can_i_named(&sa, "patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "ptwb").await);
+    assert!(Api::<ValidatingWebhookConfiguration>::all(admin.clone()).get_opt("ptwb").await.unwrap().is_none());
+
+    // helm upgrade keeps the caBundle the process patched in (the chart does not render it); it
+    // also turns the validating webhook on (its namespaceSelector matches nothing here either).
+    let out = helm_async(install(
+        "upgrade",
+        &["webhook.timeoutSeconds=3", "validatingWebhook.enabled=true", "validatingWebhook.namespaceSelector.matchLabels.ptw-test=never"],
+    ))
+    .await;
     assert!(out.ok, "helm upgrade (builtin) failed:\n{}{}", out.stdout, out.stderr);
     let config = configs.get("ptwb").await.unwrap();
     let w = &config.webhooks.as_ref().unwrap()[0];
     assert_eq!(w.timeout_seconds, Some(3), "the upgrade applied");
     assert_eq!(w.client_config.ca_bundle.as_ref().map(|b| b.0.clone()), Some(api.pki.ca_pem.as_bytes().to_vec()), "helm upgrade reset the caBundle");
+
+    // The ValidatingWebhookConfiguration of the same name, accepted by the API server, and the
+    // ServiceAccount can get and patch its caBundle (what the builtin mode does), nothing else.
+    let validating = Api::<ValidatingWebhookConfiguration>::all(admin.clone());
+    let v = validating.get("ptwb").await.expect("the validating webhook configuration is installed");
+    let vw = &v.webhooks.as_ref().unwrap()[0];
+    assert_eq!(vw.name, format!("validate.{name}"));
+    assert_eq!(vw.client_config.service.as_ref().unwrap().path.as_deref(), Some("/validate"));
+    assert_eq!(vw.timeout_seconds, Some(3));
+    assert!(vw.client_config.ca_bundle.as_ref().is_none_or(|b| b.0.is_empty()), "rendered empty");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !can_i_named(&sa, "patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "ptwb").await {
+        assert!(Instant::now() < deadline, "the validating-webhook RBAC never took effect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sa_validating = Api::<ValidatingWebhookConfiguration>::all(sa.clone());
+    sa_validating.get("ptwb").await.expect("get its validating webhook configuration");
+    let vpatch = json!({"webhooks": [{"name": vw.name, "clientConfig": {"caBundle": bundle}}]});
+    sa_validating.patch("ptwb", &PatchParams::default(), &Patch::Strategic(&vpatch)).await.expect("patch the validating caBundle");
+    let v = validating.get("ptwb").await.unwrap();
+    assert_eq!(v.webhooks.as_ref().unwrap()[0].client_config.ca_bundle.as_ref().map(|b| b.0.clone()), Some(api.pki.ca_pem.as_bytes().to_vec()));
+    assert!(!can_i_named(&sa, "patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "someone-elses").await);
+    assert!(is_forbidden(sa_validating.list(&ListParams::default()).await), "list validating webhook configurations");
     let out = helm_async(vec!["uninstall".into(), "ptwb".into(), "--kubeconfig".into(), kubeconfig.into(), "-n".into(), NS.into()]).await;
     assert!(out.ok, "{}{}", out.stdout, out.stderr);
+    assert!(validating.get_opt("ptwb").await.unwrap().is_none(), "helm uninstall removes the validating configuration");
 }
 
 /// A store that is filled in after the webhook's port is known (the port goes into the chart).

@@ -49,6 +49,76 @@ app.kubernetes.io/part-of: pod-template-webhook
 {{- default (include "ptw.fullname" .) .Values.webhook.configurationName -}}
 {{- end -}}
 
+{{/*
+metadata.annotations of the webhook configurations (mutating and validating alike): the cert-manager
+cainjector annotation in certManager mode, and webhook.annotations. Empty when there are none.
+*/}}
+{{- define "ptw.webhookConfigurationAnnotations" -}}
+{{- if or (eq (include "ptw.certMode" .) "certManager") .Values.webhook.annotations }}
+annotations:
+  {{- if eq (include "ptw.certMode" .) "certManager" }}
+  # cert-manager's cainjector copies the CA of this Certificate into every caBundle below.
+  cert-manager.io/inject-ca-from: {{ printf "%s/%s" .Release.Namespace (include "ptw.servingCertificateName" .) }}
+  {{- end }}
+  {{- with .Values.webhook.annotations }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+clientConfig of a webhook. Argument: (list $ "/path" replaceUrlPath). The Service is called at
+"/path". In url mode (webhook.url) the URL is used as is, or, with replaceUrlPath, with its path
+REPLACED by "/path" (scheme, host and port kept): `https://h:8443/mutate` becomes
+`https://h:8443/validate` for the validating webhook.
+*/}}
+{{- define "ptw.clientConfig" -}}
+{{- $ := index . 0 -}}
+{{- $path := index . 1 -}}
+{{- $replaceUrlPath := index . 2 -}}
+{{- $mode := include "ptw.certMode" $ -}}
+{{- if $.Values.webhook.url }}
+{{- if $replaceUrlPath }}
+{{- $u := urlParse $.Values.webhook.url }}
+url: {{ urlJoin (dict "scheme" $u.scheme "host" $u.host "path" $path) | quote }}
+{{- else }}
+url: {{ $.Values.webhook.url | quote }}
+{{- end }}
+{{- else }}
+service:
+  name: {{ include "ptw.fullname" $ }}
+  namespace: {{ $.Release.Namespace }}
+  path: {{ $path }}
+  port: {{ $.Values.service.port }}
+{{- end }}
+{{- if eq $mode "existingSecret" }}
+caBundle: {{ $.Values.certs.existingSecret.caBundle | nospace | quote }}
+{{- end }}
+{{- if eq $mode "builtin" }}
+# caBundle: left empty (not rendered). The webhook process fills it in (builtin certificates),
+# so the chart renders identically every time, and since no manifest sets the field, neither
+# `helm upgrade` nor a GitOps tool's apply resets it.
+{{- end }}
+{{- end -}}
+
+{{/* namespaceSelector of the webhooks (mutating and validating alike). */}}
+{{- define "ptw.namespaceSelector" -}}
+{{- if .Values.webhook.namespaceSelector }}
+{{- toYaml .Values.webhook.namespaceSelector }}
+{{- else }}
+matchExpressions:
+  # System namespaces, and the webhook's own namespace: its pods must be able to start while
+  # it is down (no self-lockout).
+  - key: kubernetes.io/metadata.name
+    operator: NotIn
+    values:
+      {{- $excluded := concat (list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace) .Values.webhook.excludeNamespaces | uniq }}
+      {{- range $excluded }}
+      - {{ . | quote }}
+      {{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* Secret with the serving certificate in builtin and certManager modes. */}}
 {{- define "ptw.certSecretName" -}}
 {{- default (printf "%s-tls" (include "ptw.fullname" .)) .Values.certs.secretName -}}
