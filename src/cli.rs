@@ -311,41 +311,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let platform_namespace = policy.names.platform_namespace.clone();
     let state = AppState::with_metrics(store, policy, metrics.clone());
 
-    let (cert, files) = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            let (loaded, bytes) = tls::load_files(cert, key)?;
-            (loaded, Some((cert.clone(), key.clone(), bytes)))
-        }
-        _ if args.cert_secret.is_some() => (tls::self_signed()?.0, None),
-        _ => {
-            let (loaded, _) = tls::self_signed()?;
-            tracing::warn!("no --tls-cert/--tls-key: serving a generated SELF-SIGNED certificate for localhost; for local use only");
-            (loaded, None)
-        }
-    };
-    metrics.certificate_loaded(cert.not_after);
-    let resolver = tls::CertResolver::new(cert.key);
-    if let Some(secret) = &args.cert_secret {
-        // Until the Secret's pair is served and the caBundle patched, the placeholder
-        // self-signed certificate above is not trusted by anyone: stay unready.
-        state.certificate_ready.store(false, std::sync::atomic::Ordering::Release);
-        let cfg = certs::BuiltinConfig {
-            namespace: platform_namespace,
-            secret: secret.clone(),
-            dns_names: args.cert_dns_names.clone(),
-            webhook_configuration: args.webhook_configuration.clone(),
-            validity: Duration::from_secs(args.cert_validity_seconds.max(60)),
-            check_every: Duration::from_secs(args.cert_check_seconds.max(1)),
-        };
-        let client = kube::Client::try_default().await.context("builtin certificates need the Kubernetes API")?;
-        let m = metrics.clone();
-        let task = certs::BuiltinCerts::new(client, cfg, resolver.clone());
-        tokio::spawn(task.run(state.certificate_ready.clone(), move |c| m.certificate_loaded(c.not_after)));
-    } else if let Some((cert, key, bytes)) = files {
-        let every = Duration::from_secs(args.cert_reload_seconds.max(1));
-        let m = metrics.clone();
-        tokio::spawn(tls::watch_files(cert, key, bytes, resolver.clone(), every, move |c| m.certificate_loaded(c.not_after)));
-    }
+    let resolver = serving_certificate(&args, &state, platform_namespace).await?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(resolver));
 
     let limits = Limits {
@@ -388,6 +354,48 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = admin_task.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The certificate the TLS listener serves, kept current: files reloaded on change, the builtin
+/// Secret-backed pair, or a self-signed one for local use.
+async fn serving_certificate(args: &ServeArgs, state: &AppState, platform_namespace: String) -> anyhow::Result<Arc<tls::CertResolver>> {
+    let metrics = &state.metrics;
+    let (cert, files) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let (loaded, bytes) = tls::load_files(cert, key)?;
+            (loaded, Some((cert.clone(), key.clone(), bytes)))
+        }
+        _ if args.cert_secret.is_some() => (tls::self_signed()?.0, None),
+        _ => {
+            let (loaded, _) = tls::self_signed()?;
+            tracing::warn!("no --tls-cert/--tls-key: serving a generated SELF-SIGNED certificate for localhost; for local use only");
+            (loaded, None)
+        }
+    };
+    metrics.certificate_loaded(cert.not_after);
+    let resolver = tls::CertResolver::new(cert.key);
+    if let Some(secret) = &args.cert_secret {
+        // Until the Secret's pair is served and the caBundle patched, the placeholder
+        // self-signed certificate above is not trusted by anyone: stay unready.
+        state.certificate_ready.store(false, std::sync::atomic::Ordering::Release);
+        let cfg = certs::BuiltinConfig {
+            namespace: platform_namespace,
+            secret: secret.clone(),
+            dns_names: args.cert_dns_names.clone(),
+            webhook_configuration: args.webhook_configuration.clone(),
+            validity: Duration::from_secs(args.cert_validity_seconds.max(60)),
+            check_every: Duration::from_secs(args.cert_check_seconds.max(1)),
+        };
+        let client = kube::Client::try_default().await.context("builtin certificates need the Kubernetes API")?;
+        let m = metrics.clone();
+        let task = certs::BuiltinCerts::new(client, cfg, resolver.clone());
+        tokio::spawn(task.run(state.certificate_ready.clone(), move |c| m.certificate_loaded(c.not_after)));
+    } else if let Some((cert, key, bytes)) = files {
+        let every = Duration::from_secs(args.cert_reload_seconds.max(1));
+        let m = metrics.clone();
+        tokio::spawn(tls::watch_files(cert, key, bytes, resolver.clone(), every, move |c| m.certificate_loaded(c.not_after)));
+    }
+    Ok(resolver)
 }
 
 async fn shutdown_signal() {
