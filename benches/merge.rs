@@ -5,7 +5,9 @@
 //!
 //! - `flyte`   the shared sample Flyte task pod (examples/reviews/flyte-task-pod.json) with the
 //!             `hello_world` template: the full path (parse + mutate + response body), and each
-//!             stage alone (parse, pod to JSON, merge, diff, encode) to see where time goes.
+//!             stage alone (parse, merge, diff, mutate, response body) to see where time goes;
+//!             plus `3_diff_json_patch_crate`, the `json_patch::diff` + `to_vec` that
+//!             `patch::diff` replaced, kept as the one comparison that shows the gain.
 //! - `gpu`     a multi-container pod (3 containers) with the `gpu` template (adds a sidecar).
 //! - `env1500` a pod whose primary container has 1,500 env vars; the template adds 20 env vars
 //!             (5 of them clash with the pod's) plus `default` env on every container.
@@ -14,24 +16,21 @@
 //! - `scaling` merge + diff for 100 / 500 / 1,500 / 3,000 env vars; the run ends by printing
 //!             the time ratios (linear would be 5x / 15x / 30x).
 //!
-//! - `proposed` the same inputs through the prototypes in `benches/proposed/` (the changes that
-//!             docs/performance.md proposes for src/admission.rs), after checking that their
-//!             patch yields exactly the pod the current code yields.
-//!
-//! Before the benchmarks, each input's size, patch operation count and patch size are printed.
+//! Before the benchmarks, each input's size, patch operation count and patch size are printed
+//! (with the operation count `json_patch::diff` would give, for comparison), after checking that
+//! the response's patch turns the pod into exactly the merged pod.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};
-
-mod proposed;
 
 use pod_template_webhook::admission::{self, Policy};
 use pod_template_webhook::merge::merge_pod;
+use pod_template_webhook::patch;
 use pod_template_webhook::store::{dir, Catalog, EntryState, TemplateIndex, TemplateStore};
 use pod_template_webhook::template::PodTemplate;
 
@@ -205,22 +204,29 @@ fn template_of(store: &TemplateIndex, name: &str) -> std::sync::Arc<PodTemplate>
 /// The full admission path, as the server runs it (minus HTTP): body in, body out.
 fn full_path(body: &[u8], store: &dyn TemplateStore, policy: &Policy) -> Vec<u8> {
     let req = admission::parse_review(body).unwrap();
-    let decision = admission::mutate(&req, store, policy).unwrap();
+    let decision = admission::mutate(req, store, policy).unwrap();
     admission::response_body(&decision)
 }
 
-/// Prints what one input looks like: sizes and patch operations, once.
+/// Prints what one input looks like: sizes and patch operations, once. Checks on the way that
+/// the response's patch turns the pod into the merged pod (plus the `applied` annotation).
 fn describe(label: &str, body: &[u8], store: &TemplateIndex, template: &PodTemplate) {
     let policy = Policy::default();
     let req = admission::parse_review(body).unwrap();
-    let decision = admission::mutate(&req, store, &policy).unwrap();
+    let decision = admission::mutate(req, store, &policy).unwrap();
     let out = admission::response_body(&decision);
     let pod = pod_of(body);
     let merged = merge_pod(&pod, template);
+    let mut expected = merged.pod.clone();
+    if let Some(applied) = &decision.applied {
+        expected["metadata"]["annotations"][&policy.names.applied_annotation] = json!(applied);
+    }
+    assert_eq!(patched(&pod, &out), expected, "{label}: the response's patch does not give the merged pod");
+    let old_ops = json_patch::diff(&pod, &merged.pod).0.len();
     let pod_bytes = serde_json::to_vec(&pod).unwrap().len();
     let patch = decision.response.patch.as_ref().map_or(0, Vec::len);
     eprintln!(
-        "input {label:<10} review {:>7} B  pod {:>7} B  merged {:>7} B  outcome {:<9} patch {:>5} ops {:>7} B  response {:>7} B",
+        "input {label:<10} review {:>7} B  pod {:>7} B  merged {:>7} B  outcome {:<9} patch {:>5} ops {:>7} B  response {:>7} B  (json_patch::diff: {old_ops} ops)",
         body.len(),
         pod_bytes,
         serde_json::to_vec(&merged.pod).unwrap().len(),
@@ -240,54 +246,39 @@ fn bench_case(c: &mut Criterion, group: &str, body: &[u8], store: &TemplateIndex
     g.bench_function("merge_and_diff", |b| {
         b.iter(|| {
             let merged = merge_pod(black_box(&pod), template);
-            json_patch::diff(&pod, &merged.pod)
+            patch::diff(&pod, &merged.pod)
         })
     });
     if stages {
         let req = admission::parse_review(body).unwrap();
-        let object = req.object.clone().unwrap();
         let merged = merge_pod(&pod, template).pod;
-        let patch = json_patch::diff(&pod, &merged);
-        let decision = admission::mutate(&req, store, &policy).unwrap();
+        let decision = admission::mutate(req.clone(), store, &policy).unwrap();
         g.bench_function("1_parse_review", |b| b.iter(|| admission::parse_review(black_box(body)).unwrap()));
-        g.bench_function("2_object_to_value", |b| b.iter(|| serde_json::to_value(black_box(&object)).unwrap()));
-        g.bench_function("3_merge_pod", |b| b.iter(|| merge_pod(black_box(&pod), template)));
-        g.bench_function("4_diff", |b| b.iter(|| json_patch::diff(black_box(&pod), &merged)));
-        g.bench_function("5_patch_to_vec", |b| b.iter(|| serde_json::to_vec(black_box(&patch)).unwrap()));
-        g.bench_function("6_mutate", |b| b.iter(|| admission::mutate(black_box(&req), store, &policy).unwrap()));
-        g.bench_function("7_response_body", |b| b.iter(|| admission::response_body(black_box(&decision))));
+        g.bench_function("2_merge_pod", |b| b.iter(|| merge_pod(black_box(&pod), template)));
+        g.bench_function("3_diff", |b| b.iter(|| patch::diff(black_box(&pod), &merged)));
+        // What `patch::diff` replaced: json_patch's diff, then the patch to bytes.
+        g.bench_function("3_diff_json_patch_crate", |b| {
+            b.iter(|| serde_json::to_vec(&json_patch::diff(black_box(&pod), &merged)).unwrap())
+        });
+        // `mutate` takes the request by value: each iteration gets a clone, made outside the timing.
+        g.bench_function("4_mutate", |b| {
+            b.iter_batched(|| req.clone(), |r| admission::mutate(r, store, &policy).unwrap(), BatchSize::SmallInput)
+        });
+        g.bench_function("5_response_body", |b| b.iter(|| admission::response_body(black_box(&decision))));
     }
     g.finish();
 }
 
-/// The pod the API server would store: `pod` with the response's patch applied.
+/// The pod the API server would store: `pod` with the response's (base64) patch applied.
 fn patched(pod: &Value, response: &[u8]) -> Value {
+    use base64::Engine as _;
     let review: Value = serde_json::from_slice(response).unwrap();
-    let bytes = match &review["response"]["patch"] {
-        Value::Array(numbers) => numbers.iter().map(|n| n.as_u64().unwrap() as u8).collect(),
-        Value::String(b64) => proposed::base64_decode(b64),
-        _ => return pod.clone(),
-    };
+    let Some(b64) = review["response"]["patch"].as_str() else { return pod.clone() };
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
     let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
     let mut out = pod.clone();
     json_patch::patch(&mut out, &patch).unwrap();
     out
-}
-
-/// The prototypes must give the API server the same pod as the current code.
-fn check_proposed(label: &str, body: &[u8], store: &TemplateIndex) {
-    let pod = pod_of(body);
-    let current = full_path(body, store, &Policy::default());
-    let (new, ops) = proposed::admit(body, store, &Policy::default().names);
-    assert_eq!(patched(&pod, &current), patched(&pod, &new), "{label}: the proposed patch gives another pod");
-    let review: Value = serde_json::from_slice(&new).unwrap();
-    let patch = proposed::base64_decode(review["response"]["patch"].as_str().unwrap_or_default());
-    eprintln!(
-        "proposed {label:<10} same pod: yes   patch {ops:>5} ops {:>7} B  response {:>7} B (current {:>7} B)",
-        patch.len(),
-        new.len(),
-        current.len()
-    );
 }
 
 fn benches(c: &mut Criterion) {
@@ -306,35 +297,10 @@ fn benches(c: &mut Criterion) {
     describe("env1500", &env1500, &store, &envheavy);
     describe("pod64k", &big, &store, &gpu);
 
-    for (label, body) in [("flyte", &flyte), ("gpu", &gpu_pod), ("env1500", &env1500), ("pod64k", &big)] {
-        check_proposed(label, body, &store);
-    }
-
     bench_case(c, "flyte", &flyte, &store, &hello, true);
     bench_case(c, "gpu", &gpu_pod, &store, &gpu, false);
     bench_case(c, "env1500", &env1500, &store, &envheavy, false);
     bench_case(c, "pod64k", &big, &store, &gpu, false);
-
-    let names = Policy::default().names;
-    let mut g = c.benchmark_group("proposed");
-    for (label, body) in [("flyte", &flyte), ("gpu", &gpu_pod), ("env1500", &env1500), ("pod64k", &big)] {
-        g.bench_function(format!("{label}_full_path"), |b| b.iter(|| proposed::admit(black_box(body), &store, &names)));
-    }
-    {
-        let pod = pod_of(&flyte);
-        let merged = merge_pod(&pod, &hello).pod;
-        let (patch, _) = proposed::diff(&pod, &merged);
-        g.bench_function("flyte_1_parse", |b| b.iter(|| proposed::parse(black_box(&flyte))));
-        g.bench_function("flyte_4_diff_to_bytes", |b| b.iter(|| proposed::diff(black_box(&pod), &merged)));
-        g.bench_function("flyte_7_response", |b| {
-            b.iter(|| proposed::write_response("admission.k8s.io/v1", black_box("3b9f8a3e-0c5d-4c55-9d1e-6a0f1f6f2a11"), Some(&patch), Some("flyte/platform-pod-templates/hello_world@1")))
-        });
-        let pod = pod_of(&env1500);
-        g.bench_function("env1500_merge_and_diff", |b| {
-            b.iter(|| proposed::diff(black_box(&pod), &merge_pod(&pod, &envheavy).pod))
-        });
-    }
-    g.finish();
 
     let big_store = store_1000();
     let policy = Policy::default();
@@ -356,7 +322,7 @@ fn benches(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("merge_and_diff", n), &pod, |b, pod| {
             b.iter(|| {
                 let merged = merge_pod(black_box(pod), &envheavy);
-                json_patch::diff(pod, &merged.pod)
+                patch::diff(pod, &merged.pod)
             })
         });
         g.bench_with_input(BenchmarkId::new("full_path", n), &body, |b, body| b.iter(|| full_path(black_box(body), &store, &policy)));
@@ -389,11 +355,14 @@ fn summary() {
             }
         }
     }
-    for group in ["flyte", "gpu", "env1500", "pod64k"] {
-        if let (Some(now), Some(new)) = (estimate(&[group, "full_path"]), estimate(&["proposed", &format!("{group}_full_path")])) {
-            eprintln!("proposed {group:>8}/full_path {:>10.2} us  (current {:>10.2} us, x{:.1} faster)", new / 1e3, now / 1e3, now / new);
-        }
+    if let (Some(new), Some(old)) = (estimate(&["flyte", "3_diff"]), estimate(&["flyte", "3_diff_json_patch_crate"])) {
+        eprintln!("flyte diff: patch::diff {:.2} us, json_patch::diff + to_vec {:.2} us (x{:.1})", new / 1e3, old / 1e3, old / new);
     }
+    let stages: Vec<String> = ["1_parse_review", "2_merge_pod", "3_diff", "4_mutate", "5_response_body"]
+        .iter()
+        .filter_map(|f| estimate(&["flyte", f]).map(|ns| format!("{f} {:.2} us", ns / 1e3)))
+        .collect();
+    eprintln!("flyte stages: {}", stages.join("; "));
     for f in ["merge_and_diff", "full_path"] {
         let times: Vec<Option<f64>> = SCALING.iter().map(|n| estimate(&["scaling", f, &n.to_string()])).collect();
         if let Some(base) = times[0] {

@@ -4,16 +4,12 @@
 //!   valgrind --tool=callgrind --callgrind-out-file=cg.out target/release/deps/profile_driver-HASH flyte 2000
 //!   callgrind_annotate --inclusive=yes cg.out | head -60
 //!
-//! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`, `proposed`) and an iteration count. `flyte`, `gpu`
+//! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`) and an iteration count. `flyte`, `gpu`
 //! and `env1500` run `parse_review` + `mutate` + `response_body` as the server does (no HTTP, no
 //! log line). `log` runs the flyte path and also emits the server's per-admission `info!` line
-//! through a `tracing_subscriber` fmt layer writing to a sink, to count what the log line costs.
-//! `proposed` runs the flyte review through the prototype in `benches/proposed/`.
+//! (the fields of `server::log_decision`, taken from the `Decision`) through a
+//! `tracing_subscriber` fmt layer writing to a sink, to count what the log line costs.
 //! Under `cargo bench` (an argument `--bench`), it runs each input a few times and exits.
-
-#[path = "proposed/mod.rs"]
-#[allow(dead_code)]
-mod proposed;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -45,7 +41,7 @@ fn store() -> TemplateIndex {
 fn input(name: &str) -> Vec<u8> {
     let read = |rel: &str| std::fs::read(Path::new(ROOT).join(rel)).unwrap();
     match name {
-        "flyte" | "log" | "proposed" => read("examples/reviews/flyte-task-pod.json"),
+        "flyte" | "log" => read("examples/reviews/flyte-task-pod.json"),
         "gpu" => read("examples/reviews/gpu-task-pod.json"),
         "env1500" => {
             let mut review: Value = serde_json::from_slice(&read("examples/reviews/flyte-task-pod.json")).unwrap();
@@ -64,24 +60,17 @@ fn run(name: &str, iterations: usize) -> usize {
     let policy = Policy::default();
     let body = input(name);
     let mut bytes = 0;
-    if name == "proposed" {
-        for _ in 0..iterations {
-            bytes += proposed::admit(std::hint::black_box(&body), &store, &policy.names).0.len();
-        }
-        return bytes;
-    }
     for _ in 0..iterations {
         let started = std::time::Instant::now();
         let req = admission::parse_review(std::hint::black_box(&body)).unwrap();
-        let decision = admission::mutate(&req, &store, &policy).unwrap();
+        let decision = admission::mutate(req, &store, &policy).unwrap();
         bytes += admission::response_body(&decision).len();
         if name == "log" {
             // The same event as server::log_decision.
-            let pod = req.object.as_ref().and_then(|o| o.metadata.name.clone().or_else(|| o.metadata.generate_name.clone()));
             tracing::info!(
-                uid = %req.uid,
-                namespace = req.namespace.as_deref().unwrap_or_default(),
-                pod = pod.as_deref().unwrap_or(&req.name),
+                uid = %decision.response.uid,
+                namespace = %decision.namespace,
+                pod = %decision.pod,
                 template = decision.template.as_deref().unwrap_or_default(),
                 applied = decision.applied.as_deref().unwrap_or_default(),
                 result = decision.outcome.as_str(),
