@@ -35,11 +35,12 @@ pub fn merge_pod(pod: &Value, template: &PodTemplate) -> Merged {
     let pod_name = meta.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
     // Resolved on the merged annotations, so a template that sets the default-container
     // annotation picks the same primary on the first pass and on any reinvocation.
-    let annotations = meta.get("annotations").and_then(Value::as_object).cloned().unwrap_or_default();
+    let annotation = |key: &str| meta.get("annotations")?.get(key)?.as_str().map(str::to_owned);
+    let named = [annotation(DEFAULT_CONTAINER_ANNOTATION), annotation(PRIMARY_CONTAINER_ANNOTATION)];
 
     if !template.pod_spec.is_empty() {
         let spec = object_entry(root, "spec");
-        let primary = primary_container(spec, &annotations, &pod_name, template);
+        let primary = primary_container(spec, &named, &pod_name, template);
         ContainerList::containers(template, primary.as_deref()).merge(spec, template, &mut warnings);
         let primary_init = primary_init_container(spec, template);
         ContainerList::init_containers(primary_init.as_deref()).merge(spec, template, &mut warnings);
@@ -236,17 +237,20 @@ fn container_names(spec: &Map<String, Value>, field: &str) -> Vec<String> {
 }
 
 /// The pod's primary container, first rule that matches (§4).
+/// `named`: the values of the default-container and primary_container_name annotations.
 fn primary_container(
     spec: &Map<String, Value>,
-    annotations: &Map<String, Value>,
+    named: &[Option<String>; 2],
     pod_name: &str,
     template: &PodTemplate,
 ) -> Option<String> {
     let names = container_names(spec, "containers");
     let exists = |n: &str| names.iter().any(|c| c == n);
-    let annotated = |key: &str| annotations.get(key).and_then(Value::as_str).filter(|n| exists(n));
-    annotated(DEFAULT_CONTAINER_ANNOTATION)
-        .or_else(|| annotated(PRIMARY_CONTAINER_ANNOTATION))
+    named
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .find(|n| exists(n))
         .or_else(|| Some(template.primary_container_name.as_str()).filter(|n| exists(n)))
         .or_else(|| Some(pod_name).filter(|n| !n.is_empty() && exists(n) && !defined_by_template(template, n)))
         .map(str::to_owned)
