@@ -7,7 +7,7 @@
 //! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`) and an iteration count. `flyte`, `gpu`
 //! and `env1500` run `parse_review` + `mutate` + `response_body` as the server does (no HTTP, no
 //! log line). `log` runs the flyte path and also emits the server's per-admission `info!` line
-//! (the fields of `server::log_decision`, taken from the `Decision`) through a
+//! (`server::log_decision`) through a
 //! `tracing_subscriber` fmt layer writing to a sink, to count what the log line costs.
 //! Under `cargo bench` (an argument `--bench`), it runs each input a few times and exits.
 
@@ -66,18 +66,7 @@ fn run(name: &str, iterations: usize) -> usize {
         let decision = admission::mutate(req, &store, &policy).unwrap();
         bytes += admission::response_body(&decision).len();
         if name == "log" {
-            // The same event as server::log_decision.
-            tracing::info!(
-                uid = %decision.response.uid,
-                namespace = %decision.namespace,
-                pod = %decision.pod,
-                template = decision.template.as_deref().unwrap_or_default(),
-                applied = decision.applied.as_deref().unwrap_or_default(),
-                result = decision.outcome.as_str(),
-                patch_operations = decision.patch_operations,
-                micros = started.elapsed().as_micros() as u64,
-                "admission"
-            );
+            pod_template_webhook::server::log_decision(&decision, started.elapsed());
         }
     }
     bytes

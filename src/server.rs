@@ -143,7 +143,8 @@ async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     }
 }
 
-fn log_decision(d: &Decision, took: Duration) {
+/// The one log line per admission (no env values, no other pod content).
+pub fn log_decision(d: &Decision, took: Duration) {
     tracing::info!(
         uid = %d.response.uid,
         namespace = %d.namespace,

@@ -459,6 +459,8 @@ fn check_workload(objects: &[Value], values: &Value, ctx: &str) {
         ("PTW_MAX_BODY_BYTES", s("config.maxBodyBytes")),
         ("PTW_HEADER_READ_TIMEOUT_SECONDS", s("config.headerReadTimeoutSeconds")),
         ("PTW_DRAIN_TIMEOUT_SECONDS", s("config.drainTimeoutSeconds")),
+        ("PTW_MAX_CONCURRENT_REQUESTS", s("config.maxConcurrentRequests")),
+        ("PTW_REQUEST_TIMEOUT_SECONDS", s("config.requestTimeoutSeconds")),
         ("PTW_ENVIRONMENT_LABEL", s("config.environmentLabel")),
         ("PTW_TEMPLATE_ANNOTATION", s("config.templateAnnotation")),
         ("PTW_SOURCE_LABEL", s("config.sourceLabel")),
