@@ -19,6 +19,10 @@ use serde_json::{json, Value};
 use pod_template_webhook::admission::{self, Policy};
 use pod_template_webhook::store::{dir, Catalog, TemplateIndex};
 
+// The allocator the server uses (src/main.rs), so the figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 fn store() -> TemplateIndex {

@@ -1,12 +1,15 @@
 //! AdmissionReview in, AdmissionResponse out (SPEC §5): resolves the template, merges, and
 //! answers with the JSON Patch between the pod as sent and the merged pod. No HTTP here.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::merge::merge_pod;
+use crate::doc::Node;
+use crate::merge::merge;
 use crate::names::Names;
 use crate::store::{EntryState, Lookup, TemplateStore};
 
@@ -53,7 +56,8 @@ impl Outcome {
 }
 
 /// The parts of an `admission.k8s.io/v1` AdmissionReview request the webhook reads; everything
-/// else is ignored. The object stays JSON: the merge and the patch work on exactly what was sent.
+/// else is ignored. The object stays raw JSON: the merge opens only what it touches, and the
+/// patch works on exactly what was sent.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Request {
@@ -72,7 +76,7 @@ pub struct Request {
     pub namespace: Option<String>,
     pub operation: String,
     #[serde(default)]
-    pub object: Option<Value>,
+    pub object: Option<Box<RawValue>>,
     /// Handled exactly like a real request: the webhook has no side effects.
     #[serde(default)]
     pub dry_run: Option<bool>,
@@ -229,29 +233,33 @@ fn meta_str<'a>(object: &'a Value, field: &str, key: &str) -> Option<&'a str> {
 }
 
 /// Decides one admission request.
-pub fn mutate(mut req: Request, store: &dyn TemplateStore, policy: &Policy) -> Result<Decision, BadReview> {
+pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Result<Decision, BadReview> {
     let mut decision = Decision::unchanged(&req);
     let is_pod = req.resource.group.is_empty() && req.resource.resource == "pods" && req.sub_resource.is_none();
     if !is_pod || req.operation != "CREATE" {
         return Ok(decision);
     }
-    let mut before = req.object.take().filter(Value::is_object).ok_or(BadReview::NoObject)?;
-    let meta = before.get("metadata");
+    let raw = req.object.as_deref().ok_or(BadReview::NoObject)?;
+    let mut pod = Node::raw(raw);
+    let meta = pod.as_object_mut().ok_or(BadReview::NoObject)?.get_mut("metadata").and_then(Node::as_object_mut);
+    let meta_field = |field: &str| meta.as_ref().and_then(|m| m.get(field)?.as_str());
     if decision.pod.is_empty() {
-        let name = meta.and_then(|m| m.get("name").or_else(|| m.get("generateName"))).and_then(Value::as_str);
-        decision.pod = name.unwrap_or_default().to_owned();
+        decision.pod = meta_field("name").or_else(|| meta_field("generateName")).unwrap_or_default().into_owned();
     }
     if decision.namespace.is_empty() {
-        let ns = meta.and_then(|m| m.get("namespace")).and_then(Value::as_str);
-        decision.namespace = ns.unwrap_or("default").to_owned();
+        decision.namespace = meta_field("namespace").unwrap_or(Cow::Borrowed("default")).into_owned();
     }
     let names = &policy.names;
-    let annotation = meta_str(&before, "annotations", &names.template_annotation).filter(|a| !a.is_empty());
-    let label = meta_str(&before, "labels", &names.environment_label).filter(|l| !l.is_empty());
-    let (name, explicit) = match (annotation, label) {
-        (Some(a), _) => (a.to_owned(), true),
-        (None, Some(l)) => (l.to_owned(), false),
-        (None, None) => return Ok(decision),
+    let meta_map_str = |field: &str, key: &str| {
+        let value = meta.as_ref()?.get(field)?.str_field(key);
+        value.filter(|v| !v.is_empty())
+    };
+    let (name, explicit) = match meta_map_str("annotations", &names.template_annotation) {
+        Some(a) => (a, true),
+        None => match meta_map_str("labels", &names.environment_label) {
+            Some(l) => (l, false),
+            None => return Ok(decision),
+        },
     };
     decision.template = Some(name.clone());
     let how = if explicit {
@@ -288,22 +296,14 @@ pub fn mutate(mut req: Request, store: &dyn TemplateStore, policy: &Policy) -> R
         }
     };
 
-    // managedFields are never patched; taking them out spares copying them (often the bulk of
-    // the object) in the merge.
-    if let Some(meta) = before.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("managedFields");
-    }
-    let merged = merge_pod(&before, template);
-    warnings.extend(merged.warnings);
-    let mut after = merged.pod;
+    warnings.extend(merge(&mut pod, template));
     let applied = entry.source.to_string();
-    if let Some(meta) = after.get_mut("metadata").and_then(Value::as_object_mut) {
-        let annotations = meta.entry("annotations").or_insert_with(|| Value::Object(Default::default()));
-        if let Some(annotations) = annotations.as_object_mut() {
-            annotations.insert(names.applied_annotation.clone(), Value::String(applied.clone()));
-        }
+    if let Some(root) = pod.as_object_mut() {
+        let annotations = root.object_entry("metadata").object_entry("annotations");
+        annotations.insert(names.applied_annotation.as_str(), Node::Value(Cow::Owned(Value::String(applied.clone()))));
     }
-    let (patch, operations) = crate::patch::diff(&before, &after);
+    // Parts the merge did not open (managedFields, status, ...) are skipped without a look.
+    let (patch, operations) = crate::patch::diff(&Node::raw(raw), &pod);
     decision.applied = Some(applied.clone());
     decision.response.audit_annotations = BTreeMap::from([("applied".to_owned(), applied)]);
     if !warnings.is_empty() {
@@ -323,6 +323,8 @@ pub fn validate_templates(req: &Request, names: &Names) -> Decision {
     let mut decision = Decision::unchanged(req);
     let is_config_map = req.resource.group.is_empty() && req.resource.resource == "configmaps";
     let Some(object) = req.object.as_ref().filter(|_| is_config_map) else { return decision };
+    let Ok(object) = serde_json::from_str::<Value>(object.get()) else { return decision };
+    let object = &object;
     let labelled = meta_str(object, "labels", &names.source_label) == Some("true");
     if !labelled || !matches!(req.operation.as_str(), "CREATE" | "UPDATE") {
         return decision;

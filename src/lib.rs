@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod certs;
+pub mod doc;
 pub mod cli;
 pub mod merge;
 pub mod metrics;

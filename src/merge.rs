@@ -4,10 +4,13 @@
 //! works on the pod's JSON as the API server sent it, so fields newer than our typed model pass
 //! through untouched. Every rule is written so that merging a merged pod again changes nothing.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
+use crate::doc::{Kind, Node, Object};
 use crate::template::PodTemplate;
 
 /// Annotations that name a pod's primary container, most specific first (§4).
@@ -21,25 +24,38 @@ pub struct Merged {
     pub warnings: Vec<String>,
 }
 
-/// Merges `template` into `pod` (a core/v1 Pod as JSON).
+/// Merges `template` into `pod` (a core/v1 Pod as JSON): [`merge`] on a `Value`, for tools and
+/// tests. The pod goes through the same raw-JSON path as a request's.
 pub fn merge_pod(pod: &Value, template: &PodTemplate) -> Merged {
-    let mut out = pod.clone();
-    let mut warnings = Vec::new();
-    let Some(root) = out.as_object_mut() else {
-        return Merged { pod: out, warnings };
-    };
+    let raw = RawValue::from_string(pod.to_string()).expect("a Value serializes to valid JSON");
+    let mut doc = Node::raw(&raw);
+    let warnings = merge(&mut doc, template);
+    Merged { pod: doc.to_value(), warnings }
+}
 
-    let meta = object_entry(root, "metadata");
+/// Merges `template` into the pod document `pod`, in place; returns the warnings. Only the
+/// parts of the pod the template touches are opened; values are borrowed from the template.
+pub fn merge<'a>(pod: &mut Node<'a>, template: &'a PodTemplate) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let Some(root) = pod.as_object_mut() else { return warnings };
+
+    let meta = root.object_entry("metadata");
     fill_string_map(meta, "labels", &template.labels);
     fill_string_map(meta, "annotations", &template.annotations);
-    let pod_name = meta.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let pod_name = meta.get("name").and_then(Node::as_str).map(Cow::into_owned).unwrap_or_default();
     // Resolved on the merged annotations, so a template that sets the default-container
     // annotation picks the same primary on the first pass and on any reinvocation.
-    let annotation = |key: &str| meta.get("annotations")?.get(key)?.as_str().map(str::to_owned);
-    let named = [annotation(DEFAULT_CONTAINER_ANNOTATION), annotation(PRIMARY_CONTAINER_ANNOTATION)];
+    let annotations = meta.get("annotations");
+    let named = [DEFAULT_CONTAINER_ANNOTATION, PRIMARY_CONTAINER_ANNOTATION].map(|k| annotations?.str_field(k));
 
     if !template.pod_spec.is_empty() {
-        let spec = object_entry(root, "spec");
+        let spec = root.object_entry("spec");
+        // Opened once here: names are read several times below, and most containers get filled.
+        for field in ["containers", "initContainers"] {
+            for c in spec.get_mut(field).and_then(Node::as_array_mut).into_iter().flatten() {
+                c.as_object_mut();
+            }
+        }
         let primary = primary_container(spec, &named, &pod_name, template);
         ContainerList::containers(template, primary.as_deref()).merge(spec, template, &mut warnings);
         let primary_init = primary_init_container(spec, template);
@@ -52,7 +68,7 @@ pub fn merge_pod(pod: &Value, template: &PodTemplate) -> Merged {
             fill_field(spec, key, base, Ctx::PodSpec);
         }
     }
-    Merged { pod: out, warnings }
+    warnings
 }
 
 /// Where in a pod a field sits: decides which API defaults count as unset.
@@ -76,7 +92,7 @@ impl Ctx {
 /// True when the pod's value is what the API server fills in by itself: such a value was most
 /// likely not chosen by the pod's author, so the template may replace it (§4 "Scalars").
 /// Keep `README.md` ("Defaulted fields") in step with this list.
-fn is_api_default(ctx: Ctx, key: &str, value: &Value, owner: &Map<String, Value>) -> bool {
+fn is_api_default(ctx: Ctx, key: &str, value: &Value, owner: &Object<'_>) -> bool {
     match ctx {
         Ctx::PodSpec => match key {
             "schedulerName" => value == "default-scheduler",
@@ -93,8 +109,8 @@ fn is_api_default(ctx: Ctx, key: &str, value: &Value, owner: &Map<String, Value>
             "terminationMessagePath" => value == "/dev/termination-log",
             "terminationMessagePolicy" => value == "File",
             "imagePullPolicy" => {
-                let image = owner.get("image").and_then(Value::as_str).unwrap_or_default();
-                value == default_pull_policy(image)
+                let image = owner.get("image").and_then(Node::as_str).unwrap_or_default();
+                value == default_pull_policy(&image)
             }
             _ => false,
         },
@@ -123,7 +139,7 @@ fn default_pull_policy(image: &str) -> &'static str {
 /// How entries of a list are matched (§4 "Keyed lists").
 enum ListRule {
     /// The pod's entry with the same key stays; the template's other entries are added first.
-    Keyed(fn(&Value) -> Option<String>),
+    Keyed(fn(&Node<'_>) -> Option<String>),
     /// The pod's list, if not empty, is kept as a whole.
     Atomic,
     /// Union without duplicates, template entries first.
@@ -131,19 +147,16 @@ enum ListRule {
 }
 
 fn list_rule(key: &str) -> ListRule {
-    fn by(v: &Value, field: &str) -> Option<String> {
-        v.get(field).and_then(Value::as_str).map(str::to_owned)
-    }
     match key {
         "env" | "volumes" | "imagePullSecrets" | "resourceClaims" | "schedulingGates" => {
-            ListRule::Keyed(|v| by(v, "name"))
+            ListRule::Keyed(|v| v.str_field("name"))
         }
-        "volumeMounts" => ListRule::Keyed(|v| by(v, "mountPath")),
-        "volumeDevices" => ListRule::Keyed(|v| by(v, "devicePath")),
-        "hostAliases" => ListRule::Keyed(|v| by(v, "ip")),
+        "volumeMounts" => ListRule::Keyed(|v| v.str_field("mountPath")),
+        "volumeDevices" => ListRule::Keyed(|v| v.str_field("devicePath")),
+        "hostAliases" => ListRule::Keyed(|v| v.str_field("ip")),
         "ports" => ListRule::Keyed(|v| {
-            let port = v.get("containerPort")?;
-            let protocol = v.get("protocol").and_then(Value::as_str).unwrap_or("TCP");
+            let port = v.field("containerPort")?.to_value();
+            let protocol = v.str_field("protocol").unwrap_or_else(|| "TCP".to_owned());
             Some(format!("{port}/{protocol}"))
         }),
         "command" | "args" => ListRule::Atomic,
@@ -152,94 +165,100 @@ fn list_rule(key: &str) -> ListRule {
 }
 
 /// Fills `owner[key]` from the template's `base`, the pod's value winning.
-fn fill_field(owner: &mut Map<String, Value>, key: &str, base: &Value, ctx: Ctx) {
+fn fill_field<'a>(owner: &mut Object<'a>, key: &'a str, base: &'a Value, ctx: Ctx) {
     let replace = match owner.get(key) {
-        None | Some(Value::Null) => true,
-        Some(v) if !v.is_object() && !v.is_array() => is_api_default(ctx, key, v, owner) && v != base,
-        Some(_) => false,
+        None => true,
+        Some(v) => match v.kind() {
+            Kind::Null => true,
+            Kind::Object | Kind::Array => false,
+            _ => {
+                let v = v.to_value();
+                is_api_default(ctx, key, &v, owner) && v != *base
+            }
+        },
     };
     if replace {
-        owner.insert(key.to_owned(), base.clone());
+        owner.insert(key, Node::Value(Cow::Borrowed(base)));
         return;
     }
     let Some(overlay) = owner.get_mut(key) else { return };
-    match (overlay, base) {
-        (Value::Object(o), Value::Object(b)) => {
-            let child = ctx.child(key);
-            for (k, bv) in b {
-                fill_field(o, k, bv, child);
+    match base {
+        Value::Object(b) if !b.is_empty() => {
+            if let Some(o) = overlay.as_object_mut() {
+                let child = ctx.child(key);
+                for (k, bv) in b {
+                    fill_field(o, k, bv, child);
+                }
             }
         }
-        (Value::Array(o), Value::Array(b)) => merge_list(o, b, list_rule(key)),
+        Value::Array(b) if !b.is_empty() => {
+            if let Some(o) = overlay.as_array_mut() {
+                merge_list(o, b, list_rule(key));
+            }
+        }
         _ => {}
     }
 }
 
-fn merge_list(overlay: &mut Vec<Value>, base: &[Value], rule: ListRule) {
-    let added: Vec<Value> = match rule {
-        ListRule::Atomic if overlay.is_empty() => base.to_vec(),
+fn merge_list<'a>(overlay: &mut Vec<Node<'a>>, base: &'a [Value], rule: ListRule) {
+    // The pod's entries as values, for the (rare) comparisons of whole entries.
+    let mut existing: Option<Vec<Value>> = None;
+    let mut contains = |b: &Value| existing.get_or_insert_with(|| overlay.iter().map(Node::to_value).collect()).contains(b);
+    let added: Vec<&'a Value> = match rule {
+        ListRule::Atomic if overlay.is_empty() => base.iter().collect(),
         ListRule::Atomic => return,
         ListRule::Keyed(key_of) => {
             let mut seen: HashSet<String> = overlay.iter().filter_map(key_of).collect();
             base.iter()
-                .filter(|b| match key_of(b) {
+                .filter(|b| match key_of(&Node::Value(Cow::Borrowed(b))) {
                     Some(k) => seen.insert(k),
-                    None => !overlay.contains(b),
+                    None => !contains(b),
                 })
-                .cloned()
                 .collect()
         }
         ListRule::Union => {
-            let mut added: Vec<Value> = Vec::new();
+            let mut added: Vec<&'a Value> = Vec::new();
             for b in base {
-                if !overlay.contains(b) && !added.contains(b) {
-                    added.push(b.clone());
+                if !contains(b) && !added.contains(&b) {
+                    added.push(b);
                 }
             }
             added
         }
     };
     if !added.is_empty() {
-        overlay.splice(0..0, added);
+        overlay.splice(0..0, added.into_iter().map(|v| Node::Value(Cow::Borrowed(v))));
     }
 }
 
 /// Unions `meta[field]` with the template's map; the pod's value stays on a clash.
-fn fill_string_map(meta: &mut Map<String, Value>, field: &str, base: &BTreeMap<String, String>) {
+fn fill_string_map<'a>(meta: &mut Object<'a>, field: &'static str, base: &'a BTreeMap<String, String>) {
     if base.is_empty() {
         return;
     }
-    let target = object_entry(meta, field);
+    let target = meta.object_entry(field);
     for (k, v) in base {
-        match target.get(k) {
-            Some(existing) if !existing.is_null() => {}
-            _ => {
-                target.insert(k.clone(), Value::String(v.clone()));
-            }
+        if target.get(k).is_none_or(|existing| existing.kind() == Kind::Null) {
+            target.insert(k.as_str(), Node::Value(Cow::Owned(Value::String(v.clone()))));
         }
     }
 }
 
-/// `map[key]` as an object, created (or replacing a null) when missing.
-fn object_entry<'a>(map: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<String, Value> {
-    let slot = map.entry(key.to_owned()).or_insert_with(|| Value::Object(Map::new()));
-    if !slot.is_object() {
-        *slot = Value::Object(Map::new());
-    }
-    slot.as_object_mut().expect("just made an object")
+/// The names of the containers in the pod's `spec[field]`.
+fn container_names(spec: &Object<'_>, field: &str) -> Vec<String> {
+    let elements = spec.get(field).and_then(Node::elements);
+    elements.iter().flat_map(|e| e.iter()).filter_map(|c| c.str_field("name")).collect()
 }
 
-fn container_names(spec: &Map<String, Value>, field: &str) -> Vec<String> {
-    spec.get(field)
-        .and_then(Value::as_array)
-        .map(|list| list.iter().filter_map(|c| c.get("name")?.as_str().map(str::to_owned)).collect())
-        .unwrap_or_default()
+fn template_container_names(template: &PodTemplate, field: &str) -> Vec<String> {
+    let list = template.pod_spec.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    list.iter().filter_map(|c| c.get("name")?.as_str().map(str::to_owned)).collect()
 }
 
 /// The pod's primary container, first rule that matches (§4).
 /// `named`: the values of the default-container and primary_container_name annotations.
 fn primary_container(
-    spec: &Map<String, Value>,
+    spec: &Object<'_>,
     named: &[Option<String>; 2],
     pod_name: &str,
     template: &PodTemplate,
@@ -260,14 +279,14 @@ fn primary_container(
 /// A container the template could add as a sidecar: never chosen as primary by the fallback
 /// rules, or the choice would change once it has been added.
 fn defined_by_template(template: &PodTemplate, name: &str) -> bool {
-    !template.is_reserved_name(name) && container_names(&template.pod_spec, "containers").iter().any(|n| n == name)
+    !template.is_reserved_name(name) && template_container_names(template, "containers").iter().any(|n| n == name)
 }
 
 /// The init container that gets the template's `primary-init`: the pod's first init container
 /// that the template does not define by name. Init containers the template adds come first in the
 /// merged pod, so skipping them keeps the choice stable on reinvocation.
-fn primary_init_container(spec: &Map<String, Value>, template: &PodTemplate) -> Option<String> {
-    let defined = container_names(&template.pod_spec, "initContainers");
+fn primary_init_container(spec: &Object<'_>, template: &PodTemplate) -> Option<String> {
+    let defined = template_container_names(template, "initContainers");
     container_names(spec, "initContainers").into_iter().find(|n| !defined.contains(n))
 }
 
@@ -307,8 +326,9 @@ impl<'a> ContainerList<'a> {
         if self.field == "containers" { "initContainers" } else { "containers" }
     }
 
-    fn merge(&self, spec: &mut Map<String, Value>, t: &PodTemplate, warnings: &mut Vec<String>) {
-        let templates: &[Value] = t.pod_spec.get(self.field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    fn merge<'t>(&self, spec: &mut Object<'t>, t: &'t PodTemplate, warnings: &mut Vec<String>) {
+        let templates: &'t [Value] =
+            t.pod_spec.get(self.field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         if templates.is_empty() {
             return;
         }
@@ -339,21 +359,30 @@ impl<'a> ContainerList<'a> {
                 ));
                 continue;
             }
-            added.push(overlay_value(tc.clone(), default));
+            let mut sidecar = Node::Value(Cow::Borrowed(tc));
+            if let (Some(c), Some(default)) = (sidecar.as_object_mut(), default) {
+                fill_object(c, default);
+            }
+            added.push(sidecar);
         }
 
-        let list = spec.entry(self.field).or_insert_with(|| Value::Array(Vec::new()));
-        let Some(list) = list.as_array_mut() else { return };
+        if !spec.contains_key(self.field) {
+            spec.insert(self.field, Node::empty_array());
+        }
+        let Some(list) = spec.get_mut(self.field).and_then(Node::as_array_mut) else { return };
         for c in list.iter_mut() {
-            let name = c.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let name = c.str_field("name").unwrap_or_default();
             let is_primary = self.primary == Some(name.as_str());
             let same_name = if t.is_reserved_name(&name) { None } else { find(&name) };
-            let base = [default, is_primary.then_some(primary_template).flatten(), same_name]
-                .into_iter()
-                .flatten()
-                .fold(None, |acc: Option<Value>, next| Some(overlay_value(next.clone(), acc.as_ref())));
-            if let (Some(base), Some(c)) = (base, c.as_object_mut()) {
-                fill_object(c, &base, Ctx::Container);
+            // The most specific first: each layer only fills what the ones before left unset.
+            let layers = [same_name, is_primary.then_some(primary_template).flatten(), default];
+            if layers.iter().all(Option::is_none) {
+                continue;
+            }
+            if let Some(c) = c.as_object_mut() {
+                for layer in layers.into_iter().flatten() {
+                    fill_object(c, layer);
+                }
             }
         }
         if self.add_first {
@@ -367,19 +396,12 @@ impl<'a> ContainerList<'a> {
     }
 }
 
-/// `overlay` filled from `base` with the container rules.
-fn overlay_value(mut overlay: Value, base: Option<&Value>) -> Value {
-    if let (Some(o), Some(b)) = (overlay.as_object_mut(), base) {
-        fill_object(o, b, Ctx::Container);
-    }
-    overlay
-}
-
-fn fill_object(overlay: &mut Map<String, Value>, base: &Value, ctx: Ctx) {
+/// Fills a container from a template container (all fields but `name`).
+fn fill_object<'a>(overlay: &mut Object<'a>, base: &'a Value) {
     if let Some(b) = base.as_object() {
         for (k, bv) in b {
             if k != "name" {
-                fill_field(overlay, k, bv, ctx);
+                fill_field(overlay, k, bv, Ctx::Container);
             }
         }
     }

@@ -5,10 +5,10 @@
 
 use std::fmt::Write as _;
 
-use serde_json::Value;
+use crate::doc::{Kind, Node};
 
 /// The operations turning `before` into `after`, as a JSON array, and their count.
-pub fn diff(before: &Value, after: &Value) -> (Vec<u8>, usize) {
+pub fn diff<'a>(before: &Node<'a>, after: &Node<'a>) -> (Vec<u8>, usize) {
     let mut patch = Patch { out: Vec::with_capacity(256), count: 0 };
     patch.diff(before, after, &mut String::with_capacity(64));
     patch.out.extend_from_slice(if patch.count == 0 { b"[]" } else { b"]" });
@@ -21,32 +21,40 @@ struct Patch {
 }
 
 impl Patch {
-    fn diff(&mut self, left: &Value, right: &Value, path: &mut String) {
-        match (left, right) {
-            (Value::Object(l), Value::Object(r)) => {
-                for (key, rv) in r {
+    fn diff<'a>(&mut self, left: &Node<'a>, right: &Node<'a>, path: &mut String) {
+        if let (Node::Raw(l), Node::Raw(r)) = (left, right) {
+            if std::ptr::eq(*l, *r) {
+                return; // a part the merge never opened
+            }
+        }
+        match (left.kind(), right.kind()) {
+            (Kind::Object, Kind::Object) => {
+                let (Some(l), Some(r)) = (left.entries_beside(right), right.entries_beside(left)) else { return };
+                let (l_index, r_index) = (l.index(), r.index());
+                for (key, rv) in r.iter() {
                     let len = push_token(path, key);
-                    match l.get(key) {
-                        Some(lv) if lv == rv => {}
+                    match l_index.get(key) {
                         Some(lv) => self.diff(lv, rv, path),
                         None => self.op("add", path, Some(rv)),
                     }
                     path.truncate(len);
                 }
-                for key in l.keys().filter(|k| !r.contains_key(*k)) {
+                for (key, _) in l.iter().filter(|(k, _)| !r_index.contains_key(k)) {
                     let len = push_token(path, key);
                     self.op("remove", path, None);
                     path.truncate(len);
                 }
             }
-            (Value::Array(l), Value::Array(r)) => {
-                let prefix = l.iter().zip(r).take_while(|(a, b)| a == b).count();
+            (Kind::Array, Kind::Array) => {
+                let (Some(l), Some(r)) = (left.elements_beside(right), right.elements_beside(left)) else { return };
+                let prefix = l.iter().zip(r.iter()).take_while(|(a, b)| a.equals(b)).count();
                 let max_suffix = l.len().min(r.len()) - prefix;
-                let suffix = l.iter().rev().zip(r.iter().rev()).take(max_suffix).take_while(|(a, b)| a == b).count();
+                let suffix =
+                    l.iter().rev().zip(r.iter().rev()).take(max_suffix).take_while(|(a, b)| a.equals(b)).count();
                 let (lm, rm) = (&l[prefix..l.len() - suffix], &r[prefix..r.len() - suffix]);
                 let common = lm.len().min(rm.len());
                 let len = path.len();
-                for (i, (lv, rv)) in lm.iter().zip(rm).enumerate().filter(|(_, (a, b))| a != b) {
+                for (i, (lv, rv)) in lm.iter().zip(rm).enumerate() {
                     let _ = write!(path, "/{}", prefix + i);
                     self.diff(lv, rv, path);
                     path.truncate(len);
@@ -63,12 +71,12 @@ impl Patch {
                 }
                 path.truncate(len);
             }
-            _ if left == right => {}
+            _ if left.equals(right) => {}
             _ => self.op("replace", path, Some(right)),
         }
     }
 
-    fn op(&mut self, kind: &str, path: &str, value: Option<&Value>) {
+    fn op(&mut self, kind: &str, path: &str, value: Option<&Node<'_>>) {
         self.out.push(if self.count == 0 { b'[' } else { b',' });
         self.count += 1;
         self.out.extend_from_slice(b"{\"op\":\"");
@@ -77,7 +85,7 @@ impl Patch {
         serde_json::to_writer(&mut self.out, path).expect("writing to a Vec cannot fail");
         if let Some(v) = value {
             self.out.extend_from_slice(b",\"value\":");
-            serde_json::to_writer(&mut self.out, v).expect("writing to a Vec cannot fail");
+            v.write_json(&mut self.out);
         }
         self.out.push(b'}');
     }
@@ -101,10 +109,23 @@ fn push_token(path: &mut String, token: &str) -> usize {
 mod tests {
     use serde_json::json;
 
+    use serde_json::value::RawValue;
+    use serde_json::Value;
+
     use super::*;
 
+    /// The diff of two documents given as JSON, both raw (as a request) and as template values.
+    fn diff_values(before: &Value, after: &Value) -> (Vec<u8>, usize) {
+        let raw = RawValue::from_string(before.to_string()).unwrap();
+        let from_raw = diff(&Node::raw(&raw), &Node::Value(std::borrow::Cow::Borrowed(after)));
+        let from_values =
+            diff(&Node::Value(std::borrow::Cow::Borrowed(before)), &Node::Value(std::borrow::Cow::Borrowed(after)));
+        assert_eq!(from_raw, from_values);
+        from_raw
+    }
+
     fn check(before: Value, after: Value) -> Vec<Value> {
-        let (bytes, count) = diff(&before, &after);
+        let (bytes, count) = diff_values(&before, &after);
         let ops: Vec<Value> = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(ops.len(), count);
         let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
@@ -116,7 +137,7 @@ mod tests {
 
     #[test]
     fn equal_values_give_an_empty_patch() {
-        assert_eq!(diff(&json!({"a": [1]}), &json!({"a": [1]})), (b"[]".to_vec(), 0));
+        assert_eq!(diff_values(&json!({"a": [1]}), &json!({"a": [1]})), (b"[]".to_vec(), 0));
     }
 
     #[test]

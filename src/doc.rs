@@ -1,0 +1,625 @@
+//! A JSON document parsed only as deep as someone looks into it.
+//!
+//! The pod in a review is kilobytes of JSON of which a template touches a few fields. Parsing
+//! all of it into `serde_json::Value` trees (a map and a `String` per key), cloning it for the
+//! merge and dropping both copies was most of an admission's cost. A [`Node`] starts as the raw
+//! text of the request, validated once by serde_json; [`Node::as_object_mut`] and
+//! [`Node::as_array_mut`] split one level when the merge descends (a byte scan over text known
+//! to be valid, see [`split`]), and values from the template are borrowed, not copied. Whatever
+//! the merge never opened stays the same slice, so the diff skips it by comparing two pointers.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+/// One JSON value of a document.
+#[derive(Debug, Clone)]
+pub enum Node<'a> {
+    /// Not looked into yet: the text as received. Always valid JSON without surrounding
+    /// whitespace: it comes from a `RawValue` (checked by serde_json), or a part of one.
+    Raw(&'a str),
+    Object(Object<'a>),
+    Array(Array<'a>),
+    /// A value that is not from the document: borrowed from a template, or made by the merge.
+    Value(Cow<'a, Value>),
+}
+
+/// The kind of a JSON value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Null,
+    Bool,
+    Number,
+    String,
+    Array,
+    Object,
+}
+
+/// A JSON object's entries in document order; keys are unique (the last of duplicates wins,
+/// as in `serde_json::Value` and Go).
+#[derive(Debug, Clone, Default)]
+pub struct Object<'a> {
+    entries: Vec<(Cow<'a, str>, Node<'a>)>,
+    /// When opened from raw text: that text and the entries as first split, so the diff
+    /// does not split the original again.
+    source: Option<(&'a str, Box<Object<'a>>)>,
+}
+
+/// An array's elements; see [`Object`] for `source`.
+#[derive(Debug, Clone, Default)]
+pub struct Array<'a> {
+    items: Vec<Node<'a>>,
+    source: Option<(&'a str, Vec<Node<'a>>)>,
+}
+
+/// Above this many entries, comparing two objects key by key goes through a hash set.
+const LINEAR_LOOKUP_MAX: usize = 16;
+
+impl<'a> Object<'a> {
+    pub fn get(&self, key: &str) -> Option<&Node<'a>> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Node<'a>> {
+        self.entries.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Sets `key`, in place when it exists, else at the end.
+    pub fn insert(&mut self, key: impl Into<Cow<'a, str>>, value: Node<'a>) {
+        let key = key.into();
+        match self.get_mut(&key) {
+            Some(slot) => *slot = value,
+            None => self.entries.push((key, value)),
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<Node<'a>> {
+        let at = self.entries.iter().position(|(k, _)| k == key)?;
+        Some(self.entries.remove(at).1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Node<'a>)> {
+        self.entries.iter().map(|(k, v)| (k.as_ref(), v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// `self[key]` as an object: opened, or created (replacing a value that is not an object).
+    pub fn object_entry(&mut self, key: &'a str) -> &mut Object<'a> {
+        let at = match self.entries.iter().position(|(k, _)| k == key) {
+            Some(at) => at,
+            None => {
+                self.entries.push((Cow::Borrowed(key), Node::Object(Object::default())));
+                self.entries.len() - 1
+            }
+        };
+        let slot = &mut self.entries[at].1;
+        if slot.kind() != Kind::Object {
+            *slot = Node::Object(Object::default());
+        }
+        slot.as_object_mut().expect("just made an object")
+    }
+
+    /// Lookups by key that stay fast on objects with many keys (a hostile pod's labels).
+    pub fn index(&self) -> Index<'_, 'a> {
+        if self.entries.len() > LINEAR_LOOKUP_MAX {
+            Index::Hashed(self.entries.iter().map(|(k, v)| (k.as_ref(), v)).collect())
+        } else {
+            Index::Linear(self)
+        }
+    }
+
+    /// Keeps the last of duplicate keys, in the position of the first.
+    fn dedup_keep_last(&mut self) {
+        let has_duplicates = if self.entries.len() <= LINEAR_LOOKUP_MAX {
+            self.entries.iter().enumerate().any(|(i, (k, _))| self.entries[..i].iter().any(|(p, _)| p == k))
+        } else {
+            let mut seen = HashSet::with_capacity(self.entries.len());
+            !self.entries.iter().all(|(k, _)| seen.insert(k.as_ref()))
+        };
+        if has_duplicates {
+            let mut unique = Object::default();
+            for (k, v) in std::mem::take(&mut self.entries) {
+                unique.insert(k, v);
+            }
+            self.entries = unique.entries;
+        }
+    }
+}
+
+/// See [`Object::index`].
+pub enum Index<'o, 'a> {
+    Linear(&'o Object<'a>),
+    Hashed(HashMap<&'o str, &'o Node<'a>>),
+}
+
+impl<'o, 'a> Index<'o, 'a> {
+    pub fn get(&self, key: &str) -> Option<&'o Node<'a>> {
+        match self {
+            Index::Linear(o) => o.get(key),
+            Index::Hashed(map) => map.get(key).copied(),
+        }
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+}
+
+impl<'a> Node<'a> {
+    /// A node over a whole document; serde_json has checked that the text is valid JSON.
+    pub fn raw(raw: &'a RawValue) -> Self {
+        Node::Raw(raw.get().trim())
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Node::Raw(raw) => match raw.as_bytes().first() {
+                Some(b'{') => Kind::Object,
+                Some(b'[') => Kind::Array,
+                Some(b'"') => Kind::String,
+                Some(b'n') => Kind::Null,
+                Some(b't' | b'f') => Kind::Bool,
+                _ => Kind::Number,
+            },
+            Node::Object(_) => Kind::Object,
+            Node::Array(_) => Kind::Array,
+            Node::Value(v) => match v.as_ref() {
+                Value::Null => Kind::Null,
+                Value::Bool(_) => Kind::Bool,
+                Value::Number(_) => Kind::Number,
+                Value::String(_) => Kind::String,
+                Value::Array(_) => Kind::Array,
+                Value::Object(_) => Kind::Object,
+            },
+        }
+    }
+
+    /// The object's entries, opened for editing (one level parsed the first time).
+    pub fn as_object_mut(&mut self) -> Option<&mut Object<'a>> {
+        if self.kind() != Kind::Object {
+            return None;
+        }
+        if !matches!(self, Node::Object(_)) {
+            let mut opened = self.entries()?.into_owned();
+            if let Node::Raw(raw) = self {
+                opened.source = Some((*raw, Box::new(opened.clone())));
+            }
+            *self = Node::Object(opened);
+        }
+        match self {
+            Node::Object(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// The array's elements, opened for editing (one level parsed the first time).
+    pub fn as_array_mut(&mut self) -> Option<&mut Vec<Node<'a>>> {
+        if self.kind() != Kind::Array {
+            return None;
+        }
+        if !matches!(self, Node::Array(_)) {
+            let items = self.elements()?.into_owned();
+            let source = if let Node::Raw(raw) = self { Some((*raw, items.clone())) } else { None };
+            *self = Node::Array(Array { items, source });
+        }
+        match self {
+            Node::Array(a) => Some(&mut a.items),
+            _ => None,
+        }
+    }
+
+    /// The object's entries without editing: borrowed when opened, else parsed one level.
+    pub fn entries(&self) -> Option<Cow<'_, Object<'a>>> {
+        Some(match self {
+            Node::Object(o) => Cow::Borrowed(o),
+            Node::Raw(raw) => Cow::Owned(parse_object(raw)?),
+            Node::Value(Cow::Borrowed(Value::Object(map))) => {
+                let entries = map.iter().map(|(k, v)| (Cow::Borrowed(k.as_str()), Node::Value(Cow::Borrowed(v))));
+                Cow::Owned(Object { entries: entries.collect(), source: None })
+            }
+            Node::Value(Cow::Owned(Value::Object(map))) => {
+                let entries = map.iter().map(|(k, v)| (Cow::Owned(k.clone()), Node::Value(Cow::Owned(v.clone()))));
+                Cow::Owned(Object { entries: entries.collect(), source: None })
+            }
+            _ => return None,
+        })
+    }
+
+    /// The array's elements without editing: borrowed when opened, else parsed one level.
+    pub fn elements(&self) -> Option<Cow<'_, [Node<'a>]>> {
+        Some(match self {
+            Node::Array(a) => Cow::Borrowed(a.items.as_slice()),
+            Node::Raw(raw) => {
+                let mut list = Vec::new();
+                split::array(raw, |v| list.push(Node::Raw(v)))?;
+                Cow::Owned(list)
+            }
+            Node::Value(Cow::Borrowed(Value::Array(list))) => {
+                Cow::Owned(list.iter().map(|v| Node::Value(Cow::Borrowed(v))).collect())
+            }
+            Node::Value(Cow::Owned(Value::Array(list))) => {
+                Cow::Owned(list.iter().map(|v| Node::Value(Cow::Owned(v.clone()))).collect())
+            }
+            _ => return None,
+        })
+    }
+
+    /// [`Node::entries`], taken from `other`'s source when `self` is the raw text `other` was
+    /// opened from: the diff and comparisons of a pod before and after never split twice.
+    pub fn entries_beside<'n>(&'n self, other: &'n Node<'a>) -> Option<Cow<'n, Object<'a>>> {
+        if let (Node::Raw(raw), Node::Object(Object { source: Some((text, original)), .. })) = (self, other) {
+            if std::ptr::eq(*raw, *text) {
+                return Some(Cow::Borrowed(original));
+            }
+        }
+        self.entries()
+    }
+
+    /// [`Node::elements`], the same way as [`Node::entries_beside`].
+    pub fn elements_beside<'n>(&'n self, other: &'n Node<'a>) -> Option<Cow<'n, [Node<'a>]>> {
+        if let (Node::Raw(raw), Node::Array(Array { source: Some((text, original)), .. })) = (self, other) {
+            if std::ptr::eq(*raw, *text) {
+                return Some(Cow::Borrowed(original.as_slice()));
+            }
+        }
+        self.elements()
+    }
+
+    /// An empty array.
+    pub fn empty_array() -> Self {
+        Node::Array(Array::default())
+    }
+
+    /// `self[key]` of an object, without opening it.
+    pub fn field(&self, key: &str) -> Option<Cow<'_, Node<'a>>> {
+        match self {
+            Node::Object(o) => o.get(key).map(Cow::Borrowed),
+            Node::Raw(raw) => find_field(raw, key).map(|v| Cow::Owned(Node::Raw(v))),
+            Node::Value(Cow::Borrowed(v)) => v.get(key).map(|v| Cow::Owned(Node::Value(Cow::Borrowed(v)))),
+            Node::Value(Cow::Owned(v)) => v.get(key).map(|v| Cow::Owned(Node::Value(Cow::Owned(v.clone())))),
+            Node::Array(_) => None,
+        }
+    }
+
+    /// The string, if this is one (borrowed unless it has escapes).
+    pub fn as_str(&self) -> Option<Cow<'_, str>> {
+        match self {
+            Node::Raw(raw) if self.kind() == Kind::String => split::string(raw),
+            Node::Value(v) => v.as_str().map(Cow::Borrowed),
+            _ => None,
+        }
+    }
+
+    /// `self[key]` as a string, owned.
+    pub fn str_field(&self, key: &str) -> Option<String> {
+        self.field(key)?.as_str().map(Cow::into_owned)
+    }
+
+    /// The whole value as a `serde_json::Value` (tests, and small scalars).
+    pub fn to_value(&self) -> Value {
+        self.try_to_value().unwrap_or(Value::Null)
+    }
+
+    fn try_to_value(&self) -> Option<Value> {
+        Some(match self {
+            Node::Raw(raw) => serde_json::from_str(raw).ok()?,
+            Node::Object(o) => Value::Object(
+                o.iter().map(|(k, v)| Some((k.to_owned(), v.try_to_value()?))).collect::<Option<_>>()?,
+            ),
+            Node::Array(a) => Value::Array(a.items.iter().map(Node::try_to_value).collect::<Option<_>>()?),
+            Node::Value(v) => v.as_ref().clone(),
+        })
+    }
+
+    /// JSON equality (not byte equality: `1.0` and `1`, or reordered keys, are equal).
+    pub fn equals(&self, other: &Node<'_>) -> bool {
+        if let (Node::Raw(a), Node::Raw(b)) = (self, other) {
+            if a == b {
+                return true;
+            }
+        }
+        match (self.kind(), other.kind()) {
+            (Kind::Object, Kind::Object) => {
+                let (Some(a), Some(b)) = (self.entries_beside(other), other.entries_beside(self)) else { return false };
+                if a.len() != b.len() {
+                    return false;
+                }
+                let index = b.index();
+                let equal = a.iter().all(|(k, v)| index.get(k).is_some_and(|w| v.equals(w)));
+                equal
+            }
+            (Kind::Array, Kind::Array) => {
+                let (Some(a), Some(b)) = (self.elements_beside(other), other.elements_beside(self)) else { return false };
+                a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.equals(y))
+            }
+            (x, y) if x != y => false,
+            _ => match (self.try_to_value(), other.try_to_value()) {
+                (Some(a), Some(b)) => a == b,
+                _ => false,
+            },
+        }
+    }
+}
+
+impl PartialEq<Value> for Node<'_> {
+    fn eq(&self, other: &Value) -> bool {
+        self.equals(&Node::Value(Cow::Borrowed(other)))
+    }
+}
+
+impl Node<'_> {
+    /// Appends the value as JSON (raw parts verbatim).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            Node::Raw(raw) => out.extend_from_slice(raw.as_bytes()),
+            Node::Object(o) => {
+                out.push(b'{');
+                for (i, (k, v)) in o.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    serde_json::to_writer(&mut *out, k).expect("writing to a Vec cannot fail");
+                    out.push(b':');
+                    v.write_json(out);
+                }
+                out.push(b'}');
+            }
+            Node::Array(a) => {
+                out.push(b'[');
+                for (i, v) in a.items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    v.write_json(out);
+                }
+                out.push(b']');
+            }
+            Node::Value(v) => serde_json::to_writer(out, v.as_ref()).expect("writing to a Vec cannot fail"),
+        }
+    }
+}
+
+fn parse_object(raw: &str) -> Option<Object<'_>> {
+    let mut object = Object::default();
+    split::object(raw, |key, value| object.entries.push((key, Node::Raw(value))))?;
+    object.dedup_keep_last();
+    Some(object)
+}
+
+fn find_field<'a>(raw: &'a str, key: &str) -> Option<&'a str> {
+    let mut found = None;
+    split::object(raw, |k, v| {
+        if k == key {
+            found = Some(v); // the last of duplicates wins
+        }
+    })?;
+    found
+}
+
+/// Splitting one level of JSON text that serde_json has already validated: only strings
+/// (for their quotes and escapes) and brackets need attention, so this is a plain byte scan,
+/// several times cheaper than parsing again. Anything unexpected gives `None`, never a panic.
+mod split {
+    use std::borrow::Cow;
+
+    /// Calls `each` with every key (unescaped) and value text of the object `text`.
+    pub fn object<'a>(text: &'a str, mut each: impl FnMut(Cow<'a, str>, &'a str)) -> Option<()> {
+        let b = text.as_bytes();
+        let mut i = skip_ws(b, expect(b, 0, b'{')?);
+        if b.get(i) == Some(&b'}') {
+            return Some(());
+        }
+        loop {
+            let key_end = string_end(b, i)?;
+            let key = string(text.get(i..key_end)?)?;
+            i = skip_ws(b, expect(b, skip_ws(b, key_end), b':')?);
+            let end = value_end(b, i)?;
+            each(key, text.get(i..end)?);
+            i = skip_ws(b, end);
+            match b.get(i)? {
+                b',' => i = skip_ws(b, i + 1),
+                b'}' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Calls `each` with every element text of the array `text`.
+    pub fn array<'a>(text: &'a str, mut each: impl FnMut(&'a str)) -> Option<()> {
+        let b = text.as_bytes();
+        let mut i = skip_ws(b, expect(b, 0, b'[')?);
+        if b.get(i) == Some(&b']') {
+            return Some(());
+        }
+        loop {
+            let end = value_end(b, i)?;
+            each(text.get(i..end)?);
+            i = skip_ws(b, end);
+            match b.get(i)? {
+                b',' => i = skip_ws(b, i + 1),
+                b']' => return Some(()),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The contents of the string literal `text` (quotes included), borrowed unless escaped.
+    pub fn string(text: &str) -> Option<Cow<'_, str>> {
+        let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+        if inner.contains('\\') {
+            serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+        } else {
+            Some(Cow::Borrowed(inner))
+        }
+    }
+
+    fn expect(b: &[u8], i: usize, byte: u8) -> Option<usize> {
+        (b.get(i) == Some(&byte)).then_some(i + 1)
+    }
+
+    fn skip_ws(b: &[u8], mut i: usize) -> usize {
+        while matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            i += 1;
+        }
+        i
+    }
+
+    /// The index after the closing quote of the string starting at `i`.
+    fn string_end(b: &[u8], i: usize) -> Option<usize> {
+        let mut i = expect(b, i, b'"')?;
+        loop {
+            i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
+            if b[i] == b'"' {
+                return Some(i + 1);
+            }
+            i += 2; // an escape: the next byte cannot end the string
+        }
+    }
+
+    /// The index after the value starting at `i`.
+    fn value_end(b: &[u8], i: usize) -> Option<usize> {
+        match b.get(i)? {
+            b'"' => string_end(b, i),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                let mut i = i;
+                loop {
+                    match b.get(i)? {
+                        b'"' => {
+                            i = string_end(b, i)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Some(i + 1);
+                            }
+                        }
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            _ => {
+                let rest = b.get(i..)?;
+                Some(i + rest.iter().position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t')).unwrap_or(rest.len()))
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn splits_one_level_with_escapes_and_whitespace() {
+            let text = r#"{ "a\"b" : {"x": "}]\\", "y": [1, {"z": "["}]} , "c": -1.5e3,"d":[ ], "e":"\u00e9"}"#;
+            let mut seen = Vec::new();
+            object(text, |k, v| seen.push((k.into_owned(), v))).unwrap();
+            assert_eq!(
+                seen,
+                [
+                    ("a\"b".to_owned(), r#"{"x": "}]\\", "y": [1, {"z": "["}]}"#),
+                    ("c".to_owned(), "-1.5e3"),
+                    ("d".to_owned(), "[ ]"),
+                    ("e".to_owned(), r#""\u00e9""#)
+                ]
+            );
+            assert_eq!(string(r#""\u00e9""#).unwrap(), "é");
+            let mut items = Vec::new();
+            array("[ true ,null,\"s\", [[]] ]", |v| items.push(v)).unwrap();
+            assert_eq!(items, ["true", "null", "\"s\"", "[[]]"]);
+        }
+
+        #[test]
+        fn unexpected_text_gives_none_not_a_panic() {
+            for bad in ["", "{", "{\"a\"", "{\"a\":", "{\"a\":1", "[1,", "[\"\\", "{\"a\" 1}", "{1:2}", "]"] {
+                assert!(object(bad, |_, _| {}).is_none() || array(bad, |_| {}).is_none(), "{bad}");
+                assert!(array(bad, |_| {}).is_none(), "{bad}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn untouched_parts_stay_the_same_bytes() {
+        let text = r#"{"a": {"x": [1, 2]}, "b": "s\"q", "c": 1.5}"#;
+        let r = raw(text);
+        let mut doc = Node::raw(&r);
+        let root = doc.as_object_mut().unwrap();
+        assert!(matches!(root.get("a"), Some(Node::Raw(v)) if *v == r#"{"x": [1, 2]}"#));
+        assert_eq!(root.get("b").unwrap().as_str().unwrap(), "s\"q");
+        let mut out = Vec::new();
+        doc.write_json(&mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), r#"{"a":{"x": [1, 2]},"b":"s\"q","c":1.5}"#);
+        assert_eq!(doc.to_value(), serde_json::from_str::<Value>(text).unwrap());
+    }
+
+    #[test]
+    fn duplicate_keys_keep_the_last_like_serde_json() {
+        let r = raw(r#"{"a": 1, "b": 2, "a": {"z": 3}}"#);
+        let mut doc = Node::raw(&r);
+        assert_eq!(doc.field("a").unwrap().to_value(), json!({"z": 3}));
+        let root = doc.as_object_mut().unwrap();
+        assert_eq!(root.len(), 2);
+        assert_eq!(doc.to_value(), json!({"a": {"z": 3}, "b": 2}));
+    }
+
+    #[test]
+    fn equality_is_json_equality() {
+        let (a, b) = (raw(r#"{"k": [1, {"x": "y"}], "n": 1}"#), raw(r#"{"n":1,"k":[1,{"x":"y"}]}"#));
+        assert!(Node::raw(&a).equals(&Node::raw(&b)));
+        let v = json!({"n": 1, "k": [1, {"x": "y"}]});
+        assert!(Node::raw(&a) == v);
+        assert!(Node::raw(&a) != json!({"n": 2, "k": [1, {"x": "y"}]}));
+        let mut opened = Node::raw(&a);
+        opened.as_object_mut().unwrap().get_mut("k").unwrap().as_array_mut().unwrap();
+        assert!(opened.equals(&Node::raw(&b)));
+    }
+
+    #[test]
+    fn kinds_and_views_of_template_values() {
+        let v = json!({"list": [1, "two"], "obj": {"k": null}});
+        let node = Node::Value(Cow::Borrowed(&v));
+        assert_eq!(node.kind(), Kind::Object);
+        assert_eq!(node.field("list").unwrap().elements().unwrap().len(), 2);
+        assert_eq!(node.field("obj").unwrap().field("k").unwrap().kind(), Kind::Null);
+    }
+
+    #[test]
+    fn objects_with_many_keys_compare_through_a_set() {
+        let keys: serde_json::Map<String, Value> = (0..1000).map(|i| (format!("k{i}"), json!(i))).collect();
+        let mut reversed: Vec<_> = keys.iter().collect();
+        reversed.reverse();
+        let text = format!("{{{}}}", reversed.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(","));
+        let r = raw(&text);
+        assert!(Node::raw(&r) == Value::Object(keys));
+        let o = Node::raw(&r).entries().unwrap().into_owned();
+        assert!(matches!(o.index(), Index::Hashed(_)));
+        assert!(o.index().contains_key("k999") && !o.index().contains_key("k1000"));
+    }
+}
