@@ -30,7 +30,7 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput};
 use serde_json::{json, Value};
 
 use pod_template_webhook::admission::{self, Policy};
-use pod_template_webhook::doc::Node;
+use pod_template_webhook::doc::Document;
 use pod_template_webhook::merge::{merge, merge_pod};
 use pod_template_webhook::patch;
 use serde_json::value::RawValue;
@@ -120,9 +120,10 @@ fn raw_of(pod: &Value) -> Box<RawValue> {
 
 /// Merge and diff on a raw pod, as `mutate` does them.
 fn merge_and_diff(raw: &RawValue, template: &PodTemplate) -> (Vec<u8>, usize) {
-    let mut doc = Node::raw(raw);
+    let document = Document::new(raw);
+    let mut doc = document.root();
     merge(&mut doc, template);
-    patch::diff(&Node::raw(raw), &doc)
+    patch::diff(&document.root(), &doc)
 }
 
 fn pod_of(body: &[u8]) -> Value {
@@ -267,12 +268,13 @@ fn bench_case(c: &mut Criterion, group: &str, body: &[u8], store: &TemplateIndex
     if stages {
         let req = admission::parse_review(body).unwrap();
         let merged = merge_pod(&pod, template).pod;
-        let mut doc = Node::raw(&raw);
+        let document = Document::new(&raw);
+        let mut doc = document.root();
         merge(&mut doc, template);
         let decision = admission::mutate(req.clone(), store, &policy).unwrap();
         g.bench_function("1_parse_review", |b| b.iter(|| admission::parse_review(black_box(body)).unwrap()));
-        g.bench_function("2_merge", |b| b.iter(|| merge(&mut Node::raw(black_box(&raw)), template)));
-        g.bench_function("3_diff", |b| b.iter(|| patch::diff(&Node::raw(black_box(&raw)), &doc)));
+        g.bench_function("2_merge", |b| b.iter(|| merge(&mut Document::new(black_box(&raw)).root(), template)));
+        g.bench_function("3_diff", |b| b.iter(|| patch::diff(&document.root(), black_box(&doc))));
         // What `patch::diff` replaced: json_patch's diff, then the patch to bytes.
         g.bench_function("3_diff_json_patch_crate", |b| {
             b.iter(|| serde_json::to_vec(&json_patch::diff(black_box(&pod), &merged)).unwrap())

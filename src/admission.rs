@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::doc::Node;
+use crate::doc::{Document, Node};
 use crate::merge::merge;
 use crate::names::Names;
 use crate::store::{EntryState, Lookup, TemplateStore};
@@ -240,7 +240,8 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
         return Ok(decision);
     }
     let raw = req.object.as_deref().ok_or(BadReview::NoObject)?;
-    let mut pod = Node::raw(raw);
+    let document = Document::new(raw);
+    let mut pod = document.root();
     let meta = pod.as_object_mut().ok_or(BadReview::NoObject)?.get_mut("metadata").and_then(Node::as_object_mut);
     let meta_field = |field: &str| meta.as_ref().and_then(|m| m.get(field)?.as_str());
     if decision.pod.is_empty() {
@@ -303,7 +304,7 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
         annotations.insert(names.applied_annotation.as_str(), Node::Value(Cow::Owned(Value::String(applied.clone()))));
     }
     // Parts the merge did not open (managedFields, status, ...) are skipped without a look.
-    let (patch, operations) = crate::patch::diff(&Node::raw(raw), &pod);
+    let (patch, operations) = crate::patch::diff(&document.root(), &pod);
     decision.applied = Some(applied.clone());
     decision.response.audit_annotations = BTreeMap::from([("applied".to_owned(), applied)]);
     if !warnings.is_empty() {

@@ -17,13 +17,102 @@ use serde_json::Value;
 /// One JSON value of a document.
 #[derive(Debug, Clone)]
 pub enum Node<'a> {
-    /// Not looked into yet: the text as received. Always valid JSON without surrounding
-    /// whitespace: it comes from a `RawValue` (checked by serde_json), or a part of one.
-    Raw(&'a str),
+    /// Not looked into yet: a part of a [`Document`]'s text, as received.
+    Raw(Raw<'a>),
     Object(Object<'a>),
     Array(Array<'a>),
     /// A value that is not from the document: borrowed from a template, or made by the merge.
     Value(Cow<'a, Value>),
+}
+
+/// The text of a request's object, checked by serde_json, with the position of every
+/// bracket's match, found in one pass. Opening a level then skips each nested value in one
+/// lookup instead of scanning it: each byte is scanned about once, however deep the merge goes.
+#[derive(Debug)]
+pub struct Document<'a> {
+    text: &'a str,
+    /// (opening, closing) byte offsets of every `{}` and `[]` pair, by opening offset.
+    pairs: Vec<(u32, u32)>,
+}
+
+impl<'a> Document<'a> {
+    pub fn new(raw: &'a RawValue) -> Self {
+        Document::over(raw.get().trim())
+    }
+
+    /// Any text: what is not valid JSON just fails to open (the tests feed it broken text).
+    fn over(text: &'a str) -> Self {
+        Document { text, pairs: bracket_pairs(text.as_bytes()).unwrap_or_default() }
+    }
+
+    pub fn root(&self) -> Node<'_> {
+        Node::Raw(Raw { text: self.text, doc: self })
+    }
+
+    /// The offset after the bracket matching the one at `open`.
+    fn end_of(&self, open: usize) -> Option<usize> {
+        let at = self.pairs.binary_search_by_key(&u32::try_from(open).ok()?, |p| p.0).ok()?;
+        Some(self.pairs[at].1 as usize + 1)
+    }
+}
+
+/// The bracket pairs of `b`, sorted by opening offset (`None` past 4 GiB).
+fn bracket_pairs(b: &[u8]) -> Option<Vec<(u32, u32)>> {
+    u32::try_from(b.len()).ok()?;
+    let (mut pairs, mut open) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i = split::string_end(b, i).unwrap_or(b.len());
+                continue;
+            }
+            b'{' | b'[' => open.push(i as u32),
+            b'}' | b']' => {
+                if let Some(start) = open.pop() {
+                    pairs.push((start, i as u32));
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    pairs.sort_unstable();
+    Some(pairs)
+}
+
+/// A part of a [`Document`]: valid JSON without surrounding whitespace.
+#[derive(Clone, Copy)]
+pub struct Raw<'a> {
+    text: &'a str,
+    doc: &'a Document<'a>,
+}
+
+impl std::fmt::Debug for Raw<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Raw({})", self.text)
+    }
+}
+
+impl<'a> Raw<'a> {
+    pub fn text(&self) -> &'a str {
+        self.text
+    }
+
+    /// The very same part of the same document (not just equal text).
+    pub fn same(&self, other: &Raw<'_>) -> bool {
+        std::ptr::eq(self.text, other.text)
+    }
+
+    fn sub(&self, range: std::ops::Range<usize>) -> Option<Raw<'a>> {
+        Some(Raw { text: self.text.get(range)?, doc: self.doc })
+    }
+
+    /// The offset after the value that starts at `i` with a bracket.
+    fn bracket_end(&self, i: usize) -> Option<usize> {
+        let base = self.text.as_ptr() as usize - self.doc.text.as_ptr() as usize;
+        self.doc.end_of(base + i).map(|end| end - base)
+    }
 }
 
 /// The kind of a JSON value.
@@ -44,14 +133,14 @@ pub struct Object<'a> {
     entries: Vec<(Cow<'a, str>, Node<'a>)>,
     /// When opened from raw text: that text and the entries as first split, so the diff
     /// does not split the original again.
-    source: Option<(&'a str, Box<Object<'a>>)>,
+    source: Option<(Raw<'a>, Box<Object<'a>>)>,
 }
 
 /// An array's elements; see [`Object`] for `source`.
 #[derive(Debug, Clone, Default)]
 pub struct Array<'a> {
     items: Vec<Node<'a>>,
-    source: Option<(&'a str, Vec<Node<'a>>)>,
+    source: Option<(Raw<'a>, Vec<Node<'a>>)>,
 }
 
 /// Above this many entries, comparing two objects key by key goes through a hash set.
@@ -159,14 +248,9 @@ impl<'o, 'a> Index<'o, 'a> {
 }
 
 impl<'a> Node<'a> {
-    /// A node over a whole document; serde_json has checked that the text is valid JSON.
-    pub fn raw(raw: &'a RawValue) -> Self {
-        Node::Raw(raw.get().trim())
-    }
-
     pub fn kind(&self) -> Kind {
         match self {
-            Node::Raw(raw) => match raw.as_bytes().first() {
+            Node::Raw(raw) => match raw.text.as_bytes().first() {
                 Some(b'{') => Kind::Object,
                 Some(b'[') => Kind::Array,
                 Some(b'"') => Kind::String,
@@ -225,7 +309,7 @@ impl<'a> Node<'a> {
     pub fn entries(&self) -> Option<Cow<'_, Object<'a>>> {
         Some(match self {
             Node::Object(o) => Cow::Borrowed(o),
-            Node::Raw(raw) => Cow::Owned(parse_object(raw)?),
+            Node::Raw(raw) => Cow::Owned(parse_object(*raw)?),
             Node::Value(Cow::Borrowed(Value::Object(map))) => {
                 let entries = map.iter().map(|(k, v)| (Cow::Borrowed(k.as_str()), Node::Value(Cow::Borrowed(v))));
                 Cow::Owned(Object { entries: entries.collect(), source: None })
@@ -244,7 +328,7 @@ impl<'a> Node<'a> {
             Node::Array(a) => Cow::Borrowed(a.items.as_slice()),
             Node::Raw(raw) => {
                 let mut list = Vec::new();
-                split::array(raw, |v| list.push(Node::Raw(v)))?;
+                split::array(*raw, |v| list.push(Node::Raw(v)))?;
                 Cow::Owned(list)
             }
             Node::Value(Cow::Borrowed(Value::Array(list))) => {
@@ -260,8 +344,8 @@ impl<'a> Node<'a> {
     /// [`Node::entries`], taken from `other`'s source when `self` is the raw text `other` was
     /// opened from: the diff and comparisons of a pod before and after never split twice.
     pub fn entries_beside<'n>(&'n self, other: &'n Node<'a>) -> Option<Cow<'n, Object<'a>>> {
-        if let (Node::Raw(raw), Node::Object(Object { source: Some((text, original)), .. })) = (self, other) {
-            if std::ptr::eq(*raw, *text) {
+        if let (Node::Raw(raw), Node::Object(Object { source: Some((from, original)), .. })) = (self, other) {
+            if raw.same(from) {
                 return Some(Cow::Borrowed(original));
             }
         }
@@ -270,8 +354,8 @@ impl<'a> Node<'a> {
 
     /// [`Node::elements`], the same way as [`Node::entries_beside`].
     pub fn elements_beside<'n>(&'n self, other: &'n Node<'a>) -> Option<Cow<'n, [Node<'a>]>> {
-        if let (Node::Raw(raw), Node::Array(Array { source: Some((text, original)), .. })) = (self, other) {
-            if std::ptr::eq(*raw, *text) {
+        if let (Node::Raw(raw), Node::Array(Array { source: Some((from, original)), .. })) = (self, other) {
+            if raw.same(from) {
                 return Some(Cow::Borrowed(original.as_slice()));
             }
         }
@@ -287,7 +371,7 @@ impl<'a> Node<'a> {
     pub fn field(&self, key: &str) -> Option<Cow<'_, Node<'a>>> {
         match self {
             Node::Object(o) => o.get(key).map(Cow::Borrowed),
-            Node::Raw(raw) => find_field(raw, key).map(|v| Cow::Owned(Node::Raw(v))),
+            Node::Raw(raw) => find_field(*raw, key).map(|v| Cow::Owned(Node::Raw(v))),
             Node::Value(Cow::Borrowed(v)) => v.get(key).map(|v| Cow::Owned(Node::Value(Cow::Borrowed(v)))),
             Node::Value(Cow::Owned(v)) => v.get(key).map(|v| Cow::Owned(Node::Value(Cow::Owned(v.clone())))),
             Node::Array(_) => None,
@@ -297,7 +381,7 @@ impl<'a> Node<'a> {
     /// The string, if this is one (borrowed unless it has escapes).
     pub fn as_str(&self) -> Option<Cow<'_, str>> {
         match self {
-            Node::Raw(raw) if self.kind() == Kind::String => split::string(raw),
+            Node::Raw(raw) if self.kind() == Kind::String => split::string(raw.text),
             Node::Value(v) => v.as_str().map(Cow::Borrowed),
             _ => None,
         }
@@ -315,7 +399,7 @@ impl<'a> Node<'a> {
 
     fn try_to_value(&self) -> Option<Value> {
         Some(match self {
-            Node::Raw(raw) => serde_json::from_str(raw).ok()?,
+            Node::Raw(raw) => serde_json::from_str(raw.text).ok()?,
             Node::Object(o) => Value::Object(
                 o.iter().map(|(k, v)| Some((k.to_owned(), v.try_to_value()?))).collect::<Option<_>>()?,
             ),
@@ -327,7 +411,7 @@ impl<'a> Node<'a> {
     /// JSON equality (not byte equality: `1.0` and `1`, or reordered keys, are equal).
     pub fn equals(&self, other: &Node<'_>) -> bool {
         if let (Node::Raw(a), Node::Raw(b)) = (self, other) {
-            if a == b {
+            if a.text == b.text {
                 return true;
             }
         }
@@ -364,7 +448,7 @@ impl Node<'_> {
     /// Appends the value as JSON (raw parts verbatim).
     pub fn write_json(&self, out: &mut Vec<u8>) {
         match self {
-            Node::Raw(raw) => out.extend_from_slice(raw.as_bytes()),
+            Node::Raw(raw) => out.extend_from_slice(raw.text.as_bytes()),
             Node::Object(o) => {
                 out.push(b'{');
                 for (i, (k, v)) in o.iter().enumerate() {
@@ -392,14 +476,14 @@ impl Node<'_> {
     }
 }
 
-fn parse_object(raw: &str) -> Option<Object<'_>> {
+fn parse_object(raw: Raw<'_>) -> Option<Object<'_>> {
     let mut object = Object::default();
     split::object(raw, |key, value| object.entries.push((key, Node::Raw(value))))?;
     object.dedup_keep_last();
     Some(object)
 }
 
-fn find_field<'a>(raw: &'a str, key: &str) -> Option<&'a str> {
+fn find_field<'a>(raw: Raw<'a>, key: &str) -> Option<Raw<'a>> {
     let mut found = None;
     split::object(raw, |k, v| {
         if k == key {
@@ -409,25 +493,27 @@ fn find_field<'a>(raw: &'a str, key: &str) -> Option<&'a str> {
     found
 }
 
-/// Splitting one level of JSON text that serde_json has already validated: only strings
-/// (for their quotes and escapes) and brackets need attention, so this is a plain byte scan,
-/// several times cheaper than parsing again. Anything unexpected gives `None`, never a panic.
+/// Splitting one level of a [`Document`]'s text, which serde_json has already checked: keys
+/// and values are found by a byte scan over the level itself, nested objects and arrays are
+/// skipped through the document's bracket pairs. Anything unexpected gives `None`, never a panic.
 mod split {
     use std::borrow::Cow;
 
-    /// Calls `each` with every key (unescaped) and value text of the object `text`.
-    pub fn object<'a>(text: &'a str, mut each: impl FnMut(Cow<'a, str>, &'a str)) -> Option<()> {
-        let b = text.as_bytes();
+    use super::Raw;
+
+    /// Calls `each` with every key (unescaped) and value of the object `raw`.
+    pub fn object<'a>(raw: Raw<'a>, mut each: impl FnMut(Cow<'a, str>, Raw<'a>)) -> Option<()> {
+        let b = raw.text.as_bytes();
         let mut i = skip_ws(b, expect(b, 0, b'{')?);
         if b.get(i) == Some(&b'}') {
             return Some(());
         }
         loop {
             let key_end = string_end(b, i)?;
-            let key = string(text.get(i..key_end)?)?;
+            let key = string(raw.text.get(i..key_end)?)?;
             i = skip_ws(b, expect(b, skip_ws(b, key_end), b':')?);
-            let end = value_end(b, i)?;
-            each(key, text.get(i..end)?);
+            let end = value_end(raw, i)?;
+            each(key, raw.sub(i..end)?);
             i = skip_ws(b, end);
             match b.get(i)? {
                 b',' => i = skip_ws(b, i + 1),
@@ -437,16 +523,16 @@ mod split {
         }
     }
 
-    /// Calls `each` with every element text of the array `text`.
-    pub fn array<'a>(text: &'a str, mut each: impl FnMut(&'a str)) -> Option<()> {
-        let b = text.as_bytes();
+    /// Calls `each` with every element of the array `raw`.
+    pub fn array<'a>(raw: Raw<'a>, mut each: impl FnMut(Raw<'a>)) -> Option<()> {
+        let b = raw.text.as_bytes();
         let mut i = skip_ws(b, expect(b, 0, b'[')?);
         if b.get(i) == Some(&b']') {
             return Some(());
         }
         loop {
-            let end = value_end(b, i)?;
-            each(text.get(i..end)?);
+            let end = value_end(raw, i)?;
+            each(raw.sub(i..end)?);
             i = skip_ws(b, end);
             match b.get(i)? {
                 b',' => i = skip_ws(b, i + 1),
@@ -459,7 +545,7 @@ mod split {
     /// The contents of the string literal `text` (quotes included), borrowed unless escaped.
     pub fn string(text: &str) -> Option<Cow<'_, str>> {
         let inner = text.strip_prefix('"')?.strip_suffix('"')?;
-        if inner.contains('\\') {
+        if inner.as_bytes().contains(&b'\\') {
             serde_json::from_str::<String>(text).ok().map(Cow::Owned)
         } else {
             Some(Cow::Borrowed(inner))
@@ -478,58 +564,67 @@ mod split {
     }
 
     /// The index after the closing quote of the string starting at `i`.
-    fn string_end(b: &[u8], i: usize) -> Option<usize> {
-        let mut i = expect(b, i, b'"')?;
+    pub(super) fn string_end(b: &[u8], i: usize) -> Option<usize> {
+        let mut j = expect(b, i, b'"')?;
         loop {
-            i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
-            if b[i] == b'"' {
-                return Some(i + 1);
+            j += quote_or_backslash(b.get(j..)?)?;
+            if b[j] == b'"' {
+                return Some(j + 1);
             }
-            i += 2; // an escape: the next byte cannot end the string
+            j += 2; // an escape: the next byte cannot end the string
         }
     }
 
+    /// The index of the first `"` or `\\` in `b`. Eight bytes at a time: pod strings are
+    /// mostly too short for memchr's SIMD set-up to pay off.
+    fn quote_or_backslash(b: &[u8]) -> Option<usize> {
+        const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+        const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+        let has_byte = |word: u64, byte: u8| {
+            let x = word ^ (ONES * u64::from(byte));
+            x.wrapping_sub(ONES) & !x & HIGHS
+        };
+        let mut chunks = b.chunks_exact(8);
+        for (n, chunk) in chunks.by_ref().enumerate() {
+            let word = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            let found = has_byte(word, b'"') | has_byte(word, b'\\');
+            if found != 0 {
+                // The lowest flagged byte is a real match (borrows only propagate upwards).
+                return Some(n * 8 + found.trailing_zeros() as usize / 8);
+            }
+        }
+        let tail = chunks.remainder();
+        tail.iter().position(|&c| c == b'"' || c == b'\\').map(|at| b.len() - tail.len() + at)
+    }
+
     /// The index after the value starting at `i`.
-    fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    fn value_end(raw: Raw<'_>, i: usize) -> Option<usize> {
+        let b = raw.text.as_bytes();
         match b.get(i)? {
             b'"' => string_end(b, i),
-            b'{' | b'[' => {
-                let mut depth = 0usize;
-                let mut i = i;
-                loop {
-                    match b.get(i)? {
-                        b'"' => {
-                            i = string_end(b, i)?;
-                            continue;
-                        }
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                return Some(i + 1);
-                            }
-                        }
-                        _ => {}
-                    }
-                    i += 1;
-                }
-            }
+            b'{' | b'[' => raw.bracket_end(i),
             _ => {
-                let rest = b.get(i..)?;
-                Some(i + rest.iter().position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t')).unwrap_or(rest.len()))
+                let mut j = i;
+                while j < b.len() && !matches!(b[j], b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t') {
+                    j += 1;
+                }
+                Some(j)
             }
         }
     }
 
     #[cfg(test)]
     mod tests {
+        use super::super::Node;
         use super::*;
 
         #[test]
         fn splits_one_level_with_escapes_and_whitespace() {
             let text = r#"{ "a\"b" : {"x": "}]\\", "y": [1, {"z": "["}]} , "c": -1.5e3,"d":[ ], "e":"\u00e9"}"#;
+            let doc = super::super::Document::over(text);
+            let Node::Raw(root) = doc.root() else { unreachable!() };
             let mut seen = Vec::new();
-            object(text, |k, v| seen.push((k.into_owned(), v))).unwrap();
+            object(root, |k, v| seen.push((k.into_owned(), v.text()))).unwrap();
             assert_eq!(
                 seen,
                 [
@@ -540,16 +635,24 @@ mod split {
                 ]
             );
             assert_eq!(string(r#""\u00e9""#).unwrap(), "é");
+            for n in 0..40 {
+                let long = format!("\"{}\\\"{}\" ", "x".repeat(n), "y".repeat(n % 9));
+                assert_eq!(string_end(long.as_bytes(), 0), Some(long.len() - 1), "{long}");
+            }
+            let doc = super::super::Document::over("[ true ,null,\"s\", [[]] ]");
+            let Node::Raw(root) = doc.root() else { unreachable!() };
             let mut items = Vec::new();
-            array("[ true ,null,\"s\", [[]] ]", |v| items.push(v)).unwrap();
+            array(root, |v| items.push(v.text())).unwrap();
             assert_eq!(items, ["true", "null", "\"s\"", "[[]]"]);
         }
 
         #[test]
         fn unexpected_text_gives_none_not_a_panic() {
-            for bad in ["", "{", "{\"a\"", "{\"a\":", "{\"a\":1", "[1,", "[\"\\", "{\"a\" 1}", "{1:2}", "]"] {
-                assert!(object(bad, |_, _| {}).is_none() || array(bad, |_| {}).is_none(), "{bad}");
-                assert!(array(bad, |_| {}).is_none(), "{bad}");
+            for bad in ["", "{", "{\"a\"", "{\"a\":", "{\"a\":1", "[1,", "[\"\\", "{\"a\" 1}", "{1:2}", "]", "{\"a\":[}", "}{"] {
+                let doc = super::super::Document::over(bad);
+                let Node::Raw(root) = doc.root() else { unreachable!() };
+                assert!(object(root, |_, _| {}).is_none(), "{bad}");
+                assert!(array(root, |_| {}).is_none(), "{bad}");
             }
         }
     }
@@ -569,9 +672,10 @@ mod tests {
     fn untouched_parts_stay_the_same_bytes() {
         let text = r#"{"a": {"x": [1, 2]}, "b": "s\"q", "c": 1.5}"#;
         let r = raw(text);
-        let mut doc = Node::raw(&r);
+        let document = Document::new(&r);
+        let mut doc = document.root();
         let root = doc.as_object_mut().unwrap();
-        assert!(matches!(root.get("a"), Some(Node::Raw(v)) if *v == r#"{"x": [1, 2]}"#));
+        assert!(matches!(root.get("a"), Some(Node::Raw(v)) if v.text() == r#"{"x": [1, 2]}"#));
         assert_eq!(root.get("b").unwrap().as_str().unwrap(), "s\"q");
         let mut out = Vec::new();
         doc.write_json(&mut out);
@@ -582,7 +686,8 @@ mod tests {
     #[test]
     fn duplicate_keys_keep_the_last_like_serde_json() {
         let r = raw(r#"{"a": 1, "b": 2, "a": {"z": 3}}"#);
-        let mut doc = Node::raw(&r);
+        let document = Document::new(&r);
+        let mut doc = document.root();
         assert_eq!(doc.field("a").unwrap().to_value(), json!({"z": 3}));
         let root = doc.as_object_mut().unwrap();
         assert_eq!(root.len(), 2);
@@ -592,13 +697,14 @@ mod tests {
     #[test]
     fn equality_is_json_equality() {
         let (a, b) = (raw(r#"{"k": [1, {"x": "y"}], "n": 1}"#), raw(r#"{"n":1,"k":[1,{"x":"y"}]}"#));
-        assert!(Node::raw(&a).equals(&Node::raw(&b)));
+        assert!(Document::new(&a).root().equals(&Document::new(&b).root()));
         let v = json!({"n": 1, "k": [1, {"x": "y"}]});
-        assert!(Node::raw(&a) == v);
-        assert!(Node::raw(&a) != json!({"n": 2, "k": [1, {"x": "y"}]}));
-        let mut opened = Node::raw(&a);
+        assert!(Document::new(&a).root() == v);
+        assert!(Document::new(&a).root() != json!({"n": 2, "k": [1, {"x": "y"}]}));
+        let document = Document::new(&a);
+        let mut opened = document.root();
         opened.as_object_mut().unwrap().get_mut("k").unwrap().as_array_mut().unwrap();
-        assert!(opened.equals(&Node::raw(&b)));
+        assert!(opened.equals(&Document::new(&b).root()));
     }
 
     #[test]
@@ -617,8 +723,10 @@ mod tests {
         reversed.reverse();
         let text = format!("{{{}}}", reversed.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(","));
         let r = raw(&text);
-        assert!(Node::raw(&r) == Value::Object(keys));
-        let o = Node::raw(&r).entries().unwrap().into_owned();
+        assert!(Document::new(&r).root() == Value::Object(keys));
+        let document = Document::new(&r);
+        let root = document.root();
+        let o = root.entries().unwrap();
         assert!(matches!(o.index(), Index::Hashed(_)));
         assert!(o.index().contains_key("k999") && !o.index().contains_key("k1000"));
     }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::doc::{Kind, Node, Object};
+use crate::doc::{Document, Kind, Node, Object};
 use crate::template::PodTemplate;
 
 /// Annotations that name a pod's primary container, most specific first (§4).
@@ -28,7 +28,8 @@ pub struct Merged {
 /// tests. The pod goes through the same raw-JSON path as a request's.
 pub fn merge_pod(pod: &Value, template: &PodTemplate) -> Merged {
     let raw = RawValue::from_string(pod.to_string()).expect("a Value serializes to valid JSON");
-    let mut doc = Node::raw(&raw);
+    let document = Document::new(&raw);
+    let mut doc = document.root();
     let warnings = merge(&mut doc, template);
     Merged { pod: doc.to_value(), warnings }
 }

@@ -23,7 +23,7 @@ struct Patch {
 impl Patch {
     fn diff<'a>(&mut self, left: &Node<'a>, right: &Node<'a>, path: &mut String) {
         if let (Node::Raw(l), Node::Raw(r)) = (left, right) {
-            if std::ptr::eq(*l, *r) {
+            if l.same(r) {
                 return; // a part the merge never opened
             }
         }
@@ -32,8 +32,14 @@ impl Patch {
                 let (Some(l), Some(r)) = (left.entries_beside(right), right.entries_beside(left)) else { return };
                 let (l_index, r_index) = (l.index(), r.index());
                 for (key, rv) in r.iter() {
+                    let lv = l_index.get(key);
+                    if let (Some(Node::Raw(a)), Node::Raw(b)) = (lv, rv) {
+                        if a.same(b) {
+                            continue; // before building its path
+                        }
+                    }
                     let len = push_token(path, key);
-                    match l_index.get(key) {
+                    match lv {
                         Some(lv) => self.diff(lv, rv, path),
                         None => self.op("add", path, Some(rv)),
                     }
@@ -95,6 +101,10 @@ impl Patch {
 fn push_token(path: &mut String, token: &str) -> usize {
     let len = path.len();
     path.push('/');
+    if !token.contains(['~', '/']) {
+        path.push_str(token);
+        return len;
+    }
     for c in token.chars() {
         match c {
             '~' => path.push_str("~0"),
@@ -117,7 +127,7 @@ mod tests {
     /// The diff of two documents given as JSON, both raw (as a request) and as template values.
     fn diff_values(before: &Value, after: &Value) -> (Vec<u8>, usize) {
         let raw = RawValue::from_string(before.to_string()).unwrap();
-        let from_raw = diff(&Node::raw(&raw), &Node::Value(std::borrow::Cow::Borrowed(after)));
+        let from_raw = diff(&crate::doc::Document::new(&raw).root(), &Node::Value(std::borrow::Cow::Borrowed(after)));
         let from_values =
             diff(&Node::Value(std::borrow::Cow::Borrowed(before)), &Node::Value(std::borrow::Cow::Borrowed(after)));
         assert_eq!(from_raw, from_values);
