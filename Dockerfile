@@ -30,5 +30,7 @@ COPY --from=builder /out/pod-template-webhook /usr/local/bin/pod-template-webhoo
 USER 65532:65532
 # The webhook (TLS, POST /mutate) and admin (/healthz, /readyz, /metrics) ports.
 EXPOSE 8443 8080
+# See charts/pod-template-webhook/templates/deployment.yaml: ~8 MB less resident memory.
+ENV MIMALLOC_ARENA_EAGER_COMMIT=0
 ENTRYPOINT ["/usr/local/bin/pod-template-webhook"]
 CMD ["serve"]

@@ -167,6 +167,17 @@ mod tests {
     }
 
     #[test]
+    fn objects_with_many_keys_diff_through_an_index() {
+        let before: serde_json::Map<String, Value> = (0..2000).map(|i| (format!("k{i}"), json!(i))).collect();
+        let mut after = before.clone();
+        after.remove("k7");
+        after.insert("k7/new".into(), json!("x"));
+        after.insert("k9".into(), json!({"changed": true}));
+        let ops = check(json!({"labels": before}), json!({"labels": after}));
+        assert_eq!(ops.len(), 3, "{ops:?}");
+    }
+
+    #[test]
     fn middle_changes_removals_and_replacements() {
         check(json!([1, 2, 3, 4, 5]), json!([1, 9, 9, 9, 5]));
         check(json!([1, 2, 3, 4, 5]), json!([1, 5]));
