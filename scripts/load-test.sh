@@ -8,7 +8,7 @@
 #   2. writes 1,000 template keys (100 ConfigMaps x 10 keys) plus examples/templates to a temp dir;
 #   3. starts three servers on that directory, each with a generated self-signed certificate:
 #        real     the webhook, RUST_LOG=info (the default: a line for denials and warnings only)
-#        verbose  the webhook, RUST_LOG=debug (a line for every admission)
+#        verbose  the webhook, RUST_LOG=info,pod_template_webhook=debug (a line for every admission)
 #        noop   --noop-handler: answers `allowed` without parsing (the TLS + HTTP stack alone);
 #   4. drives each with the real AdmissionReview (examples/reviews/flyte-task-pod.json):
 #        HTTP/2   h2load, keep-alive, $H2_CLIENTS connections x $H2_STREAMS streams
@@ -130,7 +130,7 @@ start() { # name RUST_LOG extra-args...
 }
 SERVERS=(noop real verbose)
 start real info
-start verbose debug
+start verbose 'info,pod_template_webhook=debug'
 start noop warn --noop-handler
 for name in "${SERVERS[@]}"; do
     for _ in $(seq 100); do

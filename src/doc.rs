@@ -4,9 +4,10 @@
 //! all of it into `serde_json::Value` trees (a map and a `String` per key), cloning it for the
 //! merge and dropping both copies was most of an admission's cost. A [`Node`] starts as the raw
 //! text of the request, validated once by serde_json; [`Node::as_object_mut`] and
-//! [`Node::as_array_mut`] split one level when the merge descends (a byte scan over text known
-//! to be valid, see [`split`]), and values from the template are borrowed, not copied. Whatever
-//! the merge never opened stays the same slice, so the diff skips it by comparing two pointers.
+//! [`Node::as_array_mut`] split one level when the merge descends (nested values are skipped
+//! through the bracket pairs of the [`Document`]), and values from the template are borrowed,
+//! not copied. Whatever the merge never opened stays the same slice of the request, so the diff
+//! skips it by comparing two pointers.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -59,6 +60,8 @@ impl<'a> Document<'a> {
 /// The bracket pairs of `b`, sorted by opening offset (`None` past 4 GiB).
 fn bracket_pairs(b: &[u8]) -> Option<Vec<(u32, u32)>> {
     u32::try_from(b.len()).ok()?;
+    // Each pair gets its slot when it opens, so the list comes out sorted; `open` holds the
+    // slots of the brackets not closed yet.
     let (mut pairs, mut open) = (Vec::new(), Vec::new());
     let mut i = 0;
     while i < b.len() {
@@ -67,17 +70,23 @@ fn bracket_pairs(b: &[u8]) -> Option<Vec<(u32, u32)>> {
                 i = split::string_end(b, i).unwrap_or(b.len());
                 continue;
             }
-            b'{' | b'[' => open.push(i as u32),
+            b'{' | b'[' => {
+                open.push(pairs.len());
+                pairs.push((i as u32, u32::MAX));
+            }
             b'}' | b']' => {
-                if let Some(start) = open.pop() {
-                    pairs.push((start, i as u32));
+                if let Some(slot) = open.pop() {
+                    pairs[slot].1 = i as u32;
                 }
             }
             _ => {}
         }
         i += 1;
     }
-    pairs.sort_unstable();
+    // Unclosed brackets (broken text only) have no end: drop them rather than mislead.
+    if !open.is_empty() {
+        pairs.retain(|p| p.1 != u32::MAX);
+    }
     Some(pairs)
 }
 
