@@ -6,9 +6,9 @@
 //!
 //! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`) and an iteration count. `flyte`, `gpu`
 //! and `env1500` run `parse_review` + `mutate` + `response_body` as the server does (no HTTP, no
-//! log line). `log` runs the flyte path and also emits the server's per-admission `info!` line
-//! (`server::log_decision`) through a
-//! `tracing_subscriber` fmt layer writing to a sink, to count what the log line costs.
+//! log line). `log` runs the flyte path and also emits the server's per-admission line
+//! (`server::log_decision`, at `debug` for a mutation, enabled here) through a `tracing_subscriber`
+//! fmt layer writing to a sink, to count what the line costs when it is on.
 //! Under `cargo bench` (an argument `--bench`), it runs each input a few times and exits.
 
 use std::collections::BTreeMap;
@@ -86,7 +86,7 @@ fn main() {
     }
     if args[0] == "log" {
         // As the server logs (text format, EnvFilter at info), into a sink instead of stderr.
-        tracing_subscriber::fmt().with_writer(std::io::sink).with_env_filter(tracing_subscriber::EnvFilter::new("info")).init();
+        tracing_subscriber::fmt().with_writer(std::io::sink).with_env_filter(tracing_subscriber::EnvFilter::new("debug")).init();
     }
     let iterations = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1000);
     let bytes = run(&args[0], iterations);
