@@ -2,7 +2,8 @@
 //! in ConfigMaps into pods.
 //!
 //! Data flows one way: request → [`admission`] → [`store`] lookup → [`merge`] → patch → response.
-//! [`merge`] and [`template`] are pure; [`server`], [`tls`], [`store`] and [`cli`] are the shell.
+//! [`merge`], [`doc`], [`patch`] and [`template`] are pure; [`server`], [`tls`], [`store`] and [`cli`]
+//! are the shell.
 
 pub mod admission;
 pub mod certs;

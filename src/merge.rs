@@ -1,4 +1,6 @@
-//! The merge rules (SPEC §4) as a pure function: `(pod, template) -> pod`. No I/O, no async.
+//! The merge rules (SPEC §4), pure: no I/O, no async. [`merge`] edits a pod document
+//! ([`crate::doc`]) in place, opening only what the template touches; [`merge_pod`] is the same
+//! as a function `(pod, template) -> pod` on values.
 //!
 //! The template is the base, the pod the overlay: what the pod sets explicitly wins. The merge
 //! works on the pod's JSON as the API server sent it, so fields newer than our typed model pass
