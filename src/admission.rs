@@ -323,10 +323,9 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
 pub fn validate_templates(req: &Request, names: &Names) -> Decision {
     let mut decision = Decision::unchanged(req);
     let is_config_map = req.resource.group.is_empty() && req.resource.resource == "configmaps";
-    let Some(object) = req.object.as_ref().filter(|_| is_config_map) else { return decision };
-    let Ok(object) = serde_json::from_str::<Value>(object.get()) else { return decision };
-    let object = &object;
-    let labelled = meta_str(object, "labels", &names.source_label) == Some("true");
+    let Some(raw) = req.object.as_ref().filter(|_| is_config_map) else { return decision };
+    let Ok(object) = serde_json::from_str::<Value>(raw.get()) else { return decision };
+    let labelled = meta_str(&object, "labels", &names.source_label) == Some("true");
     if !labelled || !matches!(req.operation.as_str(), "CREATE" | "UPDATE") {
         return decision;
     }

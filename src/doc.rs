@@ -513,39 +513,37 @@ mod split {
     /// Calls `each` with every key (unescaped) and value of the object `raw`.
     pub fn object<'a>(raw: Raw<'a>, mut each: impl FnMut(Cow<'a, str>, Raw<'a>)) -> Option<()> {
         let b = raw.text.as_bytes();
-        let mut i = skip_ws(b, expect(b, 0, b'{')?);
-        if b.get(i) == Some(&b'}') {
-            return Some(());
-        }
-        loop {
+        items(b, b'{', b'}', |i| {
             let key_end = string_end(b, i)?;
             let key = string(raw.text.get(i..key_end)?)?;
-            i = skip_ws(b, expect(b, skip_ws(b, key_end), b':')?);
-            let end = value_end(raw, i)?;
-            each(key, raw.sub(i..end)?);
-            i = skip_ws(b, end);
-            match b.get(i)? {
-                b',' => i = skip_ws(b, i + 1),
-                b'}' => return Some(()),
-                _ => return None,
-            }
-        }
+            let start = skip_ws(b, expect(b, skip_ws(b, key_end), b':')?);
+            let end = value_end(raw, start)?;
+            each(key, raw.sub(start..end)?);
+            Some(end)
+        })
     }
 
     /// Calls `each` with every element of the array `raw`.
     pub fn array<'a>(raw: Raw<'a>, mut each: impl FnMut(Raw<'a>)) -> Option<()> {
-        let b = raw.text.as_bytes();
-        let mut i = skip_ws(b, expect(b, 0, b'[')?);
-        if b.get(i) == Some(&b']') {
+        items(raw.text.as_bytes(), b'[', b']', |i| {
+            let end = value_end(raw, i)?;
+            each(raw.sub(i..end)?);
+            Some(end)
+        })
+    }
+
+    /// Walks the comma-separated items between `open` and `close`: `item` reads the one that
+    /// starts at the index it is given and returns the index after it.
+    fn items(b: &[u8], open: u8, close: u8, mut item: impl FnMut(usize) -> Option<usize>) -> Option<()> {
+        let mut i = skip_ws(b, expect(b, 0, open)?);
+        if b.get(i) == Some(&close) {
             return Some(());
         }
         loop {
-            let end = value_end(raw, i)?;
-            each(raw.sub(i..end)?);
-            i = skip_ws(b, end);
-            match b.get(i)? {
+            i = skip_ws(b, item(i)?);
+            match *b.get(i)? {
                 b',' => i = skip_ws(b, i + 1),
-                b']' => return Some(()),
+                c if c == close => return Some(()),
                 _ => return None,
             }
         }

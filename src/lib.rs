@@ -7,8 +7,8 @@
 
 pub mod admission;
 pub mod certs;
-pub mod doc;
 pub mod cli;
+pub mod doc;
 pub mod merge;
 pub mod metrics;
 pub mod names;
