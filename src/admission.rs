@@ -8,17 +8,21 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::doc::{Document, Node};
-use crate::merge::merge;
-use crate::names::Names;
-use crate::store::{EntryState, Lookup, TemplateStore};
+use std::sync::Arc;
 
-/// What to do when a pod names a template that is missing, or that never parsed.
+use crate::doc::{Document, Node};
+use crate::merge::{compose, merge, Conflict, Layer, Role};
+use crate::names::Names;
+use crate::store::{EntryState, Lookup, TemplateEntry, TemplateStore};
+use crate::template::PodTemplate;
+
+/// What to do about a problem with a pod's templates: a missing or broken one, a conflict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnProblem {
-    /// `allowed: false` with a message (the default).
+    /// `allowed: false` with a message.
     Deny,
-    /// `allowed: true`, unchanged, with the message in `warnings`.
+    /// `allowed: true` with the message in `warnings`; a missing or broken template is skipped,
+    /// the other layers still apply.
     Warn,
 }
 
@@ -27,13 +31,23 @@ pub struct Policy {
     pub names: Names,
     /// An explicitly referenced (annotation) template that does not exist.
     pub on_missing: OnProblem,
-    /// A referenced template whose ConfigMap key never parsed.
+    /// A template that applies to the pod (named, or a default) and never parsed.
     pub on_broken: OnProblem,
+    /// Two named templates setting one field to different values (the later one wins).
+    pub on_conflict: OnProblem,
+    /// The template every pod gets first: from the platform namespace, then the pod's own.
+    pub default_template: Option<String>,
 }
 
 impl Default for Policy {
     fn default() -> Self {
-        Policy { names: Names::default(), on_missing: OnProblem::Deny, on_broken: OnProblem::Deny }
+        Policy {
+            names: Names::default(),
+            on_missing: OnProblem::Deny,
+            on_broken: OnProblem::Deny,
+            on_conflict: OnProblem::Warn,
+            default_template: None,
+        }
     }
 }
 
@@ -232,7 +246,7 @@ fn meta_str<'a>(object: &'a Value, field: &str, key: &str) -> Option<&'a str> {
     object.get("metadata")?.get(field)?.get(key)?.as_str()
 }
 
-/// Decides one admission request.
+/// Decides one admission request: resolve the template names → look them up → merge → respond.
 pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Result<Decision, BadReview> {
     let mut decision = Decision::unchanged(&req);
     let is_pod = req.resource.group.is_empty() && req.resource.resource == "pods" && req.sub_resource.is_none();
@@ -250,58 +264,37 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
     if decision.namespace.is_empty() {
         decision.namespace = meta_field("namespace").unwrap_or(Cow::Borrowed("default")).into_owned();
     }
-    let names = &policy.names;
-    let meta_map_str = |field: &str, key: &str| {
-        let value = meta.as_ref()?.get(field)?.str_field(key);
-        value.filter(|v| !v.is_empty())
+    let meta_map_str = |field: &str, key: &str| meta.as_ref()?.get(field)?.str_field(key);
+    let requested = Requested::read(meta_map_str, &policy.names);
+    decision.template = requested.as_ref().ok().and_then(Requested::names);
+    let plan = match requested.and_then(|r| plan(&decision.namespace, &r, store, policy)) {
+        Ok(plan) => plan,
+        Err(refusal) => return Ok(refusal.apply(decision)),
     };
-    let (name, explicit) = match meta_map_str("annotations", &names.template_annotation) {
-        Some(a) => (a, true),
-        None => match meta_map_str("labels", &names.environment_label) {
-            Some(l) => (l, false),
-            None => return Ok(decision),
-        },
-    };
-    decision.template = Some(name.clone());
-    let how = if explicit {
-        format!("annotation {}", names.template_annotation)
-    } else {
-        format!("label {}", names.environment_label)
-    };
+    let mut warnings = plan.warnings;
+    if plan.layers.is_empty() {
+        decision.response.warnings = Some(warnings).filter(|w| !w.is_empty());
+        return Ok(decision);
+    }
 
-    let Lookup { entry, searched } = store.lookup(&decision.namespace, &name);
-    let Some(entry) = entry else {
-        if !explicit {
-            return Ok(decision); // an environment without a template: nothing to apply
+    let layers: Vec<Layer<'_>> = plan.layers.iter().map(PlannedLayer::layer).collect();
+    let composition = compose(&layers);
+    if !composition.conflicts.is_empty() {
+        let described = composition.conflicts.iter().map(|c| describe_conflict(c, &plan.layers));
+        match policy.on_conflict {
+            OnProblem::Warn => warnings.extend(described),
+            OnProblem::Deny => {
+                let message = format!("pod templates conflict: {}", described.collect::<Vec<_>>().join("; "));
+                return Ok(Refusal::new(OnProblem::Deny, 409, "Conflict", message).apply(decision));
+            }
         }
-        let message = format!("pod template {name:?} (named by {how}) not found in namespaces {searched:?}");
-        return Ok(refuse(decision, policy.on_missing, 404, "NotFound", message));
-    };
-    let mut warnings = Vec::new();
-    let template = match &entry.state {
-        EntryState::Ready(t) => t,
-        EntryState::Stale { template, error, broken_version } => {
-            warnings.push(format!(
-                "pod template {name:?}: ConfigMap {}/{} key {:?} at version {broken_version} does not parse ({error}); using its last good version {}",
-                entry.source.namespace, entry.source.config_map, entry.source.key, entry.source.version
-            ));
-            template
-        }
-        EntryState::Broken(error) => {
-            let s = &entry.source;
-            let message = format!(
-                "pod template {name:?} (named by {how}, namespaces searched {searched:?}): ConfigMap {}/{} key {:?} does not parse: {error}",
-                s.namespace, s.config_map, s.key
-            );
-            return Ok(refuse(decision, policy.on_broken, 422, "Invalid", message));
-        }
-    };
-
-    warnings.extend(merge(&mut pod, template));
-    let applied = entry.source.to_string();
+    }
+    warnings.extend(merge(&mut pod, &composition.template));
+    let applied = plan.layers.iter().map(|l| l.entry.source.to_string()).collect::<Vec<_>>().join(",");
     if let Some(root) = pod.as_object_mut() {
         let annotations = root.object_entry("metadata").object_entry("annotations");
-        annotations.insert(names.applied_annotation.as_str(), Node::Value(Cow::Owned(Value::String(applied.clone()))));
+        annotations
+            .insert(policy.names.applied_annotation.as_str(), Node::Value(Cow::Owned(Value::String(applied.clone()))));
     }
     // Parts the merge did not open (managedFields, status, ...) are skipped without a look.
     let (patch, operations) = crate::patch::diff(&document.root(), &pod);
@@ -318,45 +311,269 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
     Ok(decision)
 }
 
-/// The validating webhook for template ConfigMaps (`POST /validate`): a labelled ConfigMap
-/// whose templates do not parse is refused at apply time, naming each key and its error.
+/// The templates a pod asks for by name (SPEC §8 layer 3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requested {
+    /// The template annotation: a comma-separated list, applied left to right.
+    Annotation(Vec<String>),
+    /// The environment label: one name, and no template for it is no error.
+    Label(String),
+    Nothing,
+}
+
+impl Requested {
+    /// Reads the pod's annotation, else its label (`get(field, key)` reads `metadata.<field>.<key>`).
+    fn read(get: impl Fn(&str, &str) -> Option<String>, names: &Names) -> Result<Self, Refusal> {
+        let non_empty = |field: &str, key: &str| get(field, key).filter(|v| !v.trim().is_empty());
+        if let Some(list) = non_empty("annotations", &names.template_annotation) {
+            let items: Vec<String> = list.split(',').map(|s| s.trim().to_owned()).collect();
+            let problem = if items.iter().any(String::is_empty) {
+                Some("an empty item".to_owned())
+            } else {
+                items.iter().enumerate().find(|(i, n)| items[..*i].contains(n)).map(|(_, n)| format!("{n:?} twice"))
+            };
+            if let Some(problem) = problem {
+                let message = format!(
+                    "annotation {} = {list:?} lists {problem}: give each template once, separated by commas",
+                    names.template_annotation
+                );
+                return Err(Refusal::new(OnProblem::Deny, 400, "BadRequest", message));
+            }
+            return Ok(Requested::Annotation(items));
+        }
+        Ok(match non_empty("labels", &names.environment_label) {
+            Some(name) => Requested::Label(name),
+            None => Requested::Nothing,
+        })
+    }
+
+    /// The same, from a pod as a value (`render`).
+    pub fn from_pod(pod: &Value, names: &Names) -> Result<Self, Refusal> {
+        let get = |field: &str, key: &str| pod.get("metadata")?.get(field)?.get(key)?.as_str().map(str::to_owned);
+        Self::read(get, names)
+    }
+
+    fn names(&self) -> Option<String> {
+        match self {
+            Requested::Annotation(list) => Some(list.join(",")),
+            Requested::Label(name) => Some(name.clone()),
+            Requested::Nothing => None,
+        }
+    }
+}
+
+/// A layer found in the store, lowest first.
+#[derive(Debug, Clone)]
+pub struct PlannedLayer {
+    pub role: Role,
+    pub entry: Arc<TemplateEntry>,
+    /// The version served (the last good one when the entry is stale).
+    pub template: Arc<PodTemplate>,
+}
+
+impl PlannedLayer {
+    pub fn layer(&self) -> Layer<'_> {
+        Layer { role: self.role, template: &self.template }
+    }
+
+    /// `platform default flyte/…`, `namespace default ml/…`, `template ml/…`: for messages and
+    /// `render --explain`.
+    pub fn describe(&self, platform_namespace: &str) -> String {
+        let what = match self.role {
+            Role::Named => "template",
+            Role::Default if self.entry.source.namespace == platform_namespace => "platform default",
+            Role::Default => "namespace default",
+        };
+        format!("{what} {}", self.entry.source)
+    }
+}
+
+/// What applies to a pod, and what the user should hear about it.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub layers: Vec<PlannedLayer>,
+    pub warnings: Vec<String>,
+}
+
+/// The layers for a pod of `namespace` (SPEC §8): the platform default, the namespace default,
+/// then the named templates.
+pub fn plan(
+    namespace: &str,
+    requested: &Requested,
+    store: &dyn TemplateStore,
+    policy: &Policy,
+) -> Result<Plan, Refusal> {
+    let mut plan = Plan::default();
+    let platform = policy.names.platform_namespace.as_str();
+    if let Some(default) = &policy.default_template {
+        // Only the platform namespace, then only the pod's own: never another tenant's.
+        let platform_default = store.lookup(platform, default).entry;
+        let namespace_default =
+            store.lookup(namespace, default).entry.filter(|e| e.source.namespace == namespace && namespace != platform);
+        for entry in [platform_default, namespace_default].into_iter().flatten() {
+            let how = format!("the default template (--default-template) in namespace {}", entry.source.namespace);
+            plan.add(Role::Default, default, entry, &how, policy)?;
+        }
+    }
+    let (names, how, required) = match requested {
+        Requested::Annotation(list) => {
+            (list.as_slice(), format!("annotation {}", policy.names.template_annotation), true)
+        }
+        Requested::Label(name) => {
+            (std::slice::from_ref(name), format!("label {}", policy.names.environment_label), false)
+        }
+        Requested::Nothing => (&[][..], String::new(), false),
+    };
+    for name in names {
+        let Lookup { entry, searched } = store.lookup(namespace, name);
+        match entry {
+            Some(entry) => plan.add(
+                Role::Named,
+                name,
+                entry,
+                &format!("named by {how}, namespaces searched {searched:?}"),
+                policy,
+            )?,
+            // An environment without a template: nothing to apply.
+            None if !required => {}
+            None => {
+                let message = format!("pod template {name:?} (named by {how}) not found in namespaces {searched:?}");
+                plan.refuse(Refusal::new(policy.on_missing, 404, "NotFound", message))?;
+            }
+        }
+    }
+    Ok(plan)
+}
+
+impl Plan {
+    fn add(
+        &mut self,
+        role: Role,
+        name: &str,
+        entry: Arc<TemplateEntry>,
+        how: &str,
+        policy: &Policy,
+    ) -> Result<(), Refusal> {
+        let template = match &entry.state {
+            EntryState::Ready(t) => t.clone(),
+            EntryState::Stale { template, error, broken_version } => {
+                self.warnings.push(format!(
+                    "pod template {name:?}: {} at version {broken_version} does not parse ({error}); using its last good version {}",
+                    entry.source.describe(),
+                    entry.source.version
+                ));
+                template.clone()
+            }
+            EntryState::Broken(error) => {
+                let message =
+                    format!("pod template {name:?} ({how}): {} does not parse: {error}", entry.source.describe());
+                return self.refuse(Refusal::new(policy.on_broken, 422, "Invalid", message));
+            }
+        };
+        self.layers.push(PlannedLayer { role, entry, template });
+        Ok(())
+    }
+
+    /// A refusal the policy turns into a warning skips the layer; otherwise the pod is denied.
+    fn refuse(&mut self, refusal: Refusal) -> Result<(), Refusal> {
+        match refusal.on {
+            OnProblem::Warn => {
+                self.warnings.push(refusal.message);
+                Ok(())
+            }
+            OnProblem::Deny => Err(refusal),
+        }
+    }
+}
+
+fn describe_conflict(c: &Conflict, layers: &[PlannedLayer]) -> String {
+    let source = |i: usize| &layers[i].entry.source;
+    format!(
+        "templates {} and {} both set {}; the later one, {}, wins",
+        source(c.lower),
+        source(c.higher),
+        c.path,
+        source(c.higher).key
+    )
+}
+
+/// The validating webhook for template sources (`POST /validate`): a labelled ConfigMap or
+/// PodTemplate whose templates do not parse is refused at apply time, naming each template and
+/// its error.
 pub fn validate_templates(req: &Request, names: &Names) -> Decision {
+    use crate::source::SourceObject;
+    use crate::template::SourceKind;
     let mut decision = Decision::unchanged(req);
-    let is_config_map = req.resource.group.is_empty() && req.resource.resource == "configmaps";
-    let Some(raw) = req.object.as_ref().filter(|_| is_config_map) else { return decision };
-    let Ok(object) = serde_json::from_str::<Value>(raw.get()) else { return decision };
+    let kind = match (req.resource.group.as_str(), req.resource.resource.as_str(), &req.sub_resource) {
+        ("", "configmaps", None) => SourceKind::ConfigMap,
+        ("", "podtemplates", None) => SourceKind::PodTemplate,
+        _ => return decision,
+    };
+    let Some(raw) = req.object.as_ref() else {
+        return decision;
+    };
+    let Ok(object) = serde_json::from_str::<Value>(raw.get()) else {
+        return decision;
+    };
     let labelled = meta_str(&object, "labels", &names.source_label) == Some("true");
     if !labelled || !matches!(req.operation.as_str(), "CREATE" | "UPDATE") {
         return decision;
     }
     let name = object.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or(&req.name);
-    let errors: Vec<String> = object
-        .get("data")
-        .and_then(Value::as_object)
+    let data: BTreeMap<String, String>;
+    let source = match kind {
+        SourceKind::ConfigMap => {
+            let pairs = object.get("data").and_then(Value::as_object).into_iter().flatten();
+            data = pairs.map(|(key, text)| (key.clone(), text.as_str().unwrap_or_default().to_owned())).collect();
+            SourceObject::ConfigMap(&data)
+        }
+        SourceKind::PodTemplate => SourceObject::PodTemplate { name, object: &object },
+    };
+    let errors: Vec<String> = source
+        .parse_all()
         .into_iter()
-        .flatten()
-        .filter_map(|(key, text)| {
-            let text = text.as_str().unwrap_or_default();
-            crate::template::PodTemplate::parse(text).err().map(|e| format!("key {key:?}: {e}"))
+        .filter_map(|(key, parsed)| match kind {
+            SourceKind::ConfigMap => parsed.err().map(|e| format!("key {key:?}: {e}")),
+            SourceKind::PodTemplate => parsed.err().map(|e| e.to_string()),
         })
         .collect();
     if !errors.is_empty() {
-        let message = format!("template ConfigMap {}/{name} does not parse: {}", decision.namespace, errors.join("; "));
-        decision = refuse(decision, OnProblem::Deny, 422, "Invalid", message);
+        let what = match kind {
+            SourceKind::ConfigMap => "ConfigMap",
+            SourceKind::PodTemplate => "PodTemplate",
+        };
+        let message = format!("template {what} {}/{name} does not parse: {}", decision.namespace, errors.join("; "));
+        decision = Refusal::new(OnProblem::Deny, 422, "Invalid", message).apply(decision);
     }
     decision
 }
 
-fn refuse(mut decision: Decision, on: OnProblem, code: u16, reason: &str, message: String) -> Decision {
-    match on {
-        OnProblem::Deny => {
-            decision.response.allowed = false;
-            decision.response.result = Status { code, reason: reason.to_owned(), message };
-            decision.outcome = Outcome::Denied;
-        }
-        OnProblem::Warn => decision.response.warnings = Some(vec![message]),
+/// Why a pod is not mutated as asked, and what the policy says to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub on: OnProblem,
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(on: OnProblem, code: u16, reason: &'static str, message: String) -> Self {
+        Refusal { on, code, reason, message }
     }
-    decision
+
+    fn apply(self, mut decision: Decision) -> Decision {
+        match self.on {
+            OnProblem::Deny => {
+                decision.response.allowed = false;
+                decision.response.result =
+                    Status { code: self.code, reason: self.reason.to_owned(), message: self.message };
+                decision.outcome = Outcome::Denied;
+            }
+            OnProblem::Warn => decision.response.warnings = Some(vec![self.message]),
+        }
+        decision
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,11 @@ use crate::store::{cluster, TemplateStore};
 use crate::{certs, tls};
 
 #[derive(Parser, Debug)]
-#[command(name = "pod-template-webhook", version, about = "Merges pod templates from ConfigMaps into pods: a Kubernetes mutating admission webhook")]
+#[command(
+    name = "pod-template-webhook",
+    version,
+    about = "Merges pod templates from ConfigMaps into pods: a Kubernetes mutating admission webhook"
+)]
 pub struct Cli {
     /// Log format (logs go to stderr; the level comes from RUST_LOG, default info).
     #[arg(long, env = "PTW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -54,9 +58,13 @@ pub enum Command {
         /// Namespace of the pod when its manifest has none.
         #[arg(long, env = "PTW_NAMESPACE", default_value = "default")]
         namespace: String,
+        /// After the pod, list (as YAML comments) every JSON path changed and the layer that set it.
+        #[arg(long)]
+        explain: bool,
         pod: String,
     },
-    /// Check template ConfigMaps; exits non-zero naming file, line, ConfigMap and key of each error.
+    /// Check template ConfigMaps and PodTemplates; exits non-zero naming file, line, object (and
+    /// ConfigMap key) of each error.
     Validate {
         #[command(flatten)]
         names: NameArgs,
@@ -86,9 +94,18 @@ pub struct NameArgs {
     /// A template named by annotation that does not exist: deny the pod, or allow it with a warning.
     #[arg(long, env = "PTW_ON_MISSING_TEMPLATE", value_enum, default_value_t = OnProblem::Deny)]
     pub on_missing_template: OnProblem,
-    /// A referenced template that never parsed: deny the pod, or allow it with a warning.
+    /// A template that applies to the pod and never parsed: deny the pod, or allow it with a
+    /// warning (the template is skipped).
     #[arg(long, env = "PTW_ON_BROKEN_TEMPLATE", value_enum, default_value_t = OnProblem::Deny)]
     pub on_broken_template: OnProblem,
+    /// Two templates a pod names set one field to different values (the later one wins): warn,
+    /// or deny the pod.
+    #[arg(long, env = "PTW_ON_CONFLICT", value_enum, default_value_t = OnProblem::Warn)]
+    pub on_conflict: OnProblem,
+    /// Template every pod gets first: from the platform namespace, with a template of the same
+    /// name in the pod's own namespace on top. Unset: no defaults.
+    #[arg(long, env = "PTW_DEFAULT_TEMPLATE")]
+    pub default_template: Option<String>,
 }
 
 impl NameArgs {
@@ -103,7 +120,13 @@ impl NameArgs {
     }
 
     pub fn policy(&self) -> Policy {
-        Policy { names: self.names(), on_missing: self.on_missing_template, on_broken: self.on_broken_template }
+        Policy {
+            names: self.names(),
+            on_missing: self.on_missing_template,
+            on_broken: self.on_broken_template,
+            on_conflict: self.on_conflict,
+            default_template: self.default_template.clone().filter(|t| !t.is_empty()),
+        }
     }
 }
 
@@ -186,7 +209,7 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => tokio::runtime::Runtime::new()?.block_on(serve(args)),
         Command::Mutate { templates, review } => mutate(&templates, &review),
-        Command::Render { templates, namespace, pod } => render(&templates, &namespace, &pod),
+        Command::Render { templates, namespace, explain, pod } => render(&templates, &namespace, &pod, explain),
         Command::Validate { names, paths } => validate(&names.names(), &paths),
     }
 }
@@ -226,7 +249,7 @@ fn mutate(args: &TemplateArgs, review: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn render(args: &TemplateArgs, namespace: &str, pod_path: &str) -> anyhow::Result<()> {
+fn render(args: &TemplateArgs, namespace: &str, pod_path: &str, explain: bool) -> anyhow::Result<()> {
     let store = load_dir(args)?;
     let text = String::from_utf8(read_input(pod_path)?).context("the pod manifest is not UTF-8")?;
     let mut pod: Value = serde_yaml::from_str(&text).with_context(|| format!("{pod_path}: not a YAML or JSON pod"))?;
@@ -244,45 +267,97 @@ fn render(args: &TemplateArgs, namespace: &str, pod_path: &str) -> anyhow::Resul
             "userInfo": {}, "object": pod,
         }
     });
+    let policy = args.names.policy();
     let req = admission::parse_review(&serde_json::to_vec(&review)?)?;
-    let decision = admission::mutate(req, &store, &args.names.policy())?;
+    let decision = admission::mutate(req, &store, &policy)?;
     for w in decision.response.warnings.iter().flatten() {
         eprintln!("warning: {w}");
     }
     if decision.outcome == Outcome::Denied {
         bail!("denied: {}", decision.response.result.message);
     }
+    let original = pod.clone();
     if let Some(patch) = &decision.response.patch {
         let patch: json_patch::Patch = serde_json::from_slice(patch)?;
         json_patch::patch(&mut pod, &patch).context("the patch does not apply to the pod")?;
     }
     print!("{}", serde_yaml::to_string(&pod)?);
+    if explain {
+        print!("{}", explanation(&original, &pod, &namespace, &store, &policy)?);
+    }
     Ok(())
 }
 
+/// `render --explain`: YAML comments naming, for every JSON path the webhook changed, the layer
+/// that set it — or the webhook itself for the applied annotation.
+fn explanation(
+    original: &Value,
+    rendered: &Value,
+    namespace: &str,
+    store: &DirStore,
+    policy: &Policy,
+) -> anyhow::Result<String> {
+    let requested = admission::Requested::from_pod(original, &policy.names).map_err(|r| anyhow::anyhow!(r.message))?;
+    let plan = admission::plan(namespace, &requested, store, policy).map_err(|r| anyhow::anyhow!(r.message))?;
+    let layers: Vec<_> = plan.layers.iter().map(admission::PlannedLayer::layer).collect();
+    let (merged, changes) = crate::merge::explain(original, &layers);
+    let mut out = String::from("# --explain: JSON path changed <- the layer that set it\n");
+    if plan.layers.is_empty() {
+        out.push_str("# (no template applies to this pod)\n");
+    }
+    let record =
+        format!("/metadata/annotations/{}", policy.names.applied_annotation.replace('~', "~0").replace('/', "~1"));
+    let recorded = rendered.pointer(&record).is_some() && merged.pointer(&record) != rendered.pointer(&record);
+    let mut lines: Vec<(&str, String)> = changes
+        .iter()
+        .map(|c| (c.path.as_str(), plan.layers[c.layer].describe(&policy.names.platform_namespace)))
+        .collect();
+    if recorded {
+        lines.push((&record, "the webhook: the record of the layers applied".to_owned()));
+    }
+    let width = lines.iter().map(|(path, _)| path.len()).max().unwrap_or(0);
+    for (path, by) in lines {
+        out.push_str(&format!("# {path:width$}  <- {by}\n"));
+    }
+    Ok(out)
+}
+
 fn validate(names: &Names, paths: &[PathBuf]) -> anyhow::Result<()> {
+    use crate::template::{SourceKind, TemplateError};
     let (mut ok, mut errors) = (0usize, Vec::new());
     for path in paths {
         for file in dir::manifest_files(path)? {
-            let config_maps = match dir::read_config_maps(&file, &names.platform_namespace) {
+            let manifests = match dir::read_manifests(&file, &names.platform_namespace) {
                 Ok(found) => found,
                 Err(e) => {
                     errors.push(e.to_string());
                     continue;
                 }
             };
-            for cm in config_maps.iter().filter(|cm| cm.labels.get(&names.source_label).is_some_and(|v| v == "true")) {
-                for (key, text) in &cm.data {
-                    match crate::template::PodTemplate::parse(text) {
-                        Ok(_) => ok += 1,
-                        Err(e) => {
-                            let at = dir::key_line(&file, cm.document, key).map(|l| format!(":{l}")).unwrap_or_default();
-                            errors.push(format!(
-                                "{}{at}: ConfigMap {}/{} key {key:?}: {e}",
-                                file.display(), cm.namespace, cm.name
-                            ));
+            for m in manifests.iter().filter(|m| m.labels.get(&names.source_label).is_some_and(|v| v == "true")) {
+                for (key, parsed) in m.source().parse_all() {
+                    let Err(e) = parsed else {
+                        ok += 1;
+                        continue;
+                    };
+                    let (line, what) = match m.kind() {
+                        SourceKind::ConfigMap => (
+                            dir::key_line(&file, m.document, &key),
+                            format!("ConfigMap {}/{} key {key:?}", m.namespace, m.name),
+                        ),
+                        SourceKind::PodTemplate => {
+                            let field = match &e {
+                                TemplateError::Field { path, .. } if path.starts_with("metadata") => "metadata",
+                                _ => "template",
+                            };
+                            (
+                                dir::field_line(&file, m.document, field),
+                                format!("PodTemplate {}/{}", m.namespace, m.name),
+                            )
                         }
-                    }
+                    };
+                    let at = line.map(|l| format!(":{l}")).unwrap_or_default();
+                    errors.push(format!("{}{at}: {what}: {e}", file.display()));
                 }
             }
         }
@@ -321,7 +396,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_concurrent_requests: args.max_concurrent_requests.max(1),
         request_timeout: Duration::from_secs(args.request_timeout_seconds.max(1)),
     };
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let admin = tokio::net::TcpListener::bind(args.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.admin_listen))?;
@@ -335,7 +412,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let admin_app = server::admin_router(state.clone());
-    let admin_task = tokio::spawn(async move { axum::serve(admin, admin_app).with_graceful_shutdown(admin_stop).await });
+    let admin_task =
+        tokio::spawn(async move { axum::serve(admin, admin_app).with_graceful_shutdown(admin_stop).await });
     let drain_state = state.clone();
     let shutdown = async move {
         shutdown_signal().await;
@@ -358,7 +436,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// The certificate the TLS listener serves, kept current: files reloaded on change, the builtin
 /// Secret-backed pair, or a self-signed one for local use.
-async fn serving_certificate(args: &ServeArgs, state: &AppState, platform_namespace: String) -> anyhow::Result<Arc<tls::CertResolver>> {
+async fn serving_certificate(
+    args: &ServeArgs,
+    state: &AppState,
+    platform_namespace: String,
+) -> anyhow::Result<Arc<tls::CertResolver>> {
     let metrics = &state.metrics;
     let (cert, files) = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -393,7 +475,9 @@ async fn serving_certificate(args: &ServeArgs, state: &AppState, platform_namesp
     } else if let Some((cert, key, bytes)) = files {
         let every = Duration::from_secs(args.cert_reload_seconds.max(1));
         let m = metrics.clone();
-        tokio::spawn(tls::watch_files(cert, key, bytes, resolver.clone(), every, move |c| m.certificate_loaded(c.not_after)));
+        tokio::spawn(tls::watch_files(cert, key, bytes, resolver.clone(), every, move |c| {
+            m.certificate_loaded(c.not_after)
+        }));
     }
     Ok(resolver)
 }

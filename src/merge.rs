@@ -15,6 +15,11 @@ use serde_json::Value;
 use crate::doc::{Document, Kind, Node, Object};
 use crate::template::PodTemplate;
 
+mod compose;
+mod explain;
+pub use compose::{compose, Composition, Conflict, Layer, Role};
+pub use explain::{explain, Change};
+
 /// Annotations that name a pod's primary container, most specific first (§4).
 pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 pub const PRIMARY_CONTAINER_ANNOTATION: &str = "primary_container_name";
@@ -40,7 +45,9 @@ pub fn merge_pod(pod: &Value, template: &PodTemplate) -> Merged {
 /// parts of the pod the template touches are opened; values are borrowed from the template.
 pub fn merge<'a>(pod: &mut Node<'a>, template: &'a PodTemplate) -> Vec<String> {
     let mut warnings = Vec::new();
-    let Some(root) = pod.as_object_mut() else { return warnings };
+    let Some(root) = pod.as_object_mut() else {
+        return warnings;
+    };
 
     let meta = root.object_entry("metadata");
     fill_string_map(meta, "labels", &template.labels);
@@ -184,7 +191,9 @@ fn fill_field<'a>(owner: &mut Object<'a>, key: &'a str, base: &'a Value, ctx: Ct
         owner.insert(key, Node::Value(Cow::Borrowed(base)));
         return;
     }
-    let Some(overlay) = owner.get_mut(key) else { return };
+    let Some(overlay) = owner.get_mut(key) else {
+        return;
+    };
     match base {
         Value::Object(b) if !b.is_empty() => {
             if let Some(o) = overlay.as_object_mut() {
@@ -206,7 +215,8 @@ fn fill_field<'a>(owner: &mut Object<'a>, key: &'a str, base: &'a Value, ctx: Ct
 fn merge_list<'a>(overlay: &mut Vec<Node<'a>>, base: &'a [Value], rule: ListRule) {
     // The pod's entries as values, for the (rare) comparisons of whole entries.
     let mut existing: Option<Vec<Value>> = None;
-    let mut contains = |b: &Value| existing.get_or_insert_with(|| overlay.iter().map(Node::to_value).collect()).contains(b);
+    let mut contains =
+        |b: &Value| existing.get_or_insert_with(|| overlay.iter().map(Node::to_value).collect()).contains(b);
     let added: Vec<&'a Value> = match rule {
         ListRule::Atomic if overlay.is_empty() => base.iter().collect(),
         ListRule::Atomic => return,
@@ -326,7 +336,11 @@ impl<'a> ContainerList<'a> {
     }
 
     fn other_field(&self) -> &'static str {
-        if self.field == "containers" { "initContainers" } else { "containers" }
+        if self.field == "containers" {
+            "initContainers"
+        } else {
+            "containers"
+        }
     }
 
     fn merge<'t>(&self, spec: &mut Object<'t>, t: &'t PodTemplate, warnings: &mut Vec<String>) {
@@ -372,7 +386,9 @@ impl<'a> ContainerList<'a> {
         if !spec.contains_key(self.field) {
             spec.insert(self.field, Node::empty_array());
         }
-        let Some(list) = spec.get_mut(self.field).and_then(Node::as_array_mut) else { return };
+        let Some(list) = spec.get_mut(self.field).and_then(Node::as_array_mut) else {
+            return;
+        };
         for c in list.iter_mut() {
             let name = c.str_field("name").unwrap_or_default();
             let is_primary = self.primary == Some(name.as_str());

@@ -59,6 +59,18 @@ struct RawTemplate {
     annotations: Option<BTreeMap<String, String>>,
     #[serde(rename = "podSpec", alias = "pod_spec")]
     pod_spec: Option<Value>,
+    /// The Flyte SDK's form (`PodTemplate.to_k8s_pod()`, the `K8sPod` message as JSON): labels
+    /// and annotations under `metadata`. Its other field, `dataConfig`, is not accepted: the SDK
+    /// never sets it in a pod template, and dropping it silently would lose what it asks for.
+    metadata: Option<RawMetadata>,
+}
+
+/// `K8sObjectMetadata`: only labels and annotations; anything else (`name`, ...) is an error.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetadata {
+    labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
 }
 
 impl PodTemplate {
@@ -70,9 +82,28 @@ impl PodTemplate {
             .primary_container_name
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| DEFAULT_PRIMARY_CONTAINER_NAME.to_owned());
+        let (labels, annotations) = match raw.metadata {
+            Some(RawMetadata {
+                labels,
+                annotations,
+            }) if labels.is_some() || annotations.is_some() => {
+                if raw.labels.is_some() || raw.annotations.is_some() {
+                    return Err(TemplateError::Syntax(
+                        "labels/annotations are given both at the top level and under metadata \
+                         (the Flyte SDK's form); use one form or the other"
+                            .into(),
+                    ));
+                }
+                (labels, annotations)
+            }
+            _ => (raw.labels, raw.annotations),
+        };
         let pod_spec = match raw.pod_spec {
             None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(spec)) => validate_pod_spec(spec)?,
+            Some(Value::Object(mut spec)) => {
+                spec.values_mut().for_each(integral_floats_as_integers);
+                validate_pod_spec(spec)?
+            }
             Some(other) => {
                 return Err(TemplateError::Syntax(format!(
                     "podSpec must be a mapping, found {}",
@@ -82,8 +113,8 @@ impl PodTemplate {
         };
         Ok(PodTemplate {
             primary_container_name,
-            labels: raw.labels.unwrap_or_default(),
-            annotations: raw.annotations.unwrap_or_default(),
+            labels: labels.unwrap_or_default(),
+            annotations: annotations.unwrap_or_default(),
             pod_spec,
         })
     }
@@ -154,6 +185,25 @@ fn remove_nulls(v: &mut Value) {
     match v {
         Value::Object(map) => remove_nulls_in_map(map),
         Value::Array(items) => items.iter_mut().for_each(remove_nulls),
+        _ => {}
+    }
+}
+
+/// The Flyte SDK carries the podSpec in a protobuf `Struct`, whose numbers are doubles: Python's
+/// `json_format` writes `terminationGracePeriodSeconds: 30.0`. Flyte's Go side reads it back as
+/// `30`, and kubectl turns YAML's `30.0` into `30` too; so an integral number becomes the integer
+/// it is (the PodSpec has no floating-point field). `30.5` stays, and the typed check refuses it.
+fn integral_floats_as_integers(v: &mut Value) {
+    match v {
+        // Up to 2^53, every integer is exactly a double.
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 {
+                *v = Value::from(f as i64);
+            }
+        }
+        Value::Object(map) => map.values_mut().for_each(integral_floats_as_integers),
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_as_integers),
         _ => {}
     }
 }
@@ -269,6 +319,116 @@ mod tests {
     fn pod_spec_must_be_a_mapping() {
         let err = PodTemplate::parse("podSpec: [1]").unwrap_err().to_string();
         assert!(err.contains("podSpec must be a mapping"), "{err}");
+    }
+
+    /// What `flyte.PodTemplate(...).to_k8s_pod()` gives through `json_format.MessageToJson` (flyte
+    /// 2.12.1): labels and annotations under `metadata`, podSpec numbers as doubles.
+    const SDK_HELLO_WORLD: &str = r#"{
+      "metadata": {"labels": {"lKeyA": "lValA"}, "annotations": {"aKeyA": "aValA"}},
+      "podSpec": {
+        "terminationGracePeriodSeconds": 30.0,
+        "containers": [{"name": "primary", "env": [{"value": "world", "name": "hello"}]}],
+        "imagePullSecrets": [{"name": "regcred-test"}]
+      },
+      "primaryContainerName": "primary"
+    }"#;
+
+    #[test]
+    fn sdk_form_reads_labels_and_annotations_from_metadata() {
+        let sdk = PodTemplate::parse(SDK_HELLO_WORLD).unwrap();
+        let native = PodTemplate::parse(
+            "primaryContainerName: primary\nlabels: {lKeyA: lValA}\nannotations: {aKeyA: aValA}\n\
+             podSpec: {terminationGracePeriodSeconds: 30, containers: [{name: primary, env: [{name: hello, value: world}]}],\
+             imagePullSecrets: [{name: regcred-test}]}",
+        )
+        .unwrap();
+        assert_eq!(sdk, native);
+        // The protobuf form's snake_case names (preserving_proto_field_name) are the same template.
+        let snake = SDK_HELLO_WORLD
+            .replace("podSpec", "pod_spec")
+            .replace("primaryContainerName", "primary_container_name");
+        assert_eq!(PodTemplate::parse(&snake).unwrap(), sdk);
+    }
+
+    #[test]
+    fn sdk_form_with_empty_metadata() {
+        // Without labels or annotations the SDK still writes `metadata: {}`; with
+        // always_print_fields_with_no_presence, empty maps and an empty primaryContainerName.
+        let t = PodTemplate::parse(
+            r#"{"metadata": {}, "podSpec": {"containers": [{"name": "primary"}]}}"#,
+        )
+        .unwrap();
+        assert!(t.labels.is_empty() && t.annotations.is_empty());
+        let t = PodTemplate::parse(
+            r#"{"metadata": {"labels": {}, "annotations": {}}, "podSpec": {}, "primaryContainerName": ""}"#,
+        )
+        .unwrap();
+        assert!(t.labels.is_empty() && t.annotations.is_empty());
+        assert_eq!(t.primary_container_name, "primary");
+        // An empty metadata sets nothing, so top-level labels beside it are one form only.
+        let t = PodTemplate::parse("metadata: {}\nlabels: {a: b}").unwrap();
+        assert_eq!(t.labels["a"], "b");
+    }
+
+    #[test]
+    fn labels_in_both_forms_are_an_error() {
+        for text in [
+            "labels: {a: b}\nmetadata: {labels: {c: d}}",
+            "annotations: {a: b}\nmetadata: {labels: {c: d}}",
+            "labels: {a: b}\nmetadata: {annotations: {}}",
+        ] {
+            let err = PodTemplate::parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains("both at the top level and under metadata"),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_key_in_metadata_is_an_error() {
+        let err = PodTemplate::parse("metadata: {name: x, labels: {a: b}}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `name`"), "{err}");
+        let err = PodTemplate::parse("metadata: {label: {a: b}}")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `label`"), "{err}");
+        // K8sPod's other field is not silently dropped either.
+        let err = PodTemplate::parse(r#"{"metadata": {}, "dataConfig": {"enabled": true}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `dataConfig`"), "{err}");
+    }
+
+    #[test]
+    fn integral_doubles_are_integers_and_fractions_are_refused() {
+        let t = PodTemplate::parse(
+            "podSpec: {activeDeadlineSeconds: 3600.0, tolerations: [{key: k, operator: Exists, tolerationSeconds: 300.0}],\
+             containers: [{name: p, ports: [{containerPort: 8080.0}], resources: {limits: {cpu: 2.0, memory: 0.5}}}]}",
+        )
+        .unwrap();
+        assert_eq!(t.pod_spec["activeDeadlineSeconds"], serde_json::json!(3600));
+        assert_eq!(
+            t.pod_spec["tolerations"][0]["tolerationSeconds"],
+            serde_json::json!(300)
+        );
+        assert_eq!(
+            t.pod_spec["containers"][0]["ports"][0]["containerPort"],
+            serde_json::json!(8080)
+        );
+        assert_eq!(
+            t.pod_spec["containers"][0]["resources"]["limits"],
+            serde_json::json!({"cpu": "2", "memory": "0.5"})
+        );
+        let err = PodTemplate::parse("podSpec: {terminationGracePeriodSeconds: 30.5}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("podSpec.terminationGracePeriodSeconds:"),
+            "{err}"
+        );
     }
 
     #[test]

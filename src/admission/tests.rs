@@ -8,9 +8,13 @@ use crate::store::{Catalog, TemplateIndex};
 const SAMPLE: &str = include_str!("../../examples/reviews/flyte-task-pod.json");
 
 fn catalog(entries: &[(&str, &str, &str, &str)]) -> Catalog {
-    let mut c = Catalog::new("flyte");
+    // One ConfigMap per (namespace, name), holding all its keys.
+    let mut config_maps: BTreeMap<(&str, &str), BTreeMap<String, String>> = BTreeMap::new();
     for (ns, cm, key, text) in entries {
-        let data = BTreeMap::from([(key.to_string(), text.to_string())]);
+        config_maps.entry((ns, cm)).or_default().insert(key.to_string(), text.to_string());
+    }
+    let mut c = Catalog::new("flyte");
+    for ((ns, cm), data) in config_maps {
         c.apply(ns, cm, Some("7"), &data);
     }
     c
@@ -21,7 +25,12 @@ fn index(entries: &[(&str, &str, &str, &str)]) -> TemplateIndex {
 }
 
 fn hello() -> TemplateIndex {
-    index(&[("flyte", "platform", "hello_world", "labels: {lKeyA: lValA}\npodSpec: {containers: [{name: primary, env: [{name: hello, value: world}]}]}")])
+    index(&[(
+        "flyte",
+        "platform",
+        "hello_world",
+        "labels: {lKeyA: lValA}\npodSpec: {containers: [{name: primary, env: [{name: hello, value: world}]}]}",
+    )])
 }
 
 fn review(edit: impl FnOnce(&mut Value)) -> Value {
@@ -61,8 +70,12 @@ fn mutates_the_sample_and_echoes_the_review() {
     let pod = patched(&r, &d);
     assert_eq!(pod["spec"]["containers"][0]["env"][0], json!({"name": "hello", "value": "world"}));
     assert_eq!(pod["metadata"]["annotations"]["flyte.org/pod-template-applied"], "flyte/platform/hello_world@7");
-    assert_eq!(pod["metadata"]["managedFields"], r["request"]["object"]["metadata"]["managedFields"], "managedFields untouched");
-    let ops = serde_json::to_string(&serde_json::from_slice::<Value>(d.response.patch.as_ref().unwrap()).unwrap()).unwrap();
+    assert_eq!(
+        pod["metadata"]["managedFields"], r["request"]["object"]["metadata"]["managedFields"],
+        "managedFields untouched"
+    );
+    let ops =
+        serde_json::to_string(&serde_json::from_slice::<Value>(d.response.patch.as_ref().unwrap()).unwrap()).unwrap();
     assert!(!ops.contains("managedFields"), "{ops}");
 }
 
@@ -81,7 +94,9 @@ fn reinvocation_changes_nothing() {
 #[test]
 fn label_keys_with_slash_and_tilde_are_escaped_in_the_patch() {
     let store = index(&[("flyte", "platform", "hello_world", "labels: {example.com/a~b: v}\nannotations: {x/~: y}")]);
-    let r = review(|r| r["request"]["object"]["metadata"].as_object_mut().unwrap().remove("annotations").map(|_| ()).unwrap());
+    let r = review(|r| {
+        r["request"]["object"]["metadata"].as_object_mut().unwrap().remove("annotations").map(|_| ()).unwrap()
+    });
     let d = decide(&r, &store, &Policy::default());
     let patch: Value = serde_json::from_slice(d.response.patch.as_ref().unwrap()).unwrap();
     let paths: Vec<&str> = patch.as_array().unwrap().iter().map(|op| op["path"].as_str().unwrap()).collect();
@@ -163,7 +178,12 @@ fn a_broken_template_is_denied_with_configmap_key_and_error() {
     let d = decide(&review(|_| {}), &store, &Policy::default());
     assert_eq!(d.outcome, Outcome::Denied);
     let msg = &d.response.result.message;
-    assert!(msg.contains("flyte/platform") && msg.contains("\"hello_world\"") && msg.contains("containers[0].evn: unknown field"), "{msg}");
+    assert!(
+        msg.contains("flyte/platform")
+            && msg.contains("\"hello_world\"")
+            && msg.contains("containers[0].evn: unknown field"),
+        "{msg}"
+    );
     assert!(d.response.result.code >= 400);
 
     let warn = Policy { on_broken: OnProblem::Warn, ..Policy::default() };
@@ -220,4 +240,160 @@ fn malformed_reviews_are_clear_errors() {
     let r = review(|r| r["request"].as_object_mut().unwrap().remove("object").map(|_| ()).unwrap());
     let req = parse_review(&serde_json::to_vec(&r).unwrap()).unwrap();
     assert!(matches!(mutate(req, &hello(), &Policy::default()), Err(BadReview::NoObject)));
+}
+
+// ---- Layers (SPEC §8) ----
+
+/// The sample pod runs in `flytesnacks-development`; these templates stack on it.
+fn layered() -> TemplateIndex {
+    index(&[
+        (
+            "flyte",
+            "platform",
+            "defaults",
+            "labels: {team: platform, tier: default}\npodSpec: {tolerations: [{key: spot}]}",
+        ),
+        ("flytesnacks-development", "tenant", "defaults", "labels: {team: snacks}"),
+        ("team-b", "other", "defaults", "labels: {secret: team-b}"),
+        ("flyte", "platform", "base", "podSpec: {containers: [{name: primary, env: [{name: MODE, value: base}]}]}"),
+        (
+            "flytesnacks-development",
+            "tenant",
+            "gpu",
+            "podSpec: {containers: [{name: primary, env: [{name: MODE, value: gpu}]}]}",
+        ),
+        ("flyte", "platform", "hello_world", "labels: {lKeyA: lValA}"),
+    ])
+}
+
+fn with_defaults() -> Policy {
+    Policy { default_template: Some("defaults".into()), ..Policy::default() }
+}
+
+fn annotated(list: &str) -> Value {
+    review(|r| r["request"]["object"]["metadata"]["annotations"]["flyte.org/pod-template"] = json!(list))
+}
+
+fn env_of(pod: &Value) -> &Value {
+    &pod["spec"]["containers"][0]["env"]
+}
+
+#[test]
+fn defaults_stack_platform_then_namespace_then_the_named_template() {
+    let r = review(|_| {});
+    let d = decide(&r, &layered(), &with_defaults());
+    assert_eq!(d.outcome, Outcome::Mutated);
+    let pod = patched(&r, &d);
+    let labels = &pod["metadata"]["labels"];
+    assert_eq!(
+        (&labels["team"], &labels["tier"], &labels["lKeyA"]),
+        (&json!("snacks"), &json!("default"), &json!("lValA"))
+    );
+    assert_eq!(labels.get("secret"), None, "another tenant's default never applies");
+    let applied = "flyte/platform/defaults@7,flytesnacks-development/tenant/defaults@7,flyte/platform/hello_world@7";
+    assert_eq!(d.applied.as_deref(), Some(applied), "every layer, lowest first");
+    assert_eq!(pod["metadata"]["annotations"]["flyte.org/pod-template-applied"], applied);
+    assert_eq!(d.response.audit_annotations["applied"], applied);
+    assert!(d.response.warnings.is_none(), "defaults are overridden silently: {:?}", d.response.warnings);
+}
+
+#[test]
+fn defaults_apply_to_pods_whose_environment_has_no_template() {
+    let r = review(|r| r["request"]["object"]["metadata"]["labels"]["flyte.org/environment"] = json!("nothing-here"));
+    let d = decide(&r, &layered(), &with_defaults());
+    assert_eq!(d.outcome, Outcome::Mutated);
+    assert_eq!(patched(&r, &d)["metadata"]["labels"]["team"], "snacks");
+    assert!(decide(&r, &layered(), &Policy::default()).response.patch.is_none(), "no default configured");
+}
+
+#[test]
+fn a_default_missing_from_the_store_is_no_error() {
+    let policy = Policy { default_template: Some("absent".into()), ..Policy::default() };
+    let d = decide(&review(|_| {}), &layered(), &policy);
+    assert_eq!(d.applied.as_deref(), Some("flyte/platform/hello_world@7"));
+    assert!(d.response.warnings.is_none());
+}
+
+#[test]
+fn a_broken_default_follows_the_broken_template_policy() {
+    let store = index(&[
+        ("flyte", "platform", "defaults", "podSpec: {nodeSelectr: {}}"),
+        ("flyte", "platform", "hello_world", "{}"),
+    ]);
+    let d = decide(&review(|_| {}), &store, &with_defaults());
+    assert_eq!(d.outcome, Outcome::Denied);
+    let msg = &d.response.result.message;
+    assert!(msg.contains("--default-template") && msg.contains("ConfigMap flyte/platform key \"defaults\""), "{msg}");
+    let warn = Policy { on_broken: OnProblem::Warn, ..with_defaults() };
+    let d = decide(&review(|_| {}), &store, &warn);
+    assert!(d.response.allowed);
+    assert_eq!(
+        d.applied.as_deref(),
+        Some("flyte/platform/hello_world@7"),
+        "the broken layer is skipped, the rest applies"
+    );
+    assert!(d.response.warnings.unwrap()[0].contains("nodeSelectr"));
+}
+
+#[test]
+fn the_annotation_lists_templates_applied_left_to_right_with_a_conflict_warning() {
+    let r = annotated("base, gpu");
+    let d = decide(&r, &layered(), &Policy::default());
+    let pod = patched(&r, &d);
+    assert!(env_of(&pod).as_array().unwrap().contains(&json!({"name": "MODE", "value": "gpu"})), "{pod:#}");
+    assert_eq!(d.applied.as_deref(), Some("flyte/platform/base@7,flytesnacks-development/tenant/gpu@7"));
+    let warnings = d.response.warnings.expect("a conflict warning");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = &warnings[0];
+    assert!(
+        w.contains("spec.containers[name=primary].env[name=MODE]")
+            && w.contains("flyte/platform/base@7")
+            && w.contains("flytesnacks-development/tenant/gpu@7"),
+        "names the path and both templates: {w}"
+    );
+
+    let d = decide(&annotated("gpu,base"), &layered(), &Policy::default());
+    assert!(env_of(&patched(&annotated("gpu,base"), &d))
+        .as_array()
+        .unwrap()
+        .contains(&json!({"name": "MODE", "value": "base"})));
+}
+
+#[test]
+fn on_conflict_deny_refuses_the_pod_with_the_same_text() {
+    let policy = Policy { on_conflict: OnProblem::Deny, ..Policy::default() };
+    let d = decide(&annotated("base,gpu"), &layered(), &policy);
+    assert_eq!(d.outcome, Outcome::Denied);
+    assert_eq!(d.response.result.code, 409);
+    assert!(d.response.result.message.contains("env[name=MODE]"), "{}", d.response.result.message);
+    // Without a conflict, deny mode changes nothing.
+    assert_eq!(decide(&annotated("base,hello_world"), &layered(), &policy).outcome, Outcome::Mutated);
+}
+
+#[test]
+fn empty_or_repeated_items_are_denied() {
+    for list in ["base,,gpu", "base,", " , base", "base, gpu, base"] {
+        let d = decide(&annotated(list), &layered(), &Policy { on_missing: OnProblem::Warn, ..Policy::default() });
+        assert_eq!((d.outcome, d.response.result.code), (Outcome::Denied, 400), "{list:?}");
+        assert!(d.response.result.message.contains(list), "quotes the annotation: {}", d.response.result.message);
+    }
+}
+
+#[test]
+fn a_missing_item_of_the_list_is_denied_naming_it() {
+    let d = decide(&annotated("base,nope"), &layered(), &Policy::default());
+    assert_eq!(d.outcome, Outcome::Denied);
+    assert!(d.response.result.message.contains("\"nope\""), "{}", d.response.result.message);
+    let warn = Policy { on_missing: OnProblem::Warn, ..Policy::default() };
+    let d = decide(&annotated("base,nope"), &layered(), &warn);
+    assert_eq!(d.applied.as_deref(), Some("flyte/platform/base@7"), "the other layers still apply");
+}
+
+#[test]
+fn reinvocation_with_layers_changes_nothing() {
+    let r = annotated("base,gpu");
+    let first = decide(&r, &layered(), &with_defaults());
+    let again = review(|x| x["request"]["object"] = patched(&r, &first));
+    let second = decide(&again, &layered(), &with_defaults());
+    assert_eq!(second.outcome, Outcome::Unchanged, "{:?}", second.response);
 }

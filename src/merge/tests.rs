@@ -44,7 +44,10 @@ fn empty_template_changes_nothing() {
 fn duplicate_env_keeps_the_pods_entry_once() {
     let mut pod = simple_pod();
     pod["spec"]["containers"][0]["env"] = json!([{"name": "hello", "value": "pod"}, {"name": "mine", "value": "1"}]);
-    let out = merged(&pod, "podSpec: {containers: [{name: primary, env: [{name: hello, value: world}, {name: extra, value: x}]}]}");
+    let out = merged(
+        &pod,
+        "podSpec: {containers: [{name: primary, env: [{name: hello, value: world}, {name: extra, value: x}]}]}",
+    );
     assert_eq!(
         out["spec"]["containers"][0]["env"],
         json!([{"name": "extra", "value": "x"}, {"name": "hello", "value": "pod"}, {"name": "mine", "value": "1"}]),
@@ -55,7 +58,8 @@ fn duplicate_env_keeps_the_pods_entry_once() {
 #[test]
 fn env_value_from_entries_are_kept_whole() {
     let mut pod = simple_pod();
-    let pod_entry = json!({"name": "NODE", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}});
+    let pod_entry =
+        json!({"name": "NODE", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}});
     pod["spec"]["containers"][0]["env"] = json!([pod_entry]);
     let out = merged(
         &pod,
@@ -71,8 +75,14 @@ fn env_value_from_entries_are_kept_whole() {
 fn template_env_from_is_kept_and_unioned() {
     let mut pod = simple_pod();
     pod["spec"]["containers"][0]["envFrom"] = json!([{"configMapRef": {"name": "pod-cm"}}]);
-    let out = merged(&pod, "podSpec: {containers: [{name: primary, envFrom: [{secretRef: {name: s}}, {configMapRef: {name: pod-cm}}]}]}");
-    assert_eq!(out["spec"]["containers"][0]["envFrom"], json!([{"secretRef": {"name": "s"}}, {"configMapRef": {"name": "pod-cm"}}]));
+    let out = merged(
+        &pod,
+        "podSpec: {containers: [{name: primary, envFrom: [{secretRef: {name: s}}, {configMapRef: {name: pod-cm}}]}]}",
+    );
+    assert_eq!(
+        out["spec"]["containers"][0]["envFrom"],
+        json!([{"secretRef": {"name": "s"}}, {"configMapRef": {"name": "pod-cm"}}])
+    );
 }
 
 #[test]
@@ -228,7 +238,8 @@ fn three_containers(annotations: Value, pod_name: &str) -> Value {
 fn primary_of(pod: &Value, primary_name: &str) -> String {
     let yaml = format!("primaryContainerName: {primary_name}\npodSpec: {{containers: [{{name: {primary_name}, env: [{{name: PRIMARY, value: 'yes'}}]}}]}}");
     let out = merged(pod, &yaml);
-    let marked: Vec<_> = out["spec"]["containers"].as_array().unwrap().iter().filter(|c| c.get("env").is_some()).collect();
+    let marked: Vec<_> =
+        out["spec"]["containers"].as_array().unwrap().iter().filter(|c| c.get("env").is_some()).collect();
     assert_eq!(marked.len(), 1, "exactly one container is primary: {out}");
     marked[0]["name"].as_str().unwrap().to_owned()
 }
@@ -240,8 +251,16 @@ fn primary_container_resolution_order() {
     let flyte = json!({PRIMARY_CONTAINER_ANNOTATION: "main"});
     assert_eq!(primary_of(&three_containers(flyte, "p"), "primary"), "main", "then Flyte's primary_container_name");
     let stale = json!({DEFAULT_CONTAINER_ANNOTATION: "gone"});
-    assert_eq!(primary_of(&three_containers(stale.clone(), "p"), "other"), "other", "then the template's primaryContainerName");
-    assert_eq!(primary_of(&three_containers(stale.clone(), "main"), "primary"), "main", "then a container named like the pod");
+    assert_eq!(
+        primary_of(&three_containers(stale.clone(), "p"), "other"),
+        "other",
+        "then the template's primaryContainerName"
+    );
+    assert_eq!(
+        primary_of(&three_containers(stale.clone(), "main"), "primary"),
+        "main",
+        "then a container named like the pod"
+    );
     assert_eq!(primary_of(&three_containers(stale, "p"), "primary"), "first", "else the first container");
 }
 
@@ -310,7 +329,11 @@ fn sidecars_go_after_and_init_containers_before() {
 "#,
     );
     assert_eq!(names(&out["spec"]["containers"]), ["primary", "shipper"], "the pod's first container stays first");
-    assert_eq!(out["spec"]["containers"][1]["env"], json!([{"name": "ALL", "value": "x"}]), "default applies to sidecars");
+    assert_eq!(
+        out["spec"]["containers"][1]["env"],
+        json!([{"name": "ALL", "value": "x"}]),
+        "default applies to sidecars"
+    );
     assert_eq!(names(&out["spec"]["initContainers"]), ["fetch", "setup"]);
     assert_eq!(out["spec"]["initContainers"][0]["env"], json!([{"name": "INIT", "value": "x"}]));
     assert_eq!(out["spec"]["initContainers"][1]["env"], json!([{"name": "INIT", "value": "x"}]));
@@ -329,10 +352,8 @@ fn a_sidecar_without_image_is_not_added_and_said() {
 fn primary_init_goes_to_the_first_init_container_the_template_does_not_define() {
     let mut pod = simple_pod();
     pod["spec"]["initContainers"] = json!([{"name": "a", "image": "i:1"}, {"name": "b", "image": "i:1"}]);
-    let out = merged(
-        &pod,
-        "podSpec: {initContainers: [{name: primary-init, workingDir: /p}, {name: pre, image: pre:1}]}",
-    );
+    let out =
+        merged(&pod, "podSpec: {initContainers: [{name: primary-init, workingDir: /p}, {name: pre, image: pre:1}]}");
     let init = &out["spec"]["initContainers"];
     assert_eq!(names(init), ["pre", "a", "b"]);
     assert!(init[0].get("workingDir").is_none());
