@@ -76,17 +76,13 @@ struct RawMetadata {
 impl PodTemplate {
     /// Parses one ConfigMap value (YAML, or JSON which is YAML too).
     pub fn parse(text: &str) -> Result<Self, TemplateError> {
-        let raw: RawTemplate =
-            serde_yaml::from_str(text).map_err(|e| TemplateError::Syntax(e.to_string()))?;
+        let raw: RawTemplate = serde_yaml::from_str(text).map_err(|e| TemplateError::Syntax(e.to_string()))?;
         let primary_container_name = raw
             .primary_container_name
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| DEFAULT_PRIMARY_CONTAINER_NAME.to_owned());
         let (labels, annotations) = match raw.metadata {
-            Some(RawMetadata {
-                labels,
-                annotations,
-            }) if labels.is_some() || annotations.is_some() => {
+            Some(RawMetadata { labels, annotations }) if labels.is_some() || annotations.is_some() => {
                 if raw.labels.is_some() || raw.annotations.is_some() {
                     return Err(TemplateError::Syntax(
                         "labels/annotations are given both at the top level and under metadata \
@@ -105,10 +101,7 @@ impl PodTemplate {
                 validate_pod_spec(spec)?
             }
             Some(other) => {
-                return Err(TemplateError::Syntax(format!(
-                    "podSpec must be a mapping, found {}",
-                    kind_of(&other)
-                )))
+                return Err(TemplateError::Syntax(format!("podSpec must be a mapping, found {}", kind_of(&other))))
             }
         };
         Ok(PodTemplate {
@@ -145,10 +138,8 @@ fn validate_pod_spec(mut spec: Map<String, Value>) -> Result<Map<String, Value>,
     remove_nulls_in_map(&mut spec);
     quantities_as_strings(&mut spec);
     let value = Value::Object(spec);
-    let typed: PodSpec = serde_path_to_error::deserialize(&value).map_err(|e| TemplateError::PodSpec {
-        path: e.path().to_string(),
-        message: e.inner().to_string(),
-    })?;
+    let typed: PodSpec = serde_path_to_error::deserialize(&value)
+        .map_err(|e| TemplateError::PodSpec { path: e.path().to_string(), message: e.inner().to_string() })?;
     let round_trip = serde_json::to_value(&typed).expect("a PodSpec always serializes");
     if let Some(path) = first_unknown_field(&value, &round_trip, String::new()) {
         return Err(TemplateError::PodSpec { path, message: "unknown field".into() });
@@ -266,7 +257,8 @@ mod tests {
 
     #[test]
     fn empty_known_fields_are_not_unknown() {
-        let t = PodTemplate::parse("podSpec: {securityContext: {}, containers: [{name: p, env: [], resources: {}}]}").unwrap();
+        let t = PodTemplate::parse("podSpec: {securityContext: {}, containers: [{name: p, env: [], resources: {}}]}")
+            .unwrap();
         assert_eq!(t.pod_spec["containers"][0]["env"], serde_json::json!([]));
     }
 
@@ -302,7 +294,10 @@ mod tests {
 
     #[test]
     fn numeric_quantities_become_strings() {
-        let t = PodTemplate::parse("podSpec: {containers: [{name: p, resources: {limits: {nvidia.com/gpu: 1, cpu: 0.5}}}]}").unwrap();
+        let t = PodTemplate::parse(
+            "podSpec: {containers: [{name: p, resources: {limits: {nvidia.com/gpu: 1, cpu: 0.5}}}]}",
+        )
+        .unwrap();
         assert_eq!(t.pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], "1");
         assert_eq!(t.pod_spec["containers"][0]["resources"]["limits"]["cpu"], "0.5");
     }
@@ -344,9 +339,8 @@ mod tests {
         .unwrap();
         assert_eq!(sdk, native);
         // The protobuf form's snake_case names (preserving_proto_field_name) are the same template.
-        let snake = SDK_HELLO_WORLD
-            .replace("podSpec", "pod_spec")
-            .replace("primaryContainerName", "primary_container_name");
+        let snake =
+            SDK_HELLO_WORLD.replace("podSpec", "pod_spec").replace("primaryContainerName", "primary_container_name");
         assert_eq!(PodTemplate::parse(&snake).unwrap(), sdk);
     }
 
@@ -354,10 +348,7 @@ mod tests {
     fn sdk_form_with_empty_metadata() {
         // Without labels or annotations the SDK still writes `metadata: {}`; with
         // always_print_fields_with_no_presence, empty maps and an empty primaryContainerName.
-        let t = PodTemplate::parse(
-            r#"{"metadata": {}, "podSpec": {"containers": [{"name": "primary"}]}}"#,
-        )
-        .unwrap();
+        let t = PodTemplate::parse(r#"{"metadata": {}, "podSpec": {"containers": [{"name": "primary"}]}}"#).unwrap();
         assert!(t.labels.is_empty() && t.annotations.is_empty());
         let t = PodTemplate::parse(
             r#"{"metadata": {"labels": {}, "annotations": {}}, "podSpec": {}, "primaryContainerName": ""}"#,
@@ -378,27 +369,18 @@ mod tests {
             "labels: {a: b}\nmetadata: {annotations: {}}",
         ] {
             let err = PodTemplate::parse(text).unwrap_err().to_string();
-            assert!(
-                err.contains("both at the top level and under metadata"),
-                "{text}: {err}"
-            );
+            assert!(err.contains("both at the top level and under metadata"), "{text}: {err}");
         }
     }
 
     #[test]
     fn unknown_key_in_metadata_is_an_error() {
-        let err = PodTemplate::parse("metadata: {name: x, labels: {a: b}}")
-            .unwrap_err()
-            .to_string();
+        let err = PodTemplate::parse("metadata: {name: x, labels: {a: b}}").unwrap_err().to_string();
         assert!(err.contains("unknown field `name`"), "{err}");
-        let err = PodTemplate::parse("metadata: {label: {a: b}}")
-            .unwrap_err()
-            .to_string();
+        let err = PodTemplate::parse("metadata: {label: {a: b}}").unwrap_err().to_string();
         assert!(err.contains("unknown field `label`"), "{err}");
         // K8sPod's other field is not silently dropped either.
-        let err = PodTemplate::parse(r#"{"metadata": {}, "dataConfig": {"enabled": true}}"#)
-            .unwrap_err()
-            .to_string();
+        let err = PodTemplate::parse(r#"{"metadata": {}, "dataConfig": {"enabled": true}}"#).unwrap_err().to_string();
         assert!(err.contains("unknown field `dataConfig`"), "{err}");
     }
 
@@ -410,25 +392,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.pod_spec["activeDeadlineSeconds"], serde_json::json!(3600));
-        assert_eq!(
-            t.pod_spec["tolerations"][0]["tolerationSeconds"],
-            serde_json::json!(300)
-        );
-        assert_eq!(
-            t.pod_spec["containers"][0]["ports"][0]["containerPort"],
-            serde_json::json!(8080)
-        );
+        assert_eq!(t.pod_spec["tolerations"][0]["tolerationSeconds"], serde_json::json!(300));
+        assert_eq!(t.pod_spec["containers"][0]["ports"][0]["containerPort"], serde_json::json!(8080));
         assert_eq!(
             t.pod_spec["containers"][0]["resources"]["limits"],
             serde_json::json!({"cpu": "2", "memory": "0.5"})
         );
-        let err = PodTemplate::parse("podSpec: {terminationGracePeriodSeconds: 30.5}")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("podSpec.terminationGracePeriodSeconds:"),
-            "{err}"
-        );
+        let err = PodTemplate::parse("podSpec: {terminationGracePeriodSeconds: 30.5}").unwrap_err().to_string();
+        assert!(err.starts_with("podSpec.terminationGracePeriodSeconds:"), "{err}");
     }
 
     #[test]
