@@ -16,6 +16,9 @@
 //! - `store`   lookup among 1,000 templates; the full flyte path against that store.
 //! - `scaling` merge + diff for 100 / 500 / 1,500 / 3,000 env vars; the run ends by printing
 //!             the time ratios (linear would be 5x / 15x / 30x).
+//! - `layers`  the flyte full path with one layer (`hello_world`) and with three (a platform
+//!             default, a namespace default, `hello_world`; SPEC §8), in one run; the summary
+//!             prints the ratio (goal: within 2x).
 //!
 //! Before the benchmarks, each input's size, patch operation count and patch size are printed
 //! (with the operation count `json_patch::diff` would give, for comparison), after checking that
@@ -33,9 +36,9 @@ use pod_template_webhook::admission::{self, Policy};
 use pod_template_webhook::doc::Document;
 use pod_template_webhook::merge::{merge, merge_pod};
 use pod_template_webhook::patch;
-use serde_json::value::RawValue;
 use pod_template_webhook::store::{dir, Catalog, EntryState, TemplateIndex, TemplateStore};
 use pod_template_webhook::template::PodTemplate;
+use serde_json::value::RawValue;
 
 // The allocator the server uses (src/main.rs), so the figures are the server's.
 #[global_allocator]
@@ -205,11 +208,16 @@ fn pod_64k() -> Vec<u8> {
     }
     let annotations = pod["metadata"]["annotations"].as_object_mut().unwrap();
     for a in 0..40 {
-        annotations.insert(format!("example.com/annotation-{a:02}"), json!(format!("annotation value number {a} with some text")));
+        annotations.insert(
+            format!("example.com/annotation-{a:02}"),
+            json!(format!("annotation value number {a} with some text")),
+        );
     }
     let tolerations = pod["spec"]["tolerations"].as_array_mut().unwrap();
     for t in 0..20 {
-        tolerations.push(json!({"key": format!("dedicated-{t}"), "operator": "Equal", "value": "batch", "effect": "NoSchedule"}));
+        tolerations.push(
+            json!({"key": format!("dedicated-{t}"), "operator": "Equal", "value": "batch", "effect": "NoSchedule"}),
+        );
     }
     review_with(review, pod)
 }
@@ -257,7 +265,14 @@ fn describe(label: &str, body: &[u8], store: &TemplateIndex, template: &PodTempl
     );
 }
 
-fn bench_case(c: &mut Criterion, group: &str, body: &[u8], store: &TemplateIndex, template: &PodTemplate, stages: bool) {
+fn bench_case(
+    c: &mut Criterion,
+    group: &str,
+    body: &[u8],
+    store: &TemplateIndex,
+    template: &PodTemplate,
+    stages: bool,
+) {
     let policy = Policy::default();
     let pod = pod_of(body);
     let raw = raw_of(&pod);
@@ -327,10 +342,18 @@ fn benches(c: &mut Criterion) {
     g.bench_function("lookup_1000_platform_hit", |b| {
         b.iter(|| big_store.lookup(black_box("flytesnacks-development"), black_box("env-0500")))
     });
-    g.bench_function("lookup_1000_own_namespace_hit", |b| b.iter(|| big_store.lookup(black_box("team-3"), black_box("env-0935"))));
-    g.bench_function("lookup_1000_miss", |b| b.iter(|| big_store.lookup(black_box("team-3"), black_box("no-such-template"))));
-    g.bench_function("flyte_full_path_1000_templates", |b| b.iter(|| full_path(black_box(&flyte), &big_store, &policy)));
+    g.bench_function("lookup_1000_own_namespace_hit", |b| {
+        b.iter(|| big_store.lookup(black_box("team-3"), black_box("env-0935")))
+    });
+    g.bench_function("lookup_1000_miss", |b| {
+        b.iter(|| big_store.lookup(black_box("team-3"), black_box("no-such-template")))
+    });
+    g.bench_function("flyte_full_path_1000_templates", |b| {
+        b.iter(|| full_path(black_box(&flyte), &big_store, &policy))
+    });
     g.finish();
+
+    bench_layers(c, &flyte);
 
     let mut g = c.benchmark_group("scaling");
     for n in SCALING {
@@ -341,8 +364,33 @@ fn benches(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("merge_and_diff", n), &raw, |b, raw| {
             b.iter(|| merge_and_diff(black_box(raw), &envheavy))
         });
-        g.bench_with_input(BenchmarkId::new("full_path", n), &body, |b, body| b.iter(|| full_path(black_box(body), &store, &policy)));
+        g.bench_with_input(BenchmarkId::new("full_path", n), &body, |b, body| {
+            b.iter(|| full_path(black_box(body), &store, &policy))
+        });
     }
+    g.finish();
+}
+
+/// The platform default and the namespace default of the `layers` group.
+const PLATFORM_DEFAULT: &str = "labels: {platform.example.com/managed: \"true\"}\npodSpec:\n  securityContext: {runAsNonRoot: true, seccompProfile: {type: RuntimeDefault}}\n  tolerations: [{key: spot, operator: Exists, effect: NoSchedule}]\n  containers: [{name: default, env: [{name: TZ, value: UTC}]}]\n";
+const NAMESPACE_DEFAULT: &str = "labels: {team: snacks}\npodSpec: {imagePullSecrets: [{name: snacks-registry}]}\n";
+
+fn bench_layers(c: &mut Criterion, flyte: &[u8]) {
+    let mut catalog = Catalog::new("flyte");
+    catalog.apply("flyte", "platform-pod-templates", Some("1"), &example_templates());
+    let defaults = |text: &str| BTreeMap::from([("defaults".to_owned(), text.to_owned())]);
+    assert!(catalog.apply("flyte", "platform-defaults", Some("1"), &defaults(PLATFORM_DEFAULT)).is_empty());
+    assert!(catalog
+        .apply("flytesnacks-development", "tenant-defaults", Some("1"), &defaults(NAMESPACE_DEFAULT))
+        .is_empty());
+    let store = catalog.index();
+    let one = Policy::default();
+    let three = Policy { default_template: Some("defaults".into()), ..Policy::default() };
+    let decision = admission::mutate(admission::parse_review(flyte).unwrap(), &store, &three).unwrap();
+    assert_eq!(decision.applied.as_deref().map(|a| a.split(',').count()), Some(3), "three layers apply");
+    let mut g = c.benchmark_group("layers");
+    g.bench_function("full_path_1_layer", |b| b.iter(|| full_path(black_box(flyte), &store, &one)));
+    g.bench_function("full_path_3_layers", |b| b.iter(|| full_path(black_box(flyte), &store, &three)));
     g.finish();
 }
 
@@ -363,7 +411,8 @@ fn estimate(parts: &[&str]) -> Option<f64> {
 /// Prints the goal table rows measurable here, and the scaling ratios.
 fn summary() {
     eprintln!("\n== summary (mean per admission; goals from issue #6) ==");
-    for (group, goal) in [("flyte", 20_000.0), ("gpu", 2_000_000.0), ("env1500", 2_000_000.0), ("pod64k", 2_000_000.0)] {
+    for (group, goal) in [("flyte", 20_000.0), ("gpu", 2_000_000.0), ("env1500", 2_000_000.0), ("pod64k", 2_000_000.0)]
+    {
         for f in ["full_path", "merge_and_diff"] {
             if let Some(ns) = estimate(&[group, f]) {
                 let verdict = if ns <= goal { "ok" } else { "OVER GOAL" };
@@ -372,7 +421,23 @@ fn summary() {
         }
     }
     if let (Some(new), Some(old)) = (estimate(&["flyte", "3_diff"]), estimate(&["flyte", "3_diff_json_patch_crate"])) {
-        eprintln!("flyte diff: patch::diff {:.2} us, json_patch::diff + to_vec {:.2} us (x{:.1})", new / 1e3, old / 1e3, old / new);
+        eprintln!(
+            "flyte diff: patch::diff {:.2} us, json_patch::diff + to_vec {:.2} us (x{:.1})",
+            new / 1e3,
+            old / 1e3,
+            old / new
+        );
+    }
+    if let (Some(one), Some(three)) =
+        (estimate(&["layers", "full_path_1_layer"]), estimate(&["layers", "full_path_3_layers"]))
+    {
+        let verdict = if three <= 2.0 * one { "ok" } else { "OVER GOAL" };
+        eprintln!(
+            "layers: 1 layer {:.2} us, 3 layers {:.2} us (x{:.2}, goal <= x2) {verdict}",
+            one / 1e3,
+            three / 1e3,
+            three / one
+        );
     }
     let stages: Vec<String> = ["1_parse_review", "2_merge", "3_diff", "4_mutate", "5_response_body"]
         .iter()
@@ -386,7 +451,12 @@ fn summary() {
                 .iter()
                 .zip(&times)
                 .map(|(n, t)| match t {
-                    Some(t) => format!("{n}: {:.1} us (x{:.1}, linear x{:.0})", t / 1e3, t / base, *n as f64 / SCALING[0] as f64),
+                    Some(t) => format!(
+                        "{n}: {:.1} us (x{:.1}, linear x{:.0})",
+                        t / 1e3,
+                        t / base,
+                        *n as f64 / SCALING[0] as f64
+                    ),
                     None => format!("{n}: ?"),
                 })
                 .collect();

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use k8s_openapi::api::core::v1::Pod;
 use pod_template_webhook::admission::{mutate, parse_review, Policy};
-use pod_template_webhook::merge::merge_pod;
+use pod_template_webhook::merge::{compose, merge_pod, Layer, Role};
 use pod_template_webhook::store::Catalog;
 use pod_template_webhook::template::PodTemplate;
 use proptest::prelude::*;
@@ -22,8 +22,12 @@ fn env() -> impl Strategy<Value = Vec<Value>> {
 }
 
 fn mounts() -> impl Strategy<Value = Vec<Value>> {
-    prop::collection::btree_map(prop::sample::select(&["/data", "/cache", "/x"][..]), prop::sample::select(&VOLUMES[..]), 0..3)
-        .prop_map(|m| m.into_iter().map(|(p, v)| json!({"name": v, "mountPath": p})).collect())
+    prop::collection::btree_map(
+        prop::sample::select(&["/data", "/cache", "/x"][..]),
+        prop::sample::select(&VOLUMES[..]),
+        0..3,
+    )
+    .prop_map(|m| m.into_iter().map(|(p, v)| json!({"name": v, "mountPath": p})).collect())
 }
 
 fn container(name: &'static str, with_image: bool) -> impl Strategy<Value = Value> {
@@ -47,9 +51,9 @@ fn container(name: &'static str, with_image: bool) -> impl Strategy<Value = Valu
 }
 
 fn containers(with_image: bool, min: usize) -> impl Strategy<Value = Vec<Value>> {
-    prop::collection::btree_set(prop::sample::select(&CONTAINER_NAMES[..]), min..4).prop_flat_map(move |names: BTreeSet<&'static str>| {
-        names.into_iter().map(|n| container(n, with_image)).collect::<Vec<_>>()
-    })
+    prop::collection::btree_set(prop::sample::select(&CONTAINER_NAMES[..]), min..4).prop_flat_map(
+        move |names: BTreeSet<&'static str>| names.into_iter().map(|n| container(n, with_image)).collect::<Vec<_>>(),
+    )
 }
 
 fn volumes() -> impl Strategy<Value = Vec<Value>> {
@@ -58,7 +62,11 @@ fn volumes() -> impl Strategy<Value = Vec<Value>> {
 }
 
 fn string_map() -> impl Strategy<Value = BTreeMap<String, String>> {
-    prop::collection::btree_map(prop::sample::select(&["team", "a/b", "x~y", "example.com/k~/"][..]).prop_map(str::to_owned), "[a-z]{1,3}", 0..3)
+    prop::collection::btree_map(
+        prop::sample::select(&["team", "a/b", "x~y", "example.com/k~/"][..]).prop_map(str::to_owned),
+        "[a-z]{1,3}",
+        0..3,
+    )
 }
 
 fn tolerations() -> impl Strategy<Value = Vec<Value>> {
@@ -179,5 +187,65 @@ proptest! {
         for c in &spec.containers {
             prop_assert!(before.contains(c.name.as_str()) || !template.is_reserved_name(&c.name), "reserved {} added", c.name);
         }
+    }
+
+    /// Several layers (SPEC §8): a default and up to three named templates. The patch gives the pod
+    /// merged with the composed template, a reinvocation is clean, merging again changes nothing,
+    /// and templates that are all the same never conflict.
+    #[test]
+    fn layered_admission_is_the_merge_with_the_composition_and_is_idempotent(
+        pod in pod(),
+        default in prop::option::of(template()),
+        named in prop::collection::vec(template(), 1..4),
+        same in any::<bool>(),
+    ) {
+        let named: Vec<String> = if same { vec![named[0].clone(); named.len()] } else { named };
+        let mut data = BTreeMap::new();
+        if let Some(d) = &default {
+            data.insert("d".to_owned(), d.clone());
+        }
+        let keys: Vec<String> = (0..named.len()).map(|i| format!("t{i}")).collect();
+        data.extend(keys.iter().cloned().zip(named.iter().cloned()));
+        let mut catalog = Catalog::new("flyte");
+        catalog.apply("flyte", "cm", Some("1"), &data);
+        let store = catalog.index();
+        let policy = Policy { default_template: Some("d".into()), ..Policy::default() };
+
+        let parsed: Vec<(Role, PodTemplate)> = default.iter().map(|d| (Role::Default, d))
+            .chain(named.iter().map(|t| (Role::Named, t)))
+            .map(|(role, text)| (role, PodTemplate::parse(text).unwrap()))
+            .collect();
+        let layers: Vec<Layer<'_>> = parsed.iter().map(|(role, template)| Layer { role: *role, template }).collect();
+        let composition = compose(&layers);
+        let once = merge_pod(&pod, &composition.template).pod;
+        prop_assert_eq!(&merge_pod(&once, &composition.template).pod, &once);
+        if same {
+            prop_assert!(composition.conflicts.is_empty(), "{:?}", composition.conflicts);
+        }
+
+        let mut annotated = pod.clone();
+        annotated["metadata"]["annotations"]["flyte.org/pod-template"] = json!(keys.join(", "));
+        let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "u", "operation": "CREATE", "namespace": "team", "name": "main", "userInfo": {},
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"}, "object": annotated}});
+        let req = parse_review(&serde_json::to_vec(&review).unwrap()).unwrap();
+        let decision = mutate(req, &store, &policy).unwrap();
+        prop_assert!(decision.response.allowed);
+        prop_assert_eq!(decision.response.warnings.as_ref().map_or(0, Vec::len) >= composition.conflicts.len(), true);
+        let mut patched = review["request"]["object"].clone();
+        if let Some(p) = &decision.response.patch {
+            let p: json_patch::Patch = serde_json::from_slice(p).unwrap();
+            json_patch::patch(&mut patched, &p).unwrap();
+        }
+        let mut expected = merge_pod(&review["request"]["object"], &composition.template).pod;
+        let applied: Vec<String> = default.iter().map(|_| "flyte/cm/d@1".to_owned())
+            .chain(keys.iter().map(|k| format!("flyte/cm/{k}@1"))).collect();
+        expected["metadata"]["annotations"]["flyte.org/pod-template-applied"] = json!(applied.join(","));
+        prop_assert_eq!(&patched, &expected);
+
+        let review2 = { let mut r = review.clone(); r["request"]["object"] = patched; r };
+        let req2 = parse_review(&serde_json::to_vec(&review2).unwrap()).unwrap();
+        prop_assert!(mutate(req2, &store, &policy).unwrap().response.patch.is_none(), "reinvocation patched");
     }
 }
