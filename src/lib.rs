@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod names;
 pub mod patch;
 pub mod server;
+pub mod source;
 pub mod store;
 pub mod template;
 pub mod tls;

@@ -15,6 +15,9 @@ pub const DEFAULT_PRIMARY_CONTAINER_NAME: &str = "primary";
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodTemplate {
     pub primary_container_name: String,
+    /// True when the source named the primary container; of several layers, the highest that
+    /// names it decides (SPEC §8).
+    pub primary_container_name_set: bool,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     /// A (possibly partial) core/v1 PodSpec, validated against the typed model and kept as JSON:
@@ -22,19 +25,48 @@ pub struct PodTemplate {
     pub pod_spec: Map<String, Value>,
 }
 
-/// Where a template came from; its `Display` is the value of the applied annotation.
+/// The kind of object a template comes from (SPEC §3, §8). A ConfigMap sorts first: its key
+/// wins over a PodTemplate of the same name in one namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SourceKind {
+    /// A data key of a ConfigMap carrying the source label.
+    ConfigMap,
+    /// A core/v1 PodTemplate carrying the source label: one template, named after the object.
+    PodTemplate,
+}
+
+/// Where a template came from; its `Display` is the value of the applied annotation:
+/// `namespace/configmap/key@version`, or `namespace/podtemplate:name/name@version`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TemplateSource {
+    pub kind: SourceKind,
     pub namespace: String,
-    pub config_map: String,
+    /// The name of the ConfigMap or of the PodTemplate object.
+    pub object: String,
+    /// The template name: the ConfigMap data key, or the PodTemplate's name.
     pub key: String,
-    /// The ConfigMap's resourceVersion in a cluster, a content hash for files.
+    /// The object's resourceVersion in a cluster, a content hash for files.
     pub version: String,
+}
+
+impl TemplateSource {
+    /// The object and key in words, for messages: `ConfigMap ns/cm key "k"`, `PodTemplate ns/name`.
+    pub fn describe(&self) -> String {
+        match self.kind {
+            SourceKind::ConfigMap => format!("ConfigMap {}/{} key {:?}", self.namespace, self.object, self.key),
+            SourceKind::PodTemplate => format!("PodTemplate {}/{}", self.namespace, self.object),
+        }
+    }
 }
 
 impl fmt::Display for TemplateSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}@{}", self.namespace, self.config_map, self.key, self.version)
+        match self.kind {
+            SourceKind::ConfigMap => write!(f, "{}/{}/{}@{}", self.namespace, self.object, self.key, self.version),
+            SourceKind::PodTemplate => {
+                write!(f, "{}/podtemplate:{}/{}@{}", self.namespace, self.object, self.key, self.version)
+            }
+        }
     }
 }
 
@@ -46,6 +78,9 @@ pub enum TemplateError {
     /// The podSpec does not fit the core/v1 PodSpec model.
     #[error("podSpec.{path}: {message}")]
     PodSpec { path: String, message: String },
+    /// A field of a PodTemplate object (SPEC §8), named by its path in the object.
+    #[error("{path}: {message}")]
+    Field { path: String, message: String },
 }
 
 #[derive(Deserialize)]
@@ -77,10 +112,9 @@ impl PodTemplate {
     /// Parses one ConfigMap value (YAML, or JSON which is YAML too).
     pub fn parse(text: &str) -> Result<Self, TemplateError> {
         let raw: RawTemplate = serde_yaml::from_str(text).map_err(|e| TemplateError::Syntax(e.to_string()))?;
-        let primary_container_name = raw
-            .primary_container_name
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| DEFAULT_PRIMARY_CONTAINER_NAME.to_owned());
+        let named_primary = raw.primary_container_name.filter(|n| !n.is_empty());
+        let primary_container_name_set = named_primary.is_some();
+        let primary_container_name = named_primary.unwrap_or_else(|| DEFAULT_PRIMARY_CONTAINER_NAME.to_owned());
         let (labels, annotations) = match raw.metadata {
             Some(RawMetadata { labels, annotations }) if labels.is_some() || annotations.is_some() => {
                 if raw.labels.is_some() || raw.annotations.is_some() {
@@ -106,6 +140,7 @@ impl PodTemplate {
         };
         Ok(PodTemplate {
             primary_container_name,
+            primary_container_name_set,
             labels: labels.unwrap_or_default(),
             annotations: annotations.unwrap_or_default(),
             pod_spec,
@@ -134,7 +169,7 @@ fn kind_of(v: &Value) -> &'static str {
 /// Typing catches wrong types; comparing the typed round trip with the input catches unknown
 /// fields (a typo such as `evn` would otherwise be dropped silently, like `kubectl
 /// --validate=strict` refuses it).
-fn validate_pod_spec(mut spec: Map<String, Value>) -> Result<Map<String, Value>, TemplateError> {
+pub(crate) fn validate_pod_spec(mut spec: Map<String, Value>) -> Result<Map<String, Value>, TemplateError> {
     remove_nulls_in_map(&mut spec);
     quantities_as_strings(&mut spec);
     let value = Value::Object(spec);

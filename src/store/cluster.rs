@@ -1,23 +1,29 @@
-//! The in-cluster template source: a kube-runtime reflector over ConfigMaps carrying the source
-//! label, cluster-wide or in the watched namespaces plus the platform namespace. Templates are
-//! parsed on watch events; admissions read the published index and make no API call.
+//! The in-cluster template source: kube-runtime reflectors over the ConfigMaps and the
+//! PodTemplates carrying the source label, cluster-wide or in the watched namespaces plus the
+//! platform namespace. Templates are parsed on watch events; admissions read the published index
+//! and make no API call.
 
 use std::collections::HashSet;
+use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use futures::stream::BoxStream;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, PodTemplate};
+use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
 
 use super::{Catalog, Lookup, ParseProblem, StoreStats, TemplateIndex, TemplateStore};
 use crate::metrics::Metrics;
 use crate::names::Names;
+use crate::template::SourceKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -33,7 +39,11 @@ pub struct ClusterStore {
 
 impl ClusterStore {
     /// Connects with the default client (kubeconfig, else in-cluster) and starts watching.
-    pub async fn start(names: &Names, watch_namespaces: &[String], metrics: Arc<Metrics>) -> Result<Arc<Self>, ClusterError> {
+    pub async fn start(
+        names: &Names,
+        watch_namespaces: &[String],
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, ClusterError> {
         let client = Client::try_default().await?;
         Ok(Self::spawn(client, names.clone(), watch_namespaces, metrics))
     }
@@ -69,81 +79,183 @@ impl TemplateStore for ClusterStore {
     }
 }
 
-/// The single writer: applies watch events to the catalog and publishes a new index.
-async fn watch(store: Arc<ClusterStore>, client: Client, names: Names, scopes: Vec<Option<String>>, metrics: Arc<Metrics>) {
-    let config = watcher::Config::default().labels(&format!("{}=true", names.source_label));
-    let mut readers = Vec::new();
-    let mut streams = Vec::new();
-    for (i, scope) in scopes.iter().enumerate() {
-        let api: Api<ConfigMap> = match scope {
-            None => Api::all(client.clone()),
-            Some(ns) => Api::namespaced(client.clone(), ns),
-        };
-        let (reader, writer) = reflector::store();
-        readers.push(reader);
-        // Backoff on errors: when the API server goes away the cache keeps serving, and the
-        // watch resumes (relisting if needed) when it returns.
-        let events = reflector::reflector(writer, watcher::watcher(api, config.clone()).default_backoff());
-        streams.push(events.map(move |e| (i, e)).boxed());
+/// A kind of template source object the store watches.
+trait SourceResource:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Debug + Send + Sync + 'static
+{
+    const KIND: SourceKind;
+    /// Adds or replaces the object in the catalog; returns what did not parse.
+    fn apply_to(&self, catalog: &mut Catalog) -> Vec<ParseProblem>;
+}
+
+impl SourceResource for ConfigMap {
+    const KIND: SourceKind = SourceKind::ConfigMap;
+
+    fn apply_to(&self, catalog: &mut Catalog) -> Vec<ParseProblem> {
+        let data = self.data.clone().unwrap_or_default();
+        catalog.apply(
+            &self.namespace().unwrap_or_default(),
+            &self.name_any(),
+            self.resource_version().as_deref(),
+            &data,
+        )
     }
-    let recorder = Recorder::new(client, Reporter {
-        controller: "pod-template-webhook".into(),
-        instance: std::env::var("POD_NAME").ok(),
-    });
-    let mut events = futures::stream::select_all(streams);
-    let mut catalog = Catalog::new(names.platform_namespace.clone());
-    let mut synced = vec![false; scopes.len()];
-    while let Some((i, event)) = events.next().await {
-        let changed = match event {
-            Ok(Event::Apply(cm) | Event::InitApply(cm)) => {
-                let problems = catalog.apply(
-                    &cm.namespace().unwrap_or_default(),
-                    &cm.name_any(),
-                    cm.resource_version().as_deref(),
-                    &cm.data.clone().unwrap_or_default(),
-                );
-                report(&problems, &cm, &recorder, &metrics);
+}
+
+impl SourceResource for PodTemplate {
+    const KIND: SourceKind = SourceKind::PodTemplate;
+
+    fn apply_to(&self, catalog: &mut Catalog) -> Vec<ParseProblem> {
+        let object = serde_json::to_value(self).expect("a PodTemplate always serializes");
+        catalog.apply_pod_template(
+            &self.namespace().unwrap_or_default(),
+            &self.name_any(),
+            self.resource_version().as_deref(),
+            &object,
+        )
+    }
+}
+
+/// The watches of one kind: a reflector per scope, its events tagged with the scope's index.
+struct Watches<K: SourceResource> {
+    readers: Vec<reflector::Store<K>>,
+    synced: Vec<bool>,
+}
+
+type Tagged<K> = (usize, Result<Event<K>, watcher::Error>);
+
+impl<K: SourceResource> Watches<K> {
+    fn start(
+        client: &Client,
+        scopes: &[Option<String>],
+        config: &watcher::Config,
+    ) -> (Self, BoxStream<'static, Tagged<K>>) {
+        let mut readers = Vec::new();
+        let mut streams = Vec::new();
+        for (i, scope) in scopes.iter().enumerate() {
+            let api: Api<K> = match scope {
+                None => Api::all(client.clone()),
+                Some(ns) => Api::namespaced(client.clone(), ns),
+            };
+            let (reader, writer) = reflector::store();
+            readers.push(reader);
+            // Backoff on errors: when the API server goes away the cache keeps serving, and the
+            // watch resumes (relisting if needed) when it returns.
+            let events = reflector::reflector(writer, watcher::watcher(api, config.clone()).default_backoff());
+            streams.push(events.map(move |e| (i, e)).boxed());
+        }
+        let watches = Watches { readers, synced: vec![false; scopes.len()] };
+        (watches, futures::stream::select_all(streams).boxed())
+    }
+
+    /// Applies one watch event; true when the catalog may have changed.
+    fn handle(
+        &mut self,
+        (i, event): Tagged<K>,
+        scopes: &[Option<String>],
+        catalog: &mut Catalog,
+        recorder: &Recorder,
+        metrics: &Metrics,
+    ) -> bool {
+        match event {
+            Ok(Event::Apply(object) | Event::InitApply(object)) => {
+                let problems = object.apply_to(catalog);
+                report(&problems, object.object_ref(&()), recorder, metrics);
                 true
             }
-            Ok(Event::Delete(cm)) => catalog.remove(&cm.namespace().unwrap_or_default(), &cm.name_any()),
+            Ok(Event::Delete(object)) => {
+                catalog.remove_source(K::KIND, &object.namespace().unwrap_or_default(), &object.name_any())
+            }
             Ok(Event::Init) => false,
             Ok(Event::InitDone) => {
-                // A relist: ConfigMaps deleted while the watch was down are gone from the reflector.
-                let present: HashSet<ObjectRef<ConfigMap>> = readers[i].state().iter().map(|cm| ObjectRef::from_obj(&**cm)).collect();
-                catalog.retain(scopes[i].as_deref(), |ns, name| present.contains(&ObjectRef::new(name).within(ns)));
-                synced[i] = true;
+                // A relist: objects deleted while the watch was down are gone from the reflector.
+                let present: HashSet<ObjectRef<K>> =
+                    self.readers[i].state().iter().map(|o| ObjectRef::from_obj(&**o)).collect();
+                catalog.retain(K::KIND, scopes[i].as_deref(), |ns, name| {
+                    present.contains(&ObjectRef::new(name).within(ns))
+                });
+                self.synced[i] = true;
                 true
             }
             Err(e) => {
-                tracing::warn!(error = %e, "ConfigMap watch failed; serving from cache, retrying with backoff");
+                tracing::warn!(error = %e, kind = ?K::KIND, "template watch failed; serving from cache, retrying with backoff");
                 false
             }
+        }
+    }
+
+    fn synced(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+    }
+}
+
+/// A watch event of either kind. One is in flight at a time: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Update {
+    ConfigMap(Tagged<ConfigMap>),
+    PodTemplate(Tagged<PodTemplate>),
+}
+
+/// The single writer: applies watch events to the catalog and publishes a new index. Ready once
+/// the initial lists of both kinds, in every scope, are applied.
+async fn watch(
+    store: Arc<ClusterStore>,
+    client: Client,
+    names: Names,
+    scopes: Vec<Option<String>>,
+    metrics: Arc<Metrics>,
+) {
+    let config = watcher::Config::default().labels(&format!("{}=true", names.source_label));
+    let (mut config_maps, cm_events) = Watches::<ConfigMap>::start(&client, &scopes, &config);
+    let (mut pod_templates, pt_events) = Watches::<PodTemplate>::start(&client, &scopes, &config);
+    let mut events = futures::stream::select(cm_events.map(Update::ConfigMap), pt_events.map(Update::PodTemplate));
+    let recorder = Recorder::new(
+        client,
+        Reporter { controller: "pod-template-webhook".into(), instance: std::env::var("POD_NAME").ok() },
+    );
+    let mut catalog = Catalog::new(names.platform_namespace.clone());
+    while let Some(update) = events.next().await {
+        let changed = match update {
+            Update::ConfigMap(event) => config_maps.handle(event, &scopes, &mut catalog, &recorder, &metrics),
+            Update::PodTemplate(event) => pod_templates.handle(event, &scopes, &mut catalog, &recorder, &metrics),
         };
-        let all_synced = synced.iter().all(|s| *s);
-        if changed && all_synced {
+        if changed && config_maps.synced() && pod_templates.synced() {
             store.index.store(Arc::new(catalog.index()));
             metrics.templates_reloaded(0);
             if !store.synced.swap(true, Ordering::AcqRel) {
                 let stats = store.stats();
-                tracing::info!(templates = stats.templates, errors = stats.errors, "initial template list applied; ready");
+                tracing::info!(
+                    templates = stats.templates,
+                    errors = stats.errors,
+                    "initial template lists applied; ready"
+                );
             }
         }
     }
 }
 
-/// Logs, counts and publishes an Event on the ConfigMap for each key that did not parse.
-fn report(problems: &[ParseProblem], cm: &ConfigMap, recorder: &Recorder, metrics: &Metrics) {
+/// Logs, counts and publishes an Event on the source object (ConfigMap or PodTemplate) for each
+/// template that did not parse.
+fn report(
+    problems: &[ParseProblem],
+    reference: k8s_openapi::api::core::v1::ObjectReference,
+    recorder: &Recorder,
+    metrics: &Metrics,
+) {
     if problems.is_empty() {
         return;
     }
     metrics.templates_reloaded(problems.len());
-    let reference = cm.object_ref(&());
     for problem in problems {
         tracing::error!(problem = %problem, "template did not parse");
+        let what = match problem.source.kind {
+            SourceKind::ConfigMap => format!("key {:?}", problem.source.key),
+            SourceKind::PodTemplate => "the template".to_owned(),
+        };
         let note = if problem.stale {
-            format!("key {:?} does not parse, the last good version keeps serving: {}", problem.key, problem.error)
+            format!("{what} does not parse, the last good version keeps serving: {}", problem.error)
         } else {
-            format!("key {:?} does not parse; pods that use it are refused: {}", problem.key, problem.error)
+            format!("{what} does not parse; pods that use it are refused: {}", problem.error)
         };
         let event = KubeEvent {
             type_: EventType::Warning,

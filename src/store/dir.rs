@@ -1,13 +1,16 @@
-//! The local template source: a directory of ConfigMap manifests, the same files that
-//! `kubectl apply -f DIR` would create (SPEC §3 "Sources").
+//! The local template source: a directory of ConfigMap and PodTemplate manifests, the same
+//! files that `kubectl apply -f DIR` would create (SPEC §3 "Sources", §8).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::{Catalog, Lookup, ParseProblem, StoreStats, TemplateIndex, TemplateStore};
 use crate::names::Names;
+use crate::source::SourceObject;
+use crate::template::SourceKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
@@ -15,6 +18,40 @@ pub enum DirError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: document {document}: {message}")]
     Manifest { path: PathBuf, document: usize, message: String },
+}
+
+/// One template source manifest (a ConfigMap or a PodTemplate) found in a file.
+#[derive(Debug, Clone)]
+pub struct SourceManifest {
+    pub path: PathBuf,
+    /// 0-based index of the YAML document in the file.
+    pub document: usize,
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub content: ManifestContent,
+}
+
+#[derive(Debug, Clone)]
+pub enum ManifestContent {
+    /// A ConfigMap's data.
+    ConfigMap(BTreeMap<String, String>),
+    /// A PodTemplate: the whole object, as JSON.
+    PodTemplate(Value),
+}
+
+impl SourceManifest {
+    pub fn kind(&self) -> SourceKind {
+        self.source().kind()
+    }
+
+    /// The templates it carries, for [`SourceObject::entries`].
+    pub fn source(&self) -> SourceObject<'_> {
+        match &self.content {
+            ManifestContent::ConfigMap(data) => SourceObject::ConfigMap(data),
+            ManifestContent::PodTemplate(object) => SourceObject::PodTemplate { name: &self.name, object },
+        }
+    }
 }
 
 /// One ConfigMap manifest found in a file.
@@ -64,9 +101,9 @@ pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, DirError> {
     Ok(files)
 }
 
-/// Every ConfigMap in `file`; other kinds are skipped. A manifest without a namespace belongs to
-/// the platform namespace.
-pub fn read_config_maps(file: &Path, platform_namespace: &str) -> Result<Vec<ConfigMapManifest>, DirError> {
+/// Every ConfigMap and PodTemplate in `file`; other kinds are skipped. A manifest without a
+/// namespace belongs to the platform namespace.
+pub fn read_manifests(file: &Path, platform_namespace: &str) -> Result<Vec<SourceManifest>, DirError> {
     let text = std::fs::read_to_string(file).map_err(|source| DirError::Io { path: file.to_owned(), source })?;
     let mut found = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
@@ -75,31 +112,61 @@ pub fn read_config_maps(file: &Path, platform_namespace: &str) -> Result<Vec<Con
         if value.is_null() {
             continue; // an empty document, e.g. after a trailing `---`
         }
-        let manifest: Manifest = serde_yaml::from_value(value).map_err(|e| error(e.to_string()))?;
-        if manifest.kind.as_deref() != Some("ConfigMap") {
+        let manifest: Manifest = serde_yaml::from_value(value.clone()).map_err(|e| error(e.to_string()))?;
+        let kind = manifest.kind.as_deref().unwrap_or_default();
+        if !matches!(kind, "ConfigMap" | "PodTemplate") {
             continue;
         }
-        let name = manifest.metadata.name.filter(|n| !n.is_empty()).ok_or_else(|| error("ConfigMap without metadata.name".into()))?;
-        found.push(ConfigMapManifest {
+        let name = manifest
+            .metadata
+            .name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| error(format!("{kind} without metadata.name")))?;
+        let content = if kind == "ConfigMap" {
+            ManifestContent::ConfigMap(manifest.data.unwrap_or_default())
+        } else {
+            ManifestContent::PodTemplate(serde_yaml::from_value(value).map_err(|e| error(e.to_string()))?)
+        };
+        found.push(SourceManifest {
             path: file.to_owned(),
             document: i,
             namespace: manifest.metadata.namespace.unwrap_or_else(|| platform_namespace.to_owned()),
             name,
             labels: manifest.metadata.labels.unwrap_or_default(),
-            data: manifest.data.unwrap_or_default(),
+            content,
         });
     }
     Ok(found)
 }
 
-/// The template ConfigMaps (those with the source label) under `path`.
-pub fn read_template_sources(path: &Path, names: &Names) -> Result<Vec<ConfigMapManifest>, DirError> {
+/// Every ConfigMap in `file`; other kinds are skipped. A manifest without a namespace belongs to
+/// the platform namespace.
+pub fn read_config_maps(file: &Path, platform_namespace: &str) -> Result<Vec<ConfigMapManifest>, DirError> {
+    let manifests = read_manifests(file, platform_namespace)?;
+    Ok(manifests
+        .into_iter()
+        .filter_map(|m| match m.content {
+            ManifestContent::ConfigMap(data) => Some(ConfigMapManifest {
+                path: m.path,
+                document: m.document,
+                namespace: m.namespace,
+                name: m.name,
+                labels: m.labels,
+                data,
+            }),
+            ManifestContent::PodTemplate(_) => None,
+        })
+        .collect())
+}
+
+/// The template sources (ConfigMaps and PodTemplates with the source label) under `path`.
+pub fn read_template_sources(path: &Path, names: &Names) -> Result<Vec<SourceManifest>, DirError> {
     let mut all = Vec::new();
     for file in manifest_files(path)? {
         all.extend(
-            read_config_maps(&file, &names.platform_namespace)?
+            read_manifests(&file, &names.platform_namespace)?
                 .into_iter()
-                .filter(|cm| cm.labels.get(&names.source_label).map(String::as_str) == Some("true")),
+                .filter(|m| m.labels.get(&names.source_label).map(String::as_str) == Some("true")),
         );
     }
     Ok(all)
@@ -117,8 +184,8 @@ impl DirStore {
     pub fn load(path: &Path, names: &Names) -> Result<Self, DirError> {
         let mut catalog = Catalog::new(names.platform_namespace.clone());
         let mut problems = Vec::new();
-        for cm in read_template_sources(path, names)? {
-            problems.extend(catalog.apply(&cm.namespace, &cm.name, None, &cm.data));
+        for m in read_template_sources(path, names)? {
+            problems.extend(catalog.apply_source(&m.namespace, &m.name, None, m.source()));
         }
         for p in &problems {
             tracing::error!(problem = %p, "template did not parse");
@@ -144,25 +211,40 @@ impl TemplateStore for DirStore {
     }
 }
 
+/// The lines of YAML document `document` of `text`, numbered from 1, without blank and comment
+/// lines and the `---` separators.
+fn document_lines(text: &str, document: usize) -> impl Iterator<Item = (usize, &str)> {
+    let mut doc = 0;
+    text.lines().enumerate().filter_map(move |(i, line)| {
+        if line.starts_with("---") {
+            if i > 0 {
+                doc += 1;
+            }
+            return None;
+        }
+        let skip = doc != document || line.trim().is_empty() || line.trim_start().starts_with('#');
+        (!skip).then_some((i + 1, line))
+    })
+}
+
+/// The 1-based line of `file` where the top-level field `field` of YAML document `document` is
+/// (for `validate` messages on a PodTemplate: its `template`); `None` when it is not found in
+/// block style.
+pub fn field_line(file: &Path, document: usize, field: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let found = document_lines(&text, document)
+        .find(|(_, line)| line.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')));
+    found.map(|(n, _)| n)
+}
+
 /// The 1-based line of `file` where data key `key` of YAML document `document` starts (for
 /// `validate` messages); `None` when the layout is not the usual block style.
 pub fn key_line(file: &Path, document: usize, key: &str) -> Option<usize> {
     let text = std::fs::read_to_string(file).ok()?;
     let indent = |l: &str| l.len() - l.trim_start().len();
-    let mut doc = 0;
     let mut in_data = false;
     let mut child_indent = None;
-    for (i, line) in text.lines().enumerate() {
-        if line.starts_with("---") {
-            if i > 0 {
-                doc += 1;
-            }
-            in_data = false;
-            continue;
-        }
-        if doc != document || line.trim().is_empty() || line.trim_start().starts_with('#') {
-            continue;
-        }
+    for (n, line) in document_lines(&text, document) {
         if indent(line) == 0 {
             in_data = line.trim_end() == "data:";
             child_indent = None;
@@ -172,9 +254,10 @@ pub fn key_line(file: &Path, document: usize, key: &str) -> Option<usize> {
             let level = *child_indent.get_or_insert(indent(line));
             let t = line.trim_start();
             let name = t.strip_prefix('"').and_then(|t| t.strip_prefix(key)).and_then(|t| t.strip_prefix('"'));
-            let name = name.or_else(|| t.strip_prefix('\'').and_then(|t| t.strip_prefix(key)).and_then(|t| t.strip_prefix('\'')));
+            let name = name
+                .or_else(|| t.strip_prefix('\'').and_then(|t| t.strip_prefix(key)).and_then(|t| t.strip_prefix('\'')));
             if indent(line) == level && name.or_else(|| t.strip_prefix(key)).is_some_and(|rest| rest.starts_with(':')) {
-                return Some(i + 1);
+                return Some(n);
             }
         }
     }
@@ -184,6 +267,7 @@ pub fn key_line(file: &Path, document: usize, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::EntryState;
 
     #[test]
     fn reads_multi_document_files_with_namespace_and_label_rules() {
@@ -212,6 +296,74 @@ mod tests {
     }
 
     #[test]
+    fn reads_pod_template_manifests_like_config_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("podtemplates.yaml"),
+            "apiVersion: v1\nkind: PodTemplate\nmetadata:\n  name: gpu\n  labels: {flyte.org/pod-templates: \"true\"}\n  \
+             annotations: {flyte.org/primary-container-name: main}\ntemplate:\n  metadata:\n    labels: {team: ml}\n  spec:\n    \
+             containers:\n    - name: main\n      image: docker.io/rwgrim/docker-noop\n      env: [{name: A, value: b}]\n---\n\
+             apiVersion: v1\nkind: PodTemplate\nmetadata: {name: unlabelled}\ntemplate: {spec: {containers: [{name: x, image: y}]}}\n---\n\
+             apiVersion: v1\nkind: PodTemplate\nmetadata: {name: broken, namespace: team, labels: {flyte.org/pod-templates: \"true\"}}\n\
+             template: {spec: {containers: [{name: x, image: y, evn: []}]}}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("pt.json"),
+            r#"{"apiVersion":"v1","kind":"PodTemplate","metadata":{"name":"tenant","namespace":"team","labels":{"flyte.org/pod-templates":"true"}},"template":{"metadata":{"labels":{"from":"json"}}}}"#,
+        )
+        .unwrap();
+        let found = read_template_sources(dir.path(), &Names::default()).unwrap();
+        let ids: Vec<_> = found.iter().map(|m| format!("{:?} {}/{}", m.kind(), m.namespace, m.name)).collect();
+        assert_eq!(
+            ids,
+            ["PodTemplate flyte/gpu", "PodTemplate team/broken", "PodTemplate team/tenant"],
+            "unlabelled ones are skipped"
+        );
+
+        let store = DirStore::load(dir.path(), &Names::default()).unwrap();
+        let entry = store.lookup("other", "gpu").entry.expect("a platform PodTemplate serves every namespace");
+        assert!(entry.source.to_string().starts_with("flyte/podtemplate:gpu/gpu@sha256:"), "{}", entry.source);
+        let EntryState::Ready(t) = &entry.state else { panic!("{entry:?}") };
+        assert_eq!((t.primary_container_name.as_str(), t.labels["team"].as_str()), ("main", "ml"));
+        assert_eq!(t.pod_spec["containers"][0]["env"][0]["name"], "A");
+        assert!(store.lookup("other", "tenant").entry.is_none());
+        assert!(matches!(store.lookup("team", "tenant").entry.unwrap().state, EntryState::Ready(_)));
+        assert!(matches!(store.lookup("team", "broken").entry.unwrap().state, EntryState::Broken(_)), "an error entry");
+        assert_eq!(store.problems.len(), 1);
+        assert_eq!(
+            store.problems[0].to_string(),
+            "PodTemplate team/broken: template.spec.containers[0].evn: unknown field"
+        );
+        assert!(store.lookup("flyte", "unlabelled").entry.is_none());
+        assert_eq!(store.stats(), StoreStats { templates: 2, errors: 1 });
+    }
+
+    #[test]
+    fn a_config_map_key_wins_over_a_pod_template_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            "kind: PodTemplate\nmetadata: {name: t, labels: {flyte.org/pod-templates: \"true\"}}\ntemplate: {metadata: {labels: {from: podtemplate}}}\n---\n\
+             kind: ConfigMap\nmetadata: {name: z, labels: {flyte.org/pod-templates: \"true\"}}\ndata: {t: 'labels: {from: configmap}'}\n",
+        )
+        .unwrap();
+        let store = DirStore::load(dir.path(), &Names::default()).unwrap();
+        let entry = store.lookup("flyte", "t").entry.unwrap();
+        assert_eq!(entry.source.object, "z");
+        assert!(store.problems.is_empty());
+    }
+
+    #[test]
+    fn a_pod_template_without_a_name_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.yaml"), "kind: PodTemplate\nmetadata: {labels: {a: b}}\ntemplate: {}\n")
+            .unwrap();
+        let err = DirStore::load(dir.path(), &Names::default()).unwrap_err().to_string();
+        assert!(err.contains("x.yaml: document 1: PodTemplate without metadata.name"), "{err}");
+    }
+
+    #[test]
     fn unreadable_manifest_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x.yaml"), "kind: ConfigMap\nmetadata: [\n").unwrap();
@@ -230,5 +382,16 @@ mod tests {
         assert_eq!(key_line(&file, 0, "mine"), Some(5), "a nested field of another key is not the key");
         assert_eq!(key_line(&file, 1, "mine"), Some(10), "the key of the right document");
         assert_eq!(key_line(&file, 0, "absent"), None);
+    }
+
+    #[test]
+    fn finds_the_line_of_a_top_level_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        let text = "kind: ConfigMap\ndata:\n  template: x\n---\n# a PodTemplate\nkind: PodTemplate\nmetadata: {name: t}\ntemplate:\n  spec: {}\n";
+        std::fs::write(&file, text).unwrap();
+        assert_eq!(field_line(&file, 1, "template"), Some(8));
+        assert_eq!(field_line(&file, 0, "template"), None, "a nested key is not the field");
+        assert_eq!(field_line(&file, 1, "kind"), Some(6));
     }
 }

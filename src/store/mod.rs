@@ -1,17 +1,19 @@
-//! Where templates come from (SPEC §3): one trait, two sources — a directory of ConfigMap
-//! manifests (`dir`) and the cluster (`cluster`). Both feed a [`Catalog`], which parses each
-//! template once when its ConfigMap is seen and publishes an immutable [`TemplateIndex`] that
-//! admissions read without locks.
+//! Where templates come from (SPEC §3, §8): one trait, two stores — a directory of ConfigMap and
+//! PodTemplate manifests (`dir`) and the cluster (`cluster`). Both feed a [`Catalog`], which
+//! parses each template once when its source object is seen and publishes an immutable
+//! [`TemplateIndex`] that admissions read without locks.
 
 pub mod cluster;
 pub mod dir;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
+use serde_json::Value;
 
-use crate::template::{PodTemplate, TemplateError, TemplateSource};
+pub use crate::source::content_hash;
+use crate::source::SourceObject;
+use crate::template::{PodTemplate, SourceKind, TemplateError, TemplateSource};
 
 /// The template store an admission consults.
 pub trait TemplateStore: Send + Sync {
@@ -32,7 +34,7 @@ pub struct StoreStats {
     pub errors: usize,
 }
 
-/// One data key of a template ConfigMap, as loaded.
+/// One template (a ConfigMap data key, or a PodTemplate object), as loaded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TemplateEntry {
     /// For a stale entry, the source of the version being served.
@@ -46,7 +48,11 @@ pub enum EntryState {
     /// Never parsed: pods that name it are denied (or warned, by policy).
     Broken(TemplateError),
     /// Parsed before; the current value does not. The last good version keeps serving.
-    Stale { template: Arc<PodTemplate>, error: TemplateError, broken_version: String },
+    Stale {
+        template: Arc<PodTemplate>,
+        error: TemplateError,
+        broken_version: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -56,12 +62,11 @@ pub struct Lookup {
     pub searched: Vec<String>,
 }
 
-/// A template key that failed to parse while its ConfigMap was loaded.
+/// A template that failed to parse while its source object was loaded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParseProblem {
-    pub namespace: String,
-    pub config_map: String,
-    pub key: String,
+    /// The template as it was read (the version that does not parse).
+    pub source: TemplateSource,
     pub error: TemplateError,
     /// True when a last good version keeps serving.
     pub stale: bool,
@@ -69,7 +74,7 @@ pub struct ParseProblem {
 
 impl std::fmt::Display for ParseProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ConfigMap {}/{} key {:?}: {}", self.namespace, self.config_map, self.key, self.error)?;
+        write!(f, "{}: {}", self.source.describe(), self.error)?;
         if self.stale {
             write!(f, " (the last good version keeps serving)")?;
         }
@@ -77,17 +82,34 @@ impl std::fmt::Display for ParseProblem {
     }
 }
 
-/// The parsed contents of every template ConfigMap seen; the single writer of a store owns it.
+/// A source object of the catalog. Ordered so that within a namespace ConfigMaps come first, by
+/// name: the first definer of a template name wins a clash.
+type ObjectId = (String, SourceKind, String);
+
+/// A template name defined twice in one namespace, and which definition serves.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Shadowed {
+    namespace: String,
+    key: String,
+    winner: (SourceKind, String),
+    ignored: (SourceKind, String),
+}
+
+/// The parsed contents of every template source object seen (ConfigMaps and PodTemplates); the
+/// single writer of a store owns it.
 #[derive(Debug, Default)]
 pub struct Catalog {
     platform_namespace: String,
-    /// (namespace, ConfigMap name) → key → entry. Ordered: the first ConfigMap name wins a clash.
-    config_maps: BTreeMap<(String, String), BTreeMap<String, Arc<TemplateEntry>>>,
+    /// (namespace, kind, object name) → template name → entry.
+    objects: BTreeMap<ObjectId, BTreeMap<String, Arc<TemplateEntry>>>,
+    /// The clashes the last [`Catalog::index`] found: each is logged when it appears, not on
+    /// every watch event.
+    shadowed: BTreeSet<Shadowed>,
 }
 
 impl Catalog {
     pub fn new(platform_namespace: impl Into<String>) -> Self {
-        Catalog { platform_namespace: platform_namespace.into(), config_maps: BTreeMap::new() }
+        Catalog { platform_namespace: platform_namespace.into(), ..Catalog::default() }
     }
 
     /// Adds or replaces a ConfigMap; returns the keys that did not parse.
@@ -99,16 +121,43 @@ impl Catalog {
         version: Option<&str>,
         data: &BTreeMap<String, String>,
     ) -> Vec<ParseProblem> {
-        let id = (namespace.to_owned(), name.to_owned());
-        let previous = self.config_maps.remove(&id).unwrap_or_default();
+        self.apply_source(namespace, name, version, SourceObject::ConfigMap(data))
+    }
+
+    /// Adds or replaces a PodTemplate object (as JSON); returns it if it did not parse.
+    pub fn apply_pod_template(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+        object: &Value,
+    ) -> Vec<ParseProblem> {
+        self.apply_source(namespace, name, version, SourceObject::PodTemplate { name, object })
+    }
+
+    /// Adds or replaces a source object named `name`; returns the templates that did not parse.
+    /// A template whose version is unchanged is not parsed again; one that no longer parses
+    /// keeps serving its last good version.
+    pub fn apply_source(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        version: Option<&str>,
+        object: SourceObject<'_>,
+    ) -> Vec<ParseProblem> {
+        let kind = object.kind();
+        let id = (namespace.to_owned(), kind, name.to_owned());
+        let previous = self.objects.remove(&id).unwrap_or_default();
         let mut problems = Vec::new();
         let mut entries = BTreeMap::new();
-        for (key, text) in data {
+        for item in object.entries() {
+            let key = item.name;
             let source = TemplateSource {
+                kind,
                 namespace: namespace.to_owned(),
-                config_map: name.to_owned(),
-                key: key.clone(),
-                version: version.map_or_else(|| content_hash(text), str::to_owned),
+                object: name.to_owned(),
+                key: key.to_owned(),
+                version: version.map_or_else(|| item.content_hash(), str::to_owned),
             };
             // A resync or an edit of another key must not parse this one again.
             let seen = |old: &&Arc<TemplateEntry>| match &old.state {
@@ -116,10 +165,10 @@ impl Catalog {
                 _ => old.source == source,
             };
             if let Some(old) = previous.get(key).filter(seen) {
-                entries.insert(key.clone(), old.clone());
+                entries.insert(key.to_owned(), old.clone());
                 continue;
             }
-            let entry = match PodTemplate::parse(text) {
+            let entry = match item.parse() {
                 Ok(template) => Arc::new(TemplateEntry { source, state: EntryState::Ready(Arc::new(template)) }),
                 Err(error) => {
                     let last_good = previous.get(key).and_then(|old| match &old.state {
@@ -128,9 +177,7 @@ impl Catalog {
                         EntryState::Broken(_) => None,
                     });
                     problems.push(ParseProblem {
-                        namespace: namespace.to_owned(),
-                        config_map: name.to_owned(),
-                        key: key.clone(),
+                        source: source.clone(),
                         error: error.clone(),
                         stale: last_good.is_some(),
                     });
@@ -143,26 +190,37 @@ impl Catalog {
                     })
                 }
             };
-            entries.insert(key.clone(), entry);
+            entries.insert(key.to_owned(), entry);
         }
-        self.config_maps.insert(id, entries);
+        self.objects.insert(id, entries);
         problems
     }
 
+    /// Removes a ConfigMap.
     pub fn remove(&mut self, namespace: &str, name: &str) -> bool {
-        self.config_maps.remove(&(namespace.to_owned(), name.to_owned())).is_some()
+        self.remove_source(SourceKind::ConfigMap, namespace, name)
     }
 
-    /// Keeps, within `scope` (one namespace, or all when `None`), only the ConfigMaps `keep` names.
-    pub fn retain(&mut self, scope: Option<&str>, keep: impl Fn(&str, &str) -> bool) {
-        self.config_maps.retain(|(ns, name), _| scope.is_some_and(|s| s != ns) || keep(ns, name));
+    /// Removes a source object of `kind`.
+    pub fn remove_source(&mut self, kind: SourceKind, namespace: &str, name: &str) -> bool {
+        self.objects.remove(&(namespace.to_owned(), kind, name.to_owned())).is_some()
     }
 
-    /// The lookup table admissions read. Logs each key defined by two ConfigMaps of a namespace.
-    pub fn index(&self) -> TemplateIndex {
+    /// Keeps, among the objects of `kind` within `scope` (one namespace, or all when `None`),
+    /// only those `keep` names (namespace, name).
+    pub fn retain(&mut self, kind: SourceKind, scope: Option<&str>, keep: impl Fn(&str, &str) -> bool) {
+        self.objects.retain(|(ns, k, name), _| *k != kind || scope.is_some_and(|s| s != ns) || keep(ns, name));
+    }
+
+    /// The lookup table admissions read. A template name defined twice in one namespace is
+    /// served by the first definer: a ConfigMap key before a PodTemplate, and of two ConfigMaps
+    /// the one whose name sorts first. Each such clash is logged once, when it appears (and
+    /// again, at info, when it is gone), not on every rebuild.
+    pub fn index(&mut self) -> TemplateIndex {
         let mut by_namespace: HashMap<String, HashMap<String, Arc<TemplateEntry>>> = HashMap::new();
         let mut stats = StoreStats::default();
-        for ((namespace, config_map), entries) in &self.config_maps {
+        let mut shadowed = BTreeSet::new();
+        for ((namespace, kind, name), entries) in &self.objects {
             let keys = by_namespace.entry(namespace.clone()).or_default();
             for (key, entry) in entries {
                 match &entry.state {
@@ -174,24 +232,46 @@ impl Catalog {
                     EntryState::Broken(_) => stats.errors += 1,
                 }
                 if let Some(winner) = keys.get(key) {
-                    tracing::warn!(
-                        namespace, key, winner = %winner.source.config_map, ignored = %config_map,
-                        "template key defined by two ConfigMaps; the first by name wins"
-                    );
+                    shadowed.insert(Shadowed {
+                        namespace: namespace.clone(),
+                        key: key.clone(),
+                        winner: (winner.source.kind, winner.source.object.clone()),
+                        ignored: (*kind, name.clone()),
+                    });
                     continue;
                 }
                 keys.insert(key.clone(), entry.clone());
             }
         }
+        for s in shadowed.difference(&self.shadowed) {
+            let (winner, ignored) =
+                (describe_object(&s.namespace, &s.winner), describe_object(&s.namespace, &s.ignored));
+            match s.ignored.0 {
+                SourceKind::ConfigMap => tracing::warn!(
+                    namespace = %s.namespace, key = %s.key, %winner, %ignored,
+                    "template key defined by two ConfigMaps; the first by name wins"
+                ),
+                SourceKind::PodTemplate => tracing::warn!(
+                    namespace = %s.namespace, key = %s.key, %winner, %ignored,
+                    "template defined by a ConfigMap key and by a PodTemplate of the same name; the ConfigMap key wins"
+                ),
+            }
+        }
+        for s in self.shadowed.difference(&shadowed) {
+            let (winner, ignored) =
+                (describe_object(&s.namespace, &s.winner), describe_object(&s.namespace, &s.ignored));
+            tracing::info!(namespace = %s.namespace, key = %s.key, %winner, %ignored, "template name no longer defined twice");
+        }
+        self.shadowed = shadowed;
         TemplateIndex { platform_namespace: self.platform_namespace.clone(), by_namespace, stats }
     }
 }
 
-/// A short, stable content hash: the version of a template read from a file.
-pub fn content_hash(text: &str) -> String {
-    let digest = Sha256::digest(text.as_bytes());
-    let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+fn describe_object(namespace: &str, (kind, name): &(SourceKind, String)) -> String {
+    match kind {
+        SourceKind::ConfigMap => format!("ConfigMap {namespace}/{name}"),
+        SourceKind::PodTemplate => format!("PodTemplate {namespace}/{name}"),
+    }
 }
 
 /// An immutable snapshot of all templates, keyed by namespace then template name.
@@ -260,7 +340,7 @@ mod tests {
         let mut c = Catalog::new("flyte");
         c.apply("flyte", "zz", Some("1"), &data(&[("a", "labels: {from: zz}")]));
         c.apply("flyte", "aa", Some("2"), &data(&[("a", "labels: {from: aa}")]));
-        assert_eq!(c.index().lookup("flyte", "a").entry.unwrap().source.config_map, "aa");
+        assert_eq!(c.index().lookup("flyte", "a").entry.unwrap().source.object, "aa");
     }
 
     #[test]
@@ -268,7 +348,9 @@ mod tests {
         let mut c = Catalog::new("flyte");
         let problems = c.apply("flyte", "cm", Some("1"), &data(&[("bad", "podspec: {}"), ("good", "{}")]));
         assert_eq!(problems.len(), 1);
-        assert_eq!(problems[0].key, "bad");
+        assert_eq!(problems[0].source.key, "bad");
+        let message = problems[0].to_string();
+        assert!(message.starts_with("ConfigMap flyte/cm key \"bad\": unknown field `podspec`"), "{message}");
         assert!(!problems[0].stale);
         let idx = c.index();
         assert!(matches!(idx.lookup("flyte", "good").entry.unwrap().state, EntryState::Ready(_)));
@@ -313,5 +395,219 @@ mod tests {
         let second = c.index().lookup("flyte", "t").entry.unwrap();
         assert!(Arc::ptr_eq(&first, &second));
         assert!(first.source.version.starts_with("sha256:"));
+    }
+
+    fn pod_template_object(annotations: Value, template: Value) -> Value {
+        serde_json::json!({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"annotations": annotations}, "template": template})
+    }
+
+    fn labelled(v: &str) -> Value {
+        pod_template_object(serde_json::json!({}), serde_json::json!({"metadata": {"labels": {"v": v}}}))
+    }
+
+    fn served_label(idx: &TemplateIndex, ns: &str, name: &str) -> Option<String> {
+        let entry = idx.lookup(ns, name).entry?;
+        match &entry.state {
+            EntryState::Ready(t) | EntryState::Stale { template: t, .. } => t.labels.get("v").cloned(),
+            EntryState::Broken(_) => None,
+        }
+    }
+
+    #[test]
+    fn a_pod_template_object_is_a_template_named_after_it() {
+        let mut c = Catalog::new("flyte");
+        let object = pod_template_object(
+            serde_json::json!({"flyte.org/primary-container-name": "main"}),
+            serde_json::json!({"metadata": {"labels": {"v": "pt"}}, "spec": {"containers": [{"name": "main", "image": "x:1"}]}}),
+        );
+        assert!(c.apply_pod_template("team-a", "gpu", Some("12"), &object).is_empty());
+        let idx = c.index();
+        let entry = idx.lookup("team-a", "gpu").entry.unwrap();
+        assert_eq!(entry.source.to_string(), "team-a/podtemplate:gpu/gpu@12");
+        assert_eq!(entry.source.describe(), "PodTemplate team-a/gpu");
+        let EntryState::Ready(t) = &entry.state else { panic!("{entry:?}") };
+        assert_eq!((t.primary_container_name.as_str(), t.primary_container_name_set), ("main", true));
+        assert_eq!(t.labels["v"], "pt");
+        assert!(idx.lookup("team-b", "gpu").entry.is_none(), "same namespace rules as ConfigMaps");
+        assert_eq!(idx.stats(), StoreStats { templates: 1, errors: 0 });
+        assert!(c.remove_source(SourceKind::PodTemplate, "team-a", "gpu"));
+        assert!(!c.remove("team-a", "gpu"), "a ConfigMap of that name is another object");
+        assert!(c.index().lookup("team-a", "gpu").entry.is_none());
+    }
+
+    #[test]
+    fn a_platform_pod_template_serves_every_namespace() {
+        let mut c = Catalog::new("flyte");
+        c.apply_pod_template("flyte", "shared", Some("1"), &labelled("platform"));
+        assert_eq!(served_label(&c.index(), "team-a", "shared").as_deref(), Some("platform"));
+    }
+
+    #[test]
+    fn a_pod_template_keeps_its_last_good_version_and_is_parsed_once() {
+        let mut c = Catalog::new("flyte");
+        let good = labelled("one");
+        let broken = pod_template_object(
+            serde_json::json!({}),
+            serde_json::json!({"spec": {"containers": [{"name": "p", "evn": []}]}}),
+        );
+        // Never parsed: an error entry.
+        let problems = c.apply_pod_template("flyte", "t", Some("1"), &broken);
+        assert_eq!(problems.len(), 1);
+        assert!(!problems[0].stale);
+        assert_eq!(problems[0].to_string(), "PodTemplate flyte/t: template.spec.containers[0].evn: unknown field");
+        assert!(matches!(c.index().lookup("flyte", "t").entry.unwrap().state, EntryState::Broken(_)));
+        // Fixed, then broken again: the last good version serves.
+        assert!(c.apply_pod_template("flyte", "t", Some("2"), &good).is_empty());
+        let first = c.index().lookup("flyte", "t").entry.unwrap();
+        let problems = c.apply_pod_template("flyte", "t", Some("3"), &broken);
+        assert!(problems[0].stale);
+        assert_eq!(problems[0].source.version, "3");
+        let entry = c.index().lookup("flyte", "t").entry.unwrap();
+        assert_eq!(entry.source.to_string(), "flyte/podtemplate:t/t@2");
+        let EntryState::Stale { template, broken_version, error } = &entry.state else { panic!("{entry:?}") };
+        assert_eq!((template.labels["v"].as_str(), broken_version.as_str()), ("one", "3"));
+        assert!(error.to_string().contains("evn"));
+        // A resync of the same broken version reports nothing again.
+        assert!(c.apply_pod_template("flyte", "t", Some("3"), &broken).is_empty());
+        assert!(Arc::ptr_eq(&entry, &c.index().lookup("flyte", "t").entry.unwrap()));
+        // A resync of a good version is not parsed again either.
+        c.apply_pod_template("flyte", "t", Some("4"), &good);
+        let fourth = c.index().lookup("flyte", "t").entry.unwrap();
+        assert!(!Arc::ptr_eq(&first, &fourth));
+        c.apply_pod_template("flyte", "t", Some("4"), &good);
+        assert!(Arc::ptr_eq(&fourth, &c.index().lookup("flyte", "t").entry.unwrap()));
+    }
+
+    #[test]
+    fn pod_templates_from_files_are_versioned_by_content() {
+        let mut c = Catalog::new("flyte");
+        c.apply_pod_template("flyte", "t", None, &labelled("one"));
+        let first = c.index().lookup("flyte", "t").entry.unwrap();
+        assert!(first.source.version.starts_with("sha256:"), "{}", first.source);
+        c.apply_pod_template("flyte", "t", None, &labelled("one"));
+        assert!(Arc::ptr_eq(&first, &c.index().lookup("flyte", "t").entry.unwrap()));
+        c.apply_pod_template("flyte", "t", None, &labelled("two"));
+        let second = c.index().lookup("flyte", "t").entry.unwrap();
+        assert_ne!(first.source.version, second.source.version);
+    }
+
+    #[test]
+    fn a_config_map_key_wins_over_a_pod_template_of_the_same_name() {
+        for pod_template_first in [true, false] {
+            let mut c = Catalog::new("flyte");
+            if pod_template_first {
+                c.apply_pod_template("team", "t", Some("1"), &labelled("podtemplate"));
+            }
+            // The kind decides, not the order of events or the object names.
+            c.apply("team", "zz", Some("2"), &data(&[("t", "labels: {v: configmap}")]));
+            if !pod_template_first {
+                c.apply_pod_template("team", "t", Some("1"), &labelled("podtemplate"));
+            }
+            let idx = c.index();
+            assert_eq!(served_label(&idx, "team", "t").as_deref(), Some("configmap"));
+            assert_eq!(idx.lookup("team", "t").entry.unwrap().source.to_string(), "team/zz/t@2");
+            // ...in that namespace only: the platform namespace's PodTemplate still loses to a
+            // tenant's own ConfigMap key, and a tenant's PodTemplate wins over a platform ConfigMap.
+            c.remove("team", "zz");
+            assert_eq!(
+                served_label(&c.index(), "team", "t").as_deref(),
+                Some("podtemplate"),
+                "the PodTemplate serves once the key is gone"
+            );
+            c.apply("flyte", "platform", Some("3"), &data(&[("t", "labels: {v: platform}")]));
+            assert_eq!(
+                served_label(&c.index(), "team", "t").as_deref(),
+                Some("podtemplate"),
+                "own namespace first, whatever the kind"
+            );
+        }
+    }
+
+    #[test]
+    fn a_broken_config_map_key_still_shadows_a_pod_template() {
+        let mut c = Catalog::new("flyte");
+        c.apply_pod_template("team", "t", Some("1"), &labelled("podtemplate"));
+        c.apply("team", "cm", Some("2"), &data(&[("t", "labels: [")]));
+        let entry = c.index().lookup("team", "t").entry.unwrap();
+        assert!(
+            matches!(entry.state, EntryState::Broken(_)),
+            "the ConfigMap key names the template, broken or not: {entry:?}"
+        );
+    }
+
+    #[test]
+    fn retain_keeps_the_other_kind_and_other_namespaces() {
+        let mut c = Catalog::new("flyte");
+        c.apply("a", "cm", Some("1"), &data(&[("x", "{}")]));
+        c.apply_pod_template("a", "pt", Some("1"), &labelled("1"));
+        c.apply_pod_template("b", "pt", Some("1"), &labelled("1"));
+        c.retain(SourceKind::PodTemplate, Some("a"), |_, _| false);
+        let idx = c.index();
+        assert!(idx.lookup("a", "x").entry.is_some(), "ConfigMaps are not touched");
+        assert!(idx.lookup("a", "pt").entry.is_none());
+        assert!(idx.lookup("b", "pt").entry.is_some(), "other namespaces are not touched");
+        c.retain(SourceKind::PodTemplate, None, |ns, name| ns == "b" && name == "pt");
+        c.retain(SourceKind::ConfigMap, None, |_, _| false);
+        let idx = c.index();
+        assert!(idx.lookup("a", "x").entry.is_none());
+        assert!(idx.lookup("b", "pt").entry.is_some());
+    }
+
+    /// Runs `f` with this thread's log lines captured.
+    fn logs_of(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text
+    }
+
+    #[test]
+    fn a_clash_is_logged_once_per_change_not_per_event() {
+        let mut c = Catalog::new("flyte");
+        let logs = logs_of(|| {
+            c.apply_pod_template("team", "t", Some("1"), &labelled("podtemplate"));
+            c.apply("team", "cm", Some("2"), &data(&[("t", "{}"), ("u", "{}")]));
+            for v in 3..10 {
+                // Watch events and index rebuilds, the clash unchanged.
+                c.apply(
+                    "team",
+                    "cm",
+                    Some(&v.to_string()),
+                    &data(&[("t", "{}"), ("u", &format!("labels: {{n: '{v}'}}"))]),
+                );
+                c.apply_pod_template("team", "t", Some(&v.to_string()), &labelled("podtemplate"));
+                c.index();
+            }
+        });
+        assert_eq!(logs.matches("the ConfigMap key wins").count(), 1, "{logs}");
+        assert!(logs.contains("winner=ConfigMap team/cm") && logs.contains("ignored=PodTemplate team/t"), "{logs}");
+        let logs = logs_of(|| {
+            c.remove("team", "cm");
+            c.index();
+            c.index();
+        });
+        assert_eq!(logs.matches("no longer defined twice").count(), 1, "{logs}");
+        // Back again: a change of the situation, logged again. Two ConfigMaps: their own message.
+        let logs = logs_of(|| {
+            c.apply("team", "cm", Some("20"), &data(&[("t", "{}")]));
+            c.apply("team", "other", Some("21"), &data(&[("t", "{}")]));
+            c.index();
+            c.index();
+        });
+        assert_eq!(logs.matches("the ConfigMap key wins").count(), 1, "{logs}");
+        assert_eq!(logs.matches("defined by two ConfigMaps").count(), 1, "{logs}");
     }
 }
