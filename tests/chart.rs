@@ -344,8 +344,8 @@ fn check_validating_webhook(objects: &[Value], values: &Value, ctx: &str) {
     assert!(w["name"].as_str().unwrap().split('.').count() >= 3, "{ctx}");
     assert_eq!(
         w["rules"],
-        json!([{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps"], "scope": "Namespaced"}]),
-        "{ctx}: CREATE/UPDATE of core/v1 configmaps only"
+        json!([{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps", "podtemplates"], "scope": "Namespaced"}]),
+        "{ctx}: CREATE/UPDATE of core/v1 configmaps and podtemplates only"
     );
     let label = value_of(values, "config.sourceLabel");
     assert_eq!(w["objectSelector"], json!({"matchLabels": {label.as_str().unwrap(): "true"}}), "{ctx}: template sources only");
@@ -527,6 +527,11 @@ fn check_rbac(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
                     assert_eq!(groups, [""], "{ctx}");
                     assert_eq!(verbs, ["get", "list", "watch"].map(String::from).into(), "{ctx}: configmaps are read only");
                 }
+                "podtemplates" => {
+                    assert_eq!(groups, [""], "{ctx}");
+                    assert_eq!(verbs, ["list", "watch"].map(String::from).into(), "{ctx}: podtemplates: list, watch");
+                    assert!(names.is_empty(), "{ctx}: {r}");
+                }
                 "events" => {
                     assert!(groups == [""] || groups == ["events.k8s.io"], "{ctx}: {r}");
                     assert_eq!(verbs, ["create", "patch"].map(String::from).into(), "{ctx}: {r}");
@@ -564,26 +569,29 @@ fn check_rbac(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
     let validating = value_of(values, "validatingWebhook.enabled") == true;
     let has_validating = rules.iter().any(|(_, _, r)| strs(&r["resources"]).contains(&"validatingwebhookconfigurations".to_owned()));
     assert_eq!(has_validating, builtin && validating, "{ctx}: validating webhook configuration access exactly in builtin mode with validatingWebhook.enabled");
-    // ConfigMaps: ClusterRole cluster-wide, or Roles in the watched namespaces + the release namespace.
-    let cm_roles: Vec<(String, Option<String>)> = rules
-        .iter()
-        .filter(|(_, _, r)| strs(&r["resources"]).contains(&"configmaps".to_owned()))
-        .map(|(k, n, _)| (k.clone(), n.clone()))
-        .collect();
-    let watch = strs(&value_of(values, "config.watchNamespaces"));
-    if watch.is_empty() {
-        assert_eq!(cm_roles, [("ClusterRole".to_owned(), None)], "{ctx}");
-    } else {
-        let mut want: BTreeSet<String> = watch.into_iter().collect();
-        want.insert(ns.to_owned());
-        let got: BTreeSet<String> = cm_roles
+    // ConfigMaps and PodTemplates (the two template sources): ClusterRole cluster-wide, or Roles
+    // in the watched namespaces + the release namespace.
+    for resource in ["configmaps", "podtemplates"] {
+        let roles: Vec<(String, Option<String>)> = rules
             .iter()
-            .map(|(k, n)| {
-                assert_eq!(k, "Role", "{ctx}: watchNamespaces set, but a {k} reads ConfigMaps");
-                n.clone().unwrap()
-            })
+            .filter(|(_, _, r)| strs(&r["resources"]).contains(&resource.to_owned()))
+            .map(|(k, n, _)| (k.clone(), n.clone()))
             .collect();
-        assert_eq!(got, want, "{ctx}");
+        let watch = strs(&value_of(values, "config.watchNamespaces"));
+        if watch.is_empty() {
+            assert_eq!(roles, [("ClusterRole".to_owned(), None)], "{ctx}: {resource}");
+        } else {
+            let mut want: BTreeSet<String> = watch.into_iter().collect();
+            want.insert(ns.to_owned());
+            let got: BTreeSet<String> = roles
+                .iter()
+                .map(|(k, n)| {
+                    assert_eq!(k, "Role", "{ctx}: watchNamespaces set, but a {k} reads {resource}");
+                    n.clone().unwrap()
+                })
+                .collect();
+            assert_eq!(got, want, "{ctx}: {resource}");
+        }
     }
     // Every binding names the chart's ServiceAccount, and a role the chart renders.
     let deploy = one(objects, "Deployment");
@@ -1172,6 +1180,13 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     for (verb, group, resource, ns, allowed) in [
         ("watch", "", "configmaps", None, true),
         ("list", "", "configmaps", Some(APPS), true),
+        ("list", "", "podtemplates", None, true),
+        ("watch", "", "podtemplates", Some(APPS), true),
+        ("get", "", "podtemplates", Some(APPS), false),
+        ("create", "", "podtemplates", Some(APPS), false),
+        ("update", "", "podtemplates", Some(APPS), false),
+        ("patch", "", "podtemplates", Some(APPS), false),
+        ("delete", "", "podtemplates", Some(APPS), false),
         ("create", "events.k8s.io", "events", Some(APPS), true),
         ("create", "", "events", Some(APPS), true),
         ("get", "", "secrets", Some(PLATFORM), false),
@@ -1222,6 +1237,9 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     assert_eq!(webhook2.reviews.lock().unwrap().get(APPS).copied(), Some(1), "the upgraded configuration calls the new URL");
     assert!(!can_i(&sa, "list", "", "configmaps", Some("other")).await);
     assert!(can_i(&sa, "watch", "", "configmaps", Some(PLATFORM)).await);
+    assert!(!can_i(&sa, "list", "", "podtemplates", None).await, "PodTemplates follow watchNamespaces too");
+    assert!(!can_i(&sa, "watch", "", "podtemplates", Some("other")).await);
+    assert!(can_i(&sa, "watch", "", "podtemplates", Some(APPS)).await);
 
     // 8. helm uninstall removes the cluster-scoped objects too.
     let out = helm_async(vec!["uninstall".into(), RELEASE.into(), "--kubeconfig".into(), kubeconfig, "-n".into(), PLATFORM.into(), "--timeout".into(), "60s".into()]).await;

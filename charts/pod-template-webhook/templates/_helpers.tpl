@@ -218,6 +218,10 @@ seccompProfile:
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch"]
+# PodTemplate objects as a second template source: the watch needs list and watch, nothing more.
+- apiGroups: [""]
+  resources: ["podtemplates"]
+  verbs: ["list", "watch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
