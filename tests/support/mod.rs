@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
 
 /// A CA and a leaf signed by it, PEM encoded.
 pub struct TestPki {
@@ -31,7 +34,8 @@ impl TestPki {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
         TestPki { ca_pem: ca.pem(), ca_der: ca.der().to_vec(), ca }
     }
@@ -209,7 +213,11 @@ impl ApiServer {
                 eprintln!("kube-apiserver ready in {:?} at {}", started.elapsed(), self.url);
                 return;
             }
-            assert!(started.elapsed() < Duration::from_secs(120), "kube-apiserver not ready:\n{}", self.log_tail("kube-apiserver.log"));
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "kube-apiserver not ready:\n{}",
+                self.log_tail("kube-apiserver.log")
+            );
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -267,7 +275,8 @@ pub fn b64(bytes: impl AsRef<[u8]>) -> String {
 pub async fn ensure_namespace(c: &kube::Client, name: &str, labels: serde_json::Value) {
     use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
     use kube::api::{Api, PostParams};
-    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}})).unwrap();
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": labels}})).unwrap();
     let _ = Api::<Namespace>::all(c.clone()).create(&PostParams::default(), &ns).await;
     let sa: ServiceAccount = serde_json::from_value(serde_json::json!({"metadata": {"name": "default"}})).unwrap();
     let _ = Api::<ServiceAccount>::namespaced(c.clone(), name).create(&PostParams::default(), &sa).await;
@@ -324,4 +333,18 @@ fn kubeconfig_yaml(url: &str, ca: &str, cert: &str, key: &str) -> String {
         b64(cert),
         b64(key)
     )
+}
+
+/// A client of the API server at `url` authenticated by a bearer token only (no client certificate): a
+/// ServiceAccount's identity, from the TokenRequest API.
+pub async fn token_client(url: &str, ca_pem: &str, token: &str) -> kube::Client {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: ptw\n  cluster:\n    server: {url}\n    certificate-authority-data: {}\n\
+         users:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: sa\n  context: {{cluster: ptw, user: sa}}\ncurrent-context: sa\n",
+        b64(ca_pem.as_bytes()),
+    );
+    let kc = kube::config::Kubeconfig::from_yaml(&yaml).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+    assert!(config.auth_info.client_certificate_data.is_none());
+    kube::Client::try_from(config).unwrap()
 }
