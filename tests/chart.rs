@@ -467,11 +467,16 @@ fn check_workload(objects: &[Value], values: &Value, ctx: &str) {
         ("PTW_APPLIED_ANNOTATION", s("config.appliedAnnotation")),
         ("PTW_ON_MISSING_TEMPLATE", s("config.onMissingTemplate")),
         ("PTW_ON_BROKEN_TEMPLATE", s("config.onBrokenTemplate")),
+        ("PTW_ON_CONFLICT", s("config.onConflict")),
         ("PTW_LOG_FORMAT", s("config.logFormat")),
         ("RUST_LOG", s("config.logLevel")),
     ];
     for (name, value) in expected {
         assert_eq!(env.get(name), Some(&Value::String(value.clone())), "{ctx}: {name}");
+    }
+    match s("config.defaultTemplate").as_str() {
+        "" => assert!(!env.contains_key("PTW_DEFAULT_TEMPLATE"), "{ctx}: no default template unless set"),
+        name => assert_eq!(env.get("PTW_DEFAULT_TEMPLATE"), Some(&json!(name)), "{ctx}"),
     }
     let watch = strs(&value_of(values, "config.watchNamespaces"));
     if watch.is_empty() {
@@ -704,6 +709,7 @@ fn the_schema_rejects_typos_and_bad_values() {
         (&["webhook.timeoutSeconds=31"], "timeoutSeconds"),
         (&["certs.mode=selfSigned"], "mode"),
         (&["config.onMissingTemplate=allow"], "onMissingTemplate"),
+        (&["config.onConflict=ignore"], "onConflict"),
         (&["image.tagg=1"], "tagg"),
         (&["validatingWebhook.enable=true"], "enable"),
         (&["validatingWebhook.failurePolicy=Maybe"], "failurePolicy"),
