@@ -83,7 +83,7 @@ pub fn merge<'a>(pod: &mut Node<'a>, template: &'a PodTemplate) -> Vec<String> {
 
 /// Where in a pod a field sits: decides which API defaults count as unset.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Ctx {
+pub(crate) enum Ctx {
     PodSpec,
     Container,
     Probe,
@@ -101,37 +101,32 @@ impl Ctx {
 
 /// True when the pod's value is what the API server fills in by itself: such a value was most
 /// likely not chosen by the pod's author, so the template may replace it (§4 "Scalars").
-/// Keep `README.md` ("Defaulted fields") in step with this list.
 fn is_api_default(ctx: Ctx, key: &str, value: &Value, owner: &Object<'_>) -> bool {
-    match ctx {
-        Ctx::PodSpec => match key {
-            "schedulerName" => value == "default-scheduler",
-            "terminationGracePeriodSeconds" => value == 30,
-            "dnsPolicy" => value == "ClusterFirst",
-            "restartPolicy" => value == "Always",
-            "enableServiceLinks" => value == true,
-            "serviceAccountName" | "serviceAccount" => value == "default",
-            "preemptionPolicy" => value == "PreemptLowerPriority",
-            "priority" => value == 0,
-            _ => false,
-        },
-        Ctx::Container => match key {
-            "terminationMessagePath" => value == "/dev/termination-log",
-            "terminationMessagePolicy" => value == "File",
-            "imagePullPolicy" => {
-                let image = owner.get("image").and_then(Node::as_str).unwrap_or_default();
-                value == default_pull_policy(&image)
-            }
-            _ => false,
-        },
-        Ctx::Probe => match key {
-            "timeoutSeconds" | "successThreshold" => value == 1,
-            "periodSeconds" => value == 10,
-            "failureThreshold" => value == 3,
-            _ => false,
-        },
-        Ctx::Other => false,
-    }
+    let image = || owner.get("image").and_then(Node::as_str).unwrap_or_default().into_owned();
+    api_default(ctx, key, image).is_some_and(|default| *value == default)
+}
+
+/// The value the API server gives `key` where it is unset (only those the merge counts as unset);
+/// `image` is read for `imagePullPolicy` only. Keep `README.md` ("Defaulted fields") in step.
+pub(crate) fn api_default(ctx: Ctx, key: &str, image: impl FnOnce() -> String) -> Option<Value> {
+    let value: Value = match (ctx, key) {
+        (Ctx::PodSpec, "schedulerName") => "default-scheduler".into(),
+        (Ctx::PodSpec, "terminationGracePeriodSeconds") => 30.into(),
+        (Ctx::PodSpec, "dnsPolicy") => "ClusterFirst".into(),
+        (Ctx::PodSpec, "restartPolicy") => "Always".into(),
+        (Ctx::PodSpec, "enableServiceLinks") => true.into(),
+        (Ctx::PodSpec, "serviceAccountName" | "serviceAccount") => "default".into(),
+        (Ctx::PodSpec, "preemptionPolicy") => "PreemptLowerPriority".into(),
+        (Ctx::PodSpec, "priority") => 0.into(),
+        (Ctx::Container, "terminationMessagePath") => "/dev/termination-log".into(),
+        (Ctx::Container, "terminationMessagePolicy") => "File".into(),
+        (Ctx::Container, "imagePullPolicy") => default_pull_policy(&image()).into(),
+        (Ctx::Probe, "timeoutSeconds" | "successThreshold") => 1.into(),
+        (Ctx::Probe, "periodSeconds") => 10.into(),
+        (Ctx::Probe, "failureThreshold") => 3.into(),
+        _ => return None,
+    };
+    Some(value)
 }
 
 /// The API server's default: `Always` for `:latest` or an untagged image, else `IfNotPresent`.

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::merge::{self, Ctx};
 use crate::template::{validate_pod_spec, PodTemplate, SourceKind, TemplateError, DEFAULT_PRIMARY_CONTAINER_NAME};
 
 /// The annotation of a PodTemplate object that names its primary container (SPEC §8).
@@ -188,8 +189,8 @@ fn is_dns_label(s: &str) -> bool {
 }
 
 /// Drops the values the API server fills into every stored PodTemplate (`SetDefaults_PodSpec`,
-/// `_Container`, `_Probe`) and that the merge counts as unset on a pod (SPEC §4 "Scalars"; keep
-/// in step with `merge::is_api_default` and the README's "Defaulted fields").
+/// `_Container`, `_Probe`) and that the merge counts as unset on a pod (SPEC §4 "Scalars",
+/// [`merge::api_default`]).
 ///
 /// Kept, a defaulted value would act as if the template's author had chosen it: a Flyte
 /// PodTemplate's `default` container with an untagged image (`docker.io/rwgrim/docker-noop`)
@@ -198,48 +199,26 @@ fn is_dns_label(s: &str) -> bool {
 /// the same manifest means the same in both modes: a PodTemplate cannot set a field to its API
 /// default.
 fn without_api_defaults(mut spec: Map<String, Value>) -> Map<String, Value> {
-    let drop_if = |map: &mut Map<String, Value>, key: &str, default: Value| {
-        if map.get(key) == Some(&default) {
-            map.remove(key);
-        }
+    let drop_defaults = |map: &mut Map<String, Value>, ctx: Ctx| {
+        let image = map.get("image").and_then(Value::as_str).unwrap_or_default().to_owned();
+        map.retain(|key, value| merge::api_default(ctx, key, || image.clone()).is_none_or(|d| *value != d));
     };
-    drop_if(&mut spec, "schedulerName", "default-scheduler".into());
-    drop_if(&mut spec, "terminationGracePeriodSeconds", 30.into());
-    drop_if(&mut spec, "dnsPolicy", "ClusterFirst".into());
-    drop_if(&mut spec, "restartPolicy", "Always".into());
-    drop_if(&mut spec, "enableServiceLinks", true.into());
-    drop_if(&mut spec, "securityContext", Value::Object(Map::new()));
+    drop_defaults(&mut spec, Ctx::PodSpec);
+    if spec.get("securityContext").is_some_and(|s| s.as_object().is_some_and(Map::is_empty)) {
+        spec.remove("securityContext");
+    }
     for field in ["containers", "initContainers"] {
         let containers = spec.get_mut(field).and_then(Value::as_array_mut).into_iter().flatten();
         for container in containers.filter_map(Value::as_object_mut) {
-            drop_if(container, "terminationMessagePath", "/dev/termination-log".into());
-            drop_if(container, "terminationMessagePolicy", "File".into());
-            let image = container.get("image").and_then(Value::as_str).unwrap_or_default();
-            let pull_policy = default_pull_policy(image);
-            drop_if(container, "imagePullPolicy", pull_policy.into());
+            drop_defaults(container, Ctx::Container);
             for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
                 if let Some(probe) = container.get_mut(probe).and_then(Value::as_object_mut) {
-                    drop_if(probe, "timeoutSeconds", 1.into());
-                    drop_if(probe, "successThreshold", 1.into());
-                    drop_if(probe, "periodSeconds", 10.into());
-                    drop_if(probe, "failureThreshold", 3.into());
+                    drop_defaults(probe, Ctx::Probe);
                 }
             }
         }
     }
     spec
-}
-
-/// The API server's default: `Always` for `:latest` or an untagged image, else `IfNotPresent`.
-fn default_pull_policy(image: &str) -> &'static str {
-    if image.contains('@') {
-        return "IfNotPresent";
-    }
-    let name = image.rsplit('/').next().unwrap_or(image);
-    match name.split_once(':') {
-        Some((_, tag)) if tag != "latest" => "IfNotPresent",
-        _ => "Always",
-    }
 }
 
 #[cfg(test)]
