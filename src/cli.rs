@@ -395,6 +395,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
         max_concurrent_requests: args.max_concurrent_requests.max(1),
         request_timeout: Duration::from_secs(args.request_timeout_seconds.max(1)),
+        keep_alive_timeout: Limits::default().keep_alive_timeout,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -15,8 +15,6 @@ use axum::routing::{get, post};
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::limit::GlobalConcurrencyLimitLayer;
@@ -65,6 +63,10 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// A request (body included) must complete within this; below the webhook's timeoutSeconds.
     pub request_timeout: Duration,
+    /// An idle keep-alive connection is closed after this. Longer than the clients' own idle
+    /// timeout (the API server's is 90 s), so that the client closes it: a server-side close
+    /// races with the client's next request.
+    pub keep_alive_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -75,6 +77,7 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(20),
             max_concurrent_requests: 1024,
             request_timeout: Duration::from_secs(4),
+            keep_alive_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -202,8 +205,161 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` resolves, then stops accepting and lets
-/// in-flight requests finish for up to `limits.drain_timeout`.
+/// How long an HTTP/1.1 connection must have been idle, once draining, before it is closed.
+/// HTTP/1.1 has no way to tell a client "no more requests" on an idle connection: closing it races
+/// with a request the client may be writing at that moment, which then fails with `EOF` (Go's
+/// transport, the API server's, does not retry a POST on a reused connection). So while draining,
+/// busy connections are closed by the `Connection: close` of their next response, and only
+/// connections that have been quiet this long are closed by the server.
+pub const DRAIN_IDLE_CLOSE: Duration = Duration::from_secs(1);
+
+/// The server's life cycle, seen by every connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Shutdown began: no new connections; HTTP/2 connections got GOAWAY; HTTP/1.1 responses say
+    /// `Connection: close`; quiet HTTP/1.1 connections are closed.
+    Draining,
+    /// The drain timeout passed: remaining connections are dropped.
+    Closing,
+}
+
+/// What a connection is doing, for its timers: requests in flight, since when it has been idle,
+/// and since when a request head has been arriving (HTTP/1.1 only).
+struct Activity {
+    base: Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds since `base` at which the connection last became idle.
+    idle_since: std::sync::atomic::AtomicU64,
+    /// 1 + milliseconds since `base` at which bytes of a request head were first read while no
+    /// request was in flight; 0 = none pending.
+    head_since: std::sync::atomic::AtomicU64,
+    /// Track `head_since` (HTTP/1.1; HTTP/2 reads control frames while idle).
+    track_heads: bool,
+}
+
+impl Activity {
+    fn new(track_heads: bool) -> Arc<Self> {
+        Arc::new(Activity {
+            base: Instant::now(),
+            in_flight: 0.into(),
+            idle_since: 0.into(),
+            // A new HTTP/1.1 connection must send its first request head within the timeout.
+            head_since: u64::from(track_heads).into(),
+            track_heads,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.head_since.store(0, Ordering::Release);
+    }
+
+    fn end(&self) {
+        self.idle_since.store(self.now_ms(), Ordering::Release);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn read(&self) {
+        if self.track_heads
+            && self.in_flight.load(Ordering::Acquire) == 0
+            && self.head_since.load(Ordering::Acquire) == 0
+        {
+            self.head_since.store(self.now_ms() + 1, Ordering::Release);
+        }
+    }
+
+    /// How long a request head has been pending, if one is.
+    fn head_pending(&self) -> Option<Duration> {
+        match self.head_since.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(Duration::from_millis(self.now_ms().saturating_sub(at - 1))),
+        }
+    }
+
+    /// How long the connection has been idle (no request in flight), if it is.
+    fn idle(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        Some(Duration::from_millis(self.now_ms().saturating_sub(self.idle_since.load(Ordering::Acquire))))
+    }
+}
+
+/// Ends a request's activity also when hyper drops its future (client gone).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// The TLS stream, noting reads in the connection's `Activity`.
+struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read();
+        }
+        res
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` resolves, then drains: no new
+/// connections; HTTP/2 connections get GOAWAY (their clients retry elsewhere what the server did
+/// not take); every HTTP/1.1 response says `Connection: close` so the client stops reusing the
+/// connection before the server closes it; requests arriving on open connections are still
+/// answered; HTTP/1.1 connections idle for [`DRAIN_IDLE_CLOSE`] are closed. Returns when every
+/// connection is closed, or after `limits.drain_timeout`.
+///
+/// Outside shutdown, an idle HTTP/1.1 keep-alive connection is closed after
+/// `limits.keep_alive_timeout` (longer than the API server's 90 s client idle timeout, so the
+/// client, not the server, closes idle connections); a request head must arrive within
+/// `limits.header_read_timeout` of its first byte (and of the TLS handshake).
 pub async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -212,10 +368,15 @@ pub async fn serve_tls(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    // No hyper header_read_timeout: it also runs while a keep-alive connection is idle and closes
+    // it after the timeout, racing with the client's next request. The connection task below
+    // times request heads and idle connections separately.
+    builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Duration::from_secs(30));
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let (phase_tx, phase_rx) = tokio::sync::watch::channel(Phase::Serving);
+    // Every connection task holds a clone; the drain is over when all are dropped.
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -230,26 +391,122 @@ pub async fn serve_tls(
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, app, builder) = (acceptor.clone(), app.clone(), builder.clone());
-        let watcher = graceful.watcher();
-        let handshake_timeout = limits.header_read_timeout;
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+        let conn = Connection {
+            acceptor: acceptor.clone(),
+            app: app.clone(),
+            builder: builder.clone(),
+            limits: limits.clone(),
+            phase: phase_rx.clone(),
+            _open: open_tx.clone(),
+        };
+        tokio::spawn(conn.run(tcp, peer));
+    }
+    drop(listener);
+    drop(open_tx);
+    let _ = phase_tx.send(Phase::Draining);
+    tracing::info!("draining: open connections finish their requests and close");
+    if tokio::time::timeout(limits.drain_timeout, open_rx.recv()).await.is_err() {
+        tracing::warn!(timeout = ?limits.drain_timeout, "drain timeout reached; closing remaining connections");
+        let _ = phase_tx.send(Phase::Closing);
+        let _ = tokio::time::timeout(Duration::from_millis(500), open_rx.recv()).await;
+    }
+}
+
+/// One accepted connection and what it needs.
+struct Connection {
+    acceptor: TlsAcceptor,
+    app: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: Limits,
+    phase: tokio::sync::watch::Receiver<Phase>,
+    _open: tokio::sync::mpsc::Sender<()>,
+}
+
+impl Connection {
+    async fn run(self, tcp: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+        let Connection { acceptor, app, builder, limits, mut phase, _open } = self;
+        let tls = tokio::select! {
+            tls = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)) => match tls {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-            };
-            let service = TowerToHyperService::new(app);
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            },
+            _ = phase.wait_for(|p| *p != Phase::Serving) => return,
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let activity = Activity::new(!h2);
+        let io = TokioIo::new(Watched { inner: tls, activity: activity.clone() });
+        let service = {
+            let (activity, phase) = (activity.clone(), phase.clone());
+            hyper::service::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
+                activity.begin();
+                let guard = InFlight(activity.clone());
+                let (app, phase) = (app.clone(), phase.clone());
+                async move {
+                    let http1 = req.version() < axum::http::Version::HTTP_2;
+                    let Ok(mut resp) = tower::ServiceExt::oneshot(app, req).await;
+                    if http1 && *phase.borrow() != Phase::Serving {
+                        // The client learns before the close that it must not reuse the
+                        // connection; hyper closes it after this response.
+                        resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                    }
+                    drop(guard);
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            })
+        };
+        let conn = builder.serve_connection(io, service).into_owned();
+        tokio::pin!(conn);
+        let mut draining = *phase.borrow() != Phase::Serving;
+        let mut closing = false;
+        if draining && h2 {
+            conn.as_mut().graceful_shutdown();
+        }
+        loop {
+            // The next moment a timer may fire; re-checked often enough to see a request head
+            // start while the connection idles.
+            let idle_limit = if draining { DRAIN_IDLE_CLOSE } else { limits.keep_alive_timeout };
+            let head_limit = limits.header_read_timeout;
+            let recheck = (head_limit / 2).clamp(Duration::from_millis(20), Duration::from_secs(1));
+            let recheck = if draining { recheck.min(DRAIN_IDLE_CLOSE / 4) } else { recheck };
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                changed = phase.changed(), if !closing => match changed.map(|()| *phase.borrow_and_update()) {
+                    Ok(Phase::Draining) if !draining => {
+                        draining = true;
+                        if h2 {
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                    Ok(Phase::Closing) | Err(_) => return tracing::debug!(%peer, "drain timeout: connection dropped"),
+                    Ok(_) => {}
+                },
+                () = tokio::time::sleep(recheck) => {
+                    if closing {
+                        continue;
+                    }
+                    if let Some(pending) = activity.head_pending() {
+                        if pending >= head_limit {
+                            return tracing::debug!(%peer, "request head not received within the header read timeout");
+                        }
+                    } else if let Some(idle) = activity.idle() {
+                        if !h2 && idle >= idle_limit {
+                            // Idle HTTP/1.1: hyper closes it at once.
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        } else if h2 && !draining && idle >= limits.keep_alive_timeout {
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    }
+                }
             }
-        });
-    }
-    drop(listener);
-    tracing::info!("draining in-flight requests");
-    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await.is_err() {
-        tracing::warn!(timeout = ?limits.drain_timeout, "drain timeout reached; closing remaining connections");
+        }
     }
 }
 

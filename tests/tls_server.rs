@@ -649,6 +649,239 @@ async fn shutdown_without_requests_returns_promptly() {
     })
 }
 
+/// Opens an HTTP/1.1 connection (ALPN http/1.1) to `addr`.
+async fn h1_connection(addr: SocketAddr, ca: &CertificateDer<'static>) -> Sender<Full<Bytes>> {
+    let tls = connect(addr, client_config(ca, &[b"http/1.1"], ALL_VERSIONS), "localhost").await.expect("TLS handshake");
+    handshake::<Full<Bytes>>(tls, Proto::H1).await
+}
+
+fn says_connection_close(resp: &Response<Incoming>) -> bool {
+    resp.headers().get(hyper::header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+}
+
+/// The API server talks HTTP/1.1 to webhooks (it turns HTTP/2 off for them) and keeps its
+/// keep-alive connections to a replica through the Service while that replica shuts down. Closing
+/// an idle one races with the POST the client may be writing on it at that moment, which then fails
+/// with `EOF` (no retry for a POST on a reused connection): a failed pod creation. So: idle
+/// keep-alive connections outlive the header read timeout; a request arriving on an open
+/// connection during the drain is answered, with `Connection: close`, and only then is that
+/// connection closed; a connection quiet for `DRAIN_IDLE_CLOSE` is closed by the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_http1_answers_requests_on_open_connections_with_connection_close() {
+    bounded!(async {
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let header_read_timeout = Duration::from_millis(300);
+        let mut server = start_server(resolver_for(&leaf), Limits { header_read_timeout, ..Limits::default() }).await;
+        let review = || Full::new(Bytes::from(flyte_review()));
+        let mut busy = h1_connection(server.addr, &ca.der).await;
+        let mut quiet = h1_connection(server.addr, &ca.der).await;
+        for conn in [&mut busy, &mut quiet] {
+            let resp = conn.send(mutate_request(review())).await.expect("a response");
+            assert!(!says_connection_close(&resp), "keep-alive while serving");
+            let (status, body) = read_response(resp).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_flyte_mutated(&body);
+        }
+
+        // Idle keep-alive connections are not closed by the header read timeout: the client
+        // decides when an idle connection ends.
+        tokio::time::sleep(header_read_timeout * 4).await;
+        busy.ready().await.expect("the idle keep-alive connection is still open");
+        let (status, _) = read_response(busy.send(mutate_request(review())).await.expect("a response on the idle connection")).await;
+        assert_eq!(status, StatusCode::OK);
+
+        // Shutdown starts; 200 ms later a request arrives on an open connection.
+        let shutdown_at = Instant::now();
+        server.shutdown.take().unwrap().send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!server.handle.is_finished(), "serve_tls is still draining");
+        busy.ready().await.expect("an open connection is not closed at once when the drain starts");
+        let resp = busy.send(mutate_request(review())).await.expect("a request arriving during the drain is answered");
+        assert!(says_connection_close(&resp), "the answer tells the client not to reuse the connection: {:?}", resp.headers());
+        let (status, body) = read_response(resp).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_flyte_mutated(&body);
+        // Then the server closes it (the client already knows).
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), busy.ready()).await.expect("closed soon after").is_err(),
+            "the connection is closed after its Connection: close answer"
+        );
+
+        // The quiet connection is closed by the server once idle for DRAIN_IDLE_CLOSE, and then the
+        // drain is over.
+        tokio::time::timeout(pod_template_webhook::server::DRAIN_IDLE_CLOSE + Duration::from_secs(3), &mut server.handle)
+            .await
+            .expect("serve_tls returns once the quiet connection is closed")
+            .unwrap();
+        let took = shutdown_at.elapsed();
+        eprintln!("drain over {took:?} after shutdown began");
+        assert!(quiet.ready().await.is_err(), "the quiet connection was closed");
+    })
+}
+
+/// Reads one HTTP/2 frame: (type, flags, stream id, payload), or None at EOF.
+async fn read_h2_frame<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Option<(u8, u8, u32, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.ok()?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await.ok()?;
+    let stream_id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Some((head[3], head[4], stream_id, payload))
+}
+
+fn h2_frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags, 0, 0, 0, 0];
+    f.extend_from_slice(payload);
+    f
+}
+
+/// On HTTP/2 the drain sends GOAWAY before the server closes the connection, read off the wire: a
+/// client learns which streams were taken and retries the others elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_http2_sends_goaway_before_closing() {
+    bounded!(async {
+        use tokio::io::AsyncWriteExt;
+        const SETTINGS: u8 = 0x4;
+        const PING: u8 = 0x6;
+        const GOAWAY: u8 = 0x7;
+        const ACK: u8 = 0x1;
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let mut server = start_server(resolver_for(&leaf), Limits::default()).await;
+        let mut tls = connect(server.addr, client_config(&ca.der, &[b"h2"], ALL_VERSIONS), "localhost").await.unwrap();
+        assert_eq!(alpn(&tls).as_deref(), Some(&b"h2"[..]));
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        tls.write_all(&h2_frame(SETTINGS, 0, &[])).await.unwrap();
+        tls.flush().await.unwrap();
+        // The server's SETTINGS first, acknowledged.
+        let (kind, flags, _, _) = read_h2_frame(&mut tls).await.expect("server SETTINGS");
+        assert_eq!((kind, flags & ACK), (SETTINGS, 0));
+        tls.write_all(&h2_frame(SETTINGS, ACK, &[])).await.unwrap();
+        tls.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        server.shutdown.take().unwrap().send(()).unwrap();
+        let mut goaways = Vec::new();
+        let eof = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some((kind, flags, _, payload)) = read_h2_frame(&mut tls).await {
+                match kind {
+                    GOAWAY => {
+                        let last = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
+                        let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                        goaways.push((last, code));
+                    }
+                    PING if flags & ACK == 0 => {
+                        tls.write_all(&h2_frame(PING, ACK, &payload)).await.unwrap();
+                        tls.flush().await.unwrap();
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(eof.is_ok(), "the server closes the connection after GOAWAY");
+        eprintln!("GOAWAY frames (last stream id, error code): {goaways:?}");
+        assert!(!goaways.is_empty(), "GOAWAY reached the client before the close");
+        assert!(goaways.iter().all(|&(_, code)| code == 0), "NO_ERROR: a graceful GOAWAY");
+        tokio::time::timeout(Duration::from_secs(5), &mut server.handle).await.expect("serve_tls returns").unwrap();
+    })
+}
+
+/// Two replicas behind a "Service" (the test's clients), clients sending one request after another
+/// on keep-alive HTTP/1.1 connections like the API server, and one replica shutting down in the
+/// middle: not one request fails. A client only opens a new connection when the old one was
+/// closed before it sent anything (as Go's transport does); a request written on a connection
+/// that then fails counts as a failed admission.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_fails_when_a_replica_drains_under_load() {
+    bounded!(async {
+        use std::sync::atomic::AtomicBool;
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let mut old = start_server(resolver_for(&leaf), Limits::default()).await;
+        let new = start_server(resolver_for(&leaf), Limits::default()).await;
+        let (old_addr, new_addr) = (old.addr, new.addr);
+        let old_gone = Arc::new(AtomicBool::new(false));
+        let (ok, failed, closes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let deadline = Instant::now() + Duration::from_secs(4);
+        let mut workers = Vec::new();
+        for worker in 0..6usize {
+            let (ca, old_gone, ok, failed, closes) = (ca.der.clone(), old_gone.clone(), ok.clone(), failed.clone(), closes.clone());
+            workers.push(tokio::spawn(async move {
+                let body = flyte_review();
+                let mut conn: Option<Sender<Full<Bytes>>> = None;
+                let mut errors = Vec::new();
+                while Instant::now() < deadline {
+                    if let Some(c) = conn.as_mut() {
+                        if c.ready().await.is_err() {
+                            conn = None; // closed while idle, before anything was written: reconnect
+                        }
+                    }
+                    if conn.is_none() {
+                        // The Service: both replicas while the old one is an endpoint (alternating
+                        // by worker), then only the new one.
+                        let to_old = !old_gone.load(Ordering::Acquire) && worker % 2 == 0;
+                        let addr = if to_old { old_addr } else { new_addr };
+                        match connect(addr, client_config(&ca, &[b"http/1.1"], ALL_VERSIONS), "localhost").await {
+                            Ok(tls) => conn = Some(handshake::<Full<Bytes>>(tls, Proto::H1).await),
+                            Err(_) => {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                continue;
+                            }
+                        }
+                    }
+                    let c = conn.as_mut().unwrap();
+                    match c.send(mutate_request(Full::new(Bytes::from(body.clone())))).await {
+                        Ok(resp) => {
+                            let close = says_connection_close(&resp);
+                            let (status, answer) = read_response(resp).await;
+                            if status == StatusCode::OK {
+                                assert_flyte_mutated(&answer);
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                errors.push(format!("status {status}"));
+                            }
+                            if close {
+                                closes.fetch_add(1, Ordering::Relaxed);
+                                conn = None;
+                            }
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            errors.push(e.to_string());
+                            conn = None;
+                        }
+                    }
+                }
+                errors
+            }));
+        }
+        // Endpoint removed (no new connections routed to it), then SIGTERM, like a deleted pod
+        // after its preStop sleep; established connections keep being used.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        old_gone.store(true, Ordering::Release);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = ok.load(Ordering::Relaxed);
+        old.shutdown.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(3), &mut old.handle).await.expect("the old replica's drain ends").unwrap();
+        let mut errors = Vec::new();
+        for w in workers {
+            errors.extend(w.await.unwrap());
+        }
+        let (ok, failed, closes) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), closes.load(Ordering::Relaxed));
+        eprintln!("{ok} requests answered ({before} before the shutdown), {failed} failed, {closes} Connection: close answers");
+        assert_eq!(failed, 0, "failed requests: {errors:?}");
+        assert!(closes >= 1, "the draining replica told its clients to move with Connection: close");
+        assert!(ok > before, "requests went on after the shutdown");
+        drop(new);
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Slow clients: the handshake and the request headers are time-bounded.
 
