@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2016 # bash -c '...' scripts below expand their own "$1"...
-# Build the test tool binaries (kube-apiserver, etcd, helm) from Go modules
-# fetched via the Go module proxy, into a cache directory outside git:
+# Build the test tool binaries (kube-apiserver, etcd, helm, and for the single-node
+# cluster kubelet, kube-proxy, kube-controller-manager, kube-scheduler, kubectl) from Go
+# modules fetched via the Go module proxy, into a cache directory outside git:
 #
-#   ${PTW_TOOLS_DIR:-$HOME/.cache/pod-template-webhook/tools}/bin/{kube-apiserver,etcd,helm}
+#   ${PTW_TOOLS_DIR:-$HOME/.cache/pod-template-webhook/tools}/bin/{kube-apiserver,etcd,helm,kubelet,...}
 #
 # Idempotent: a binary is rebuilt only if it is missing or its stamp file
 # (pinned version + Go version + ldflags + go.sum hash) differs.
 #
-# Usage: tests/tools/build.sh [kube-apiserver|etcd|helm ...]   (default: all)
+# Usage: tests/tools/build.sh [kube-apiserver|etcd|helm|node ...]   (default: all)
+#        (node = kubelet kube-proxy kube-controller-manager kube-scheduler kubectl)
 # Env:   PTW_TOOLS_DIR  cache root (default ~/.cache/pod-template-webhook/tools)
 #        PTW_FORCE=1    rebuild even if up to date
 #
@@ -57,23 +59,26 @@ build_one() {
 
 GOVER="$(go env GOVERSION)"
 
-build_apiserver() {
-	local dir="$HERE/apiserver" v
+# build_kube NAME: k8s.io/kubernetes/cmd/NAME from the module pinned in ./apiserver.
+build_kube() {
+	local name="$1" dir="$HERE/apiserver" v
 	v="$(modver "$dir" k8s.io/kubernetes)"
 	local minor="${v#v1.}"
 	minor="${minor%%.*}"
 	local ld="-s -w" p
 	# Same version stamping as the upstream build (hack/lib/version.sh), so
-	# /version reports v1.X.Y instead of v0.0.0-master.
+	# /version reports v1.X.Y instead of v0.0.0-master (which kubectl and helm cannot parse).
 	for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 		ld+=" -X $p.gitVersion=$v -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
 	done
 	local key
 	key="k8s.io/kubernetes@$v $GOVER $(sha "$dir/go.mod" "$dir/go.sum") ld=$(printf '%s' "$ld" | sha256sum | cut -c1-8)"
-	build_one kube-apiserver "$key" \
-		bash -c 'cd "$1" && go build -trimpath -ldflags "$2" -o "$3" k8s.io/kubernetes/cmd/kube-apiserver' \
-		_ "$dir" "$ld" "$BIN_DIR/kube-apiserver.tmp"
+	build_one "$name" "$key" \
+		bash -c 'cd "$1" && go build -trimpath -ldflags "$2" -o "$3" "k8s.io/kubernetes/cmd/$4"' \
+		_ "$dir" "$ld" "$BIN_DIR/$name.tmp" "$name"
 }
+
+build_apiserver() { build_kube kube-apiserver; }
 
 build_etcd() {
 	local dir="$HERE/etcd" v
@@ -106,13 +111,15 @@ build_helm() {
 }
 
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(kube-apiserver etcd helm)
+[[ ${#targets[@]} -gt 0 ]] || targets=(kube-apiserver etcd helm node)
 total=$SECONDS
 for t in "${targets[@]}"; do
 	case "$t" in
 	kube-apiserver | apiserver) build_apiserver ;;
 	etcd) build_etcd ;;
 	helm) build_helm ;;
+	kubelet | kube-proxy | kube-controller-manager | kube-scheduler | kubectl) build_kube "$t" ;;
+	node) for n in kubelet kube-proxy kube-controller-manager kube-scheduler kubectl; do build_kube "$n"; done ;;
 	*)
 		log "unknown target: $t"
 		exit 2
