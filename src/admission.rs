@@ -217,11 +217,16 @@ pub enum BadReview {
     NoRequest,
     #[error("AdmissionReview for a pod CREATE has no object")]
     NoObject,
+    /// Syntax serde_json accepts when it skips a value but not when it reads one (too deep, a
+    /// number out of range, a lone surrogate): refused for the whole body.
+    #[error("request body is not a valid admission.k8s.io/v1 AdmissionReview: {0}")]
+    Unreadable(crate::doc::Unreadable),
 }
 
 /// Parses a review body (JSON).
 pub fn parse_review(body: &[u8]) -> Result<Request, BadReview> {
     let envelope: Envelope = serde_json::from_slice(body).map_err(BadReview::Json)?;
+    crate::doc::check(body).map_err(BadReview::Unreadable)?;
     let mut req = envelope.request.ok_or(BadReview::NoRequest)?;
     req.api_version = envelope.api_version.unwrap_or_else(|| "admission.k8s.io/v1".to_owned());
     req.kind = envelope.kind.unwrap_or_else(|| "AdmissionReview".to_owned());
@@ -297,7 +302,11 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
             .insert(policy.names.applied_annotation.as_str(), Node::Value(Cow::Owned(Value::String(applied.clone()))));
     }
     // Parts the merge did not open (managedFields, status, ...) are skipped without a look.
-    let (patch, operations) = crate::patch::diff(&document.root(), &pod);
+    let (patch, operations) = match crate::patch::diff(&document.root(), &pod) {
+        Ok(diff) => diff,
+        // A bug, not the request's fault: refused loudly rather than answered with a wrong patch.
+        Err(e) => return Ok(Refusal::new(OnProblem::Deny, 500, "InternalError", e.to_string()).apply(decision)),
+    };
     decision.applied = Some(applied.clone());
     decision.response.audit_annotations = BTreeMap::from([("applied".to_owned(), applied)]);
     if !warnings.is_empty() {
@@ -411,33 +420,30 @@ pub fn plan(
         let namespace_default =
             store.lookup(namespace, default).entry.filter(|e| e.source.namespace == namespace && namespace != platform);
         for entry in [platform_default, namespace_default].into_iter().flatten() {
-            let how = format!("the default template (--default-template) in namespace {}", entry.source.namespace);
-            plan.add(Role::Default, default, entry, &how, policy)?;
+            let namespace = entry.source.namespace.clone();
+            let how = || format!("the default template (--default-template) in namespace {namespace}");
+            plan.add(Role::Default, default, entry, how, policy)?;
         }
     }
-    let (names, how, required) = match requested {
-        Requested::Annotation(list) => {
-            (list.as_slice(), format!("annotation {}", policy.names.template_annotation), true)
-        }
-        Requested::Label(name) => {
-            (std::slice::from_ref(name), format!("label {}", policy.names.environment_label), false)
-        }
-        Requested::Nothing => (&[][..], String::new(), false),
+    // Messages only: formatted when a refusal or warning needs them, not on every admission.
+    let (names, how, required): (&[String], fn(&Names) -> String, bool) = match requested {
+        Requested::Annotation(list) => (list, |n| format!("annotation {}", n.template_annotation), true),
+        Requested::Label(name) => (std::slice::from_ref(name), |n| format!("label {}", n.environment_label), false),
+        Requested::Nothing => (&[], |_| String::new(), false),
     };
+    let how = || how(&policy.names);
     for name in names {
         let Lookup { entry, searched } = store.lookup(namespace, name);
         match entry {
-            Some(entry) => plan.add(
-                Role::Named,
-                name,
-                entry,
-                &format!("named by {how}, namespaces searched {searched:?}"),
-                policy,
-            )?,
+            Some(entry) => {
+                let how = || format!("named by {}, namespaces searched {searched:?}", how());
+                plan.add(Role::Named, name, entry, how, policy)?
+            }
             // An environment without a template: nothing to apply.
             None if !required => {}
             None => {
-                let message = format!("pod template {name:?} (named by {how}) not found in namespaces {searched:?}");
+                let message =
+                    format!("pod template {name:?} (named by {}) not found in namespaces {searched:?}", how());
                 plan.refuse(Refusal::new(policy.on_missing, 404, "NotFound", message))?;
             }
         }
@@ -451,7 +457,7 @@ impl Plan {
         role: Role,
         name: &str,
         entry: Arc<TemplateEntry>,
-        how: &str,
+        how: impl FnOnce() -> String,
         policy: &Policy,
     ) -> Result<(), Refusal> {
         let template = match &entry.state {
@@ -466,7 +472,7 @@ impl Plan {
             }
             EntryState::Broken(error) => {
                 let message =
-                    format!("pod template {name:?} ({how}): {} does not parse: {error}", entry.source.describe());
+                    format!("pod template {name:?} ({}): {} does not parse: {error}", how(), entry.source.describe());
                 return self.refuse(Refusal::new(policy.on_broken, 422, "Invalid", message));
             }
         };
