@@ -126,7 +126,7 @@ fn merge_and_diff(raw: &RawValue, template: &PodTemplate) -> (Vec<u8>, usize) {
     let document = Document::new(raw);
     let mut doc = document.root();
     merge(&mut doc, template);
-    patch::diff(&document.root(), &doc)
+    patch::diff(&document.root(), &doc).expect("a request document diffs")
 }
 
 fn pod_of(body: &[u8]) -> Value {
@@ -289,7 +289,7 @@ fn bench_case(
         let decision = admission::mutate(req.clone(), store, &policy).unwrap();
         g.bench_function("1_parse_review", |b| b.iter(|| admission::parse_review(black_box(body)).unwrap()));
         g.bench_function("2_merge", |b| b.iter(|| merge(&mut Document::new(black_box(&raw)).root(), template)));
-        g.bench_function("3_diff", |b| b.iter(|| patch::diff(&document.root(), black_box(&doc))));
+        g.bench_function("3_diff", |b| b.iter(|| patch::diff(&document.root(), black_box(&doc)).unwrap()));
         // What `patch::diff` replaced: json_patch's diff, then the patch to bytes.
         g.bench_function("3_diff_json_patch_crate", |b| {
             b.iter(|| serde_json::to_vec(&json_patch::diff(black_box(&pod), &merged)).unwrap())

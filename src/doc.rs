@@ -15,6 +15,68 @@ use std::collections::{HashMap, HashSet};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+/// The deepest nesting of objects and arrays a request may have (README "Admission behaviour").
+pub const MAX_DEPTH: usize = 128;
+
+/// What serde_json lets through when it skips a value unparsed (as it does for the `RawValue`
+/// of a review's object) but refuses when it parses one into a `Value`. Bodies with any of these
+/// are refused at the door, so every part of a [`Document`] reads back as a `Value`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreadable {
+    #[error("JSON nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("number out of range at byte {0}")]
+    Number(usize),
+    #[error("invalid \\u escape (a lone surrogate) in the string at byte {0}")]
+    Escape(usize),
+}
+
+/// Checks JSON text that serde_json has accepted as syntax: nesting at most [`MAX_DEPTH`] deep,
+/// every number within `f64` range, every `\u` escape a character. One pass over the bytes;
+/// numbers and strings are only parsed when they could fail (an exponent or more than 15
+/// characters; a `\u`).
+pub fn check(b: &[u8]) -> Result<(), Unreadable> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let end = split::string_end(b, i).unwrap_or(b.len());
+                let token = &b[i..end];
+                let has_u_escape = token.windows(2).any(|w| w == b"\\u");
+                if has_u_escape && serde_json::from_slice::<String>(token).is_err() {
+                    return Err(Unreadable::Escape(i));
+                }
+                i = end;
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(Unreadable::TooDeep);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let len =
+                    b[i..].iter().take_while(|c| matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')).count();
+                let token = &b[i..i + len];
+                let may_overflow = len > 15 || token.iter().any(|c| matches!(c, b'e' | b'E'));
+                let finite =
+                    || std::str::from_utf8(token).ok().and_then(|t| t.parse::<f64>().ok()).is_some_and(f64::is_finite);
+                if may_overflow && !finite() {
+                    return Err(Unreadable::Number(i));
+                }
+                i += len;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 /// One JSON value of a document.
 #[derive(Debug, Clone)]
 pub enum Node<'a> {
@@ -42,7 +104,7 @@ impl<'a> Document<'a> {
     }
 
     /// Any text: what is not valid JSON just fails to open (the tests feed it broken text).
-    fn over(text: &'a str) -> Self {
+    pub(crate) fn over(text: &'a str) -> Self {
         Document { text, pairs: bracket_pairs(text.as_bytes()).unwrap_or_default() }
     }
 
@@ -401,23 +463,36 @@ impl<'a> Node<'a> {
         self.field(key)?.as_str().map(Cow::into_owned)
     }
 
-    /// The whole value as a `serde_json::Value` (tests, and small scalars).
+    /// The whole value as a `serde_json::Value` (tools, tests, and small scalars).
+    ///
+    /// # Panics
+    ///
+    /// On a part serde_json cannot read as a `Value`, which [`check`] keeps out of requests
+    /// (see [`Node::try_to_value`]): never a silent `null`.
     pub fn to_value(&self) -> Value {
-        self.try_to_value().unwrap_or(Value::Null)
+        self.try_to_value().unwrap_or_else(|e| panic!("a document part does not read as a JSON value: {e}"))
     }
 
-    fn try_to_value(&self) -> Option<Value> {
-        Some(match self {
-            Node::Raw(raw) => serde_json::from_str(raw.text).ok()?,
+    /// The whole value as a `serde_json::Value`, or why serde_json refuses a raw part (a number
+    /// out of range, nesting deeper than its limit, a lone surrogate: what [`check`] refuses).
+    pub fn try_to_value(&self) -> Result<Value, serde_json::Error> {
+        Ok(match self {
+            Node::Raw(raw) => serde_json::from_str(raw.text)?,
             Node::Object(o) => Value::Object(
-                o.iter().map(|(k, v)| Some((k.to_owned(), v.try_to_value()?))).collect::<Option<_>>()?,
+                o.iter()
+                    .map(|(k, v)| Ok((k.to_owned(), v.try_to_value()?)))
+                    .collect::<Result<_, serde_json::Error>>()?,
             ),
-            Node::Array(a) => Value::Array(a.items.iter().map(Node::try_to_value).collect::<Option<_>>()?),
+            Node::Array(a) => Value::Array(a.items.iter().map(Node::try_to_value).collect::<Result<_, _>>()?),
             Node::Value(v) => v.as_ref().clone(),
         })
     }
 
-    /// JSON equality (not byte equality: `1.0` and `1`, or reordered keys, are equal).
+    /// JSON equality as `serde_json::Value` has it: whitespace, escapes and key order do not
+    /// count, duplicate keys count as their last value, but numbers compare by kind and value,
+    /// so `1.0` and `1` are **not** equal (nor are `-0` and `0`). A template's `1` replacing a
+    /// pod's `1.0` is then a change, which the patch writes: the pod after the patch is exactly
+    /// the merge.
     pub fn equals(&self, other: &Node<'_>) -> bool {
         if let (Node::Raw(a), Node::Raw(b)) = (self, other) {
             if a.text == b.text {
@@ -435,12 +510,14 @@ impl<'a> Node<'a> {
                 equal
             }
             (Kind::Array, Kind::Array) => {
-                let (Some(a), Some(b)) = (self.elements_beside(other), other.elements_beside(self)) else { return false };
+                let (Some(a), Some(b)) = (self.elements_beside(other), other.elements_beside(self)) else {
+                    return false;
+                };
                 a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.equals(y))
             }
             (x, y) if x != y => false,
             _ => match (self.try_to_value(), other.try_to_value()) {
-                (Some(a), Some(b)) => a == b,
+                (Ok(a), Ok(b)) => a == b,
                 _ => false,
             },
         }
@@ -655,7 +732,9 @@ mod split {
 
         #[test]
         fn unexpected_text_gives_none_not_a_panic() {
-            for bad in ["", "{", "{\"a\"", "{\"a\":", "{\"a\":1", "[1,", "[\"\\", "{\"a\" 1}", "{1:2}", "]", "{\"a\":[}", "}{"] {
+            for bad in
+                ["", "{", "{\"a\"", "{\"a\":", "{\"a\":1", "[1,", "[\"\\", "{\"a\" 1}", "{1:2}", "]", "{\"a\":[}", "}{"]
+            {
                 let doc = super::super::Document::over(bad);
                 let Node::Raw(root) = doc.root() else { unreachable!() };
                 assert!(object(root, |_, _| {}).is_none(), "{bad}");
@@ -715,6 +794,62 @@ mod tests {
     }
 
     #[test]
+    fn numbers_compare_as_serde_json_values_do() {
+        let (int, float, neg_zero) = (raw("1"), raw("1.0"), raw("-0"));
+        let (int, float, neg_zero) = (Document::new(&int), Document::new(&float), Document::new(&neg_zero));
+        assert!(!int.root().equals(&float.root()), "1 and 1.0 differ, as in serde_json");
+        assert_ne!(json!(1), serde_json::from_str::<Value>("1.0").unwrap());
+        assert!(float.root() == serde_json::from_str::<Value>("1.0").unwrap());
+        assert!(int.root() == json!(1) && float.root() != json!(1));
+        assert!(neg_zero.root() != json!(0));
+        let (big, exp) = (raw("18446744073709551616"), raw("1.8446744073709552e19"));
+        assert!(Document::new(&big).root().equals(&Document::new(&exp).root()), "both read as the same f64");
+    }
+
+    #[test]
+    fn check_refuses_what_a_value_parse_would() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(check(nested(MAX_DEPTH).as_bytes()), Ok(()));
+        assert_eq!(check(nested(MAX_DEPTH + 1).as_bytes()), Err(Unreadable::TooDeep));
+        assert_eq!(check(format!("{{\"a\":{}}}", nested(5000)).as_bytes()), Err(Unreadable::TooDeep));
+        // Brackets inside strings do not count.
+        assert_eq!(check(format!("[\"{}\"]", "[".repeat(500)).as_bytes()), Ok(()));
+        for ok in [
+            "-1.5e3",
+            "1e-400",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "[0.1,2]",
+            "\"\\ud83d\\ude00\"",
+            "\"\\\\u\"",
+        ] {
+            assert_eq!(check(ok.as_bytes()), Ok(()), "{ok}");
+            assert!(serde_json::from_str::<Value>(ok).is_ok(), "{ok}");
+        }
+        let long = "9".repeat(400);
+        for (bad, err) in [
+            ("[1e400]", Unreadable::Number(1)),
+            ("-1E+309", Unreadable::Number(0)),
+            (long.as_str(), Unreadable::Number(0)),
+            ("{\"k\":\"\\ud800\"}", Unreadable::Escape(5)),
+            ("[\"\\udc00x\"]", Unreadable::Escape(1)),
+        ] {
+            assert_eq!(check(bad.as_bytes()), Err(err), "{bad}");
+            assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
+            assert!(serde_json::from_str::<Box<RawValue>>(bad).is_ok(), "a RawValue lets {bad} through");
+        }
+    }
+
+    #[test]
+    fn to_value_never_turns_an_error_into_null() {
+        let r = raw("[1e400]");
+        let document = Document::new(&r);
+        assert!(document.root().try_to_value().is_err());
+        let err = std::panic::catch_unwind(|| Document::new(&r).root().to_value()).unwrap_err();
+        assert!(err.downcast_ref::<String>().unwrap().contains("number out of range"));
+    }
+
+    #[test]
     fn kinds_and_views_of_template_values() {
         let v = json!({"list": [1, "two"], "obj": {"k": null}});
         let node = Node::Value(Cow::Borrowed(&v));
@@ -728,7 +863,8 @@ mod tests {
         let keys: serde_json::Map<String, Value> = (0..1000).map(|i| (format!("k{i}"), json!(i))).collect();
         let mut reversed: Vec<_> = keys.iter().collect();
         reversed.reverse();
-        let text = format!("{{{}}}", reversed.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(","));
+        let text =
+            format!("{{{}}}", reversed.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(","));
         let r = raw(&text);
         assert!(Document::new(&r).root() == Value::Object(keys));
         let document = Document::new(&r);

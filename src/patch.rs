@@ -7,17 +7,29 @@ use std::fmt::Write as _;
 
 use crate::doc::{Kind, Node};
 
-/// The operations turning `before` into `after`, as a JSON array, and their count.
-pub fn diff<'a>(before: &Node<'a>, after: &Node<'a>) -> (Vec<u8>, usize) {
-    let mut patch = Patch { out: Vec::with_capacity(256), count: 0 };
+/// The operations turning `before` into `after`, as a JSON array, and their count; an error
+/// when a part of either does not split (text serde_json did not check): never a patch that
+/// silently leaves something out.
+pub fn diff<'a>(before: &Node<'a>, after: &Node<'a>) -> Result<(Vec<u8>, usize), Unsplittable> {
+    let mut patch = Patch { out: Vec::with_capacity(256), count: 0, failed: None };
     patch.diff(before, after, &mut String::with_capacity(64));
+    if let Some(path) = patch.failed {
+        return Err(Unsplittable(path));
+    }
     patch.out.extend_from_slice(if patch.count == 0 { b"[]" } else { b"]" });
-    (patch.out, patch.count)
+    Ok((patch.out, patch.count))
 }
+
+/// The JSON pointer of a value the diff could not look into.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot diff the pod: the value at {0:?} does not split into entries")]
+pub struct Unsplittable(pub String);
 
 struct Patch {
     out: Vec<u8>,
     count: usize,
+    /// The first path that did not split.
+    failed: Option<String>,
 }
 
 impl Patch {
@@ -29,7 +41,9 @@ impl Patch {
         }
         match (left.kind(), right.kind()) {
             (Kind::Object, Kind::Object) => {
-                let (Some(l), Some(r)) = (left.entries_beside(right), right.entries_beside(left)) else { return };
+                let (Some(l), Some(r)) = (left.entries_beside(right), right.entries_beside(left)) else {
+                    return self.fail(path);
+                };
                 let (l_index, r_index) = (l.index(), r.index());
                 for (key, rv) in r.iter() {
                     let lv = l_index.get(key);
@@ -52,7 +66,9 @@ impl Patch {
                 }
             }
             (Kind::Array, Kind::Array) => {
-                let (Some(l), Some(r)) = (left.elements_beside(right), right.elements_beside(left)) else { return };
+                let (Some(l), Some(r)) = (left.elements_beside(right), right.elements_beside(left)) else {
+                    return self.fail(path);
+                };
                 let prefix = l.iter().zip(r.iter()).take_while(|(a, b)| a.equals(b)).count();
                 let max_suffix = l.len().min(r.len()) - prefix;
                 let suffix =
@@ -80,6 +96,10 @@ impl Patch {
             _ if left.equals(right) => {}
             _ => self.op("replace", path, Some(right)),
         }
+    }
+
+    fn fail(&mut self, path: &str) {
+        self.failed.get_or_insert_with(|| path.to_owned());
     }
 
     fn op(&mut self, kind: &str, path: &str, value: Option<&Node<'_>>) {
@@ -127,9 +147,11 @@ mod tests {
     /// The diff of two documents given as JSON, both raw (as a request) and as template values.
     fn diff_values(before: &Value, after: &Value) -> (Vec<u8>, usize) {
         let raw = RawValue::from_string(before.to_string()).unwrap();
-        let from_raw = diff(&crate::doc::Document::new(&raw).root(), &Node::Value(std::borrow::Cow::Borrowed(after)));
+        let from_raw =
+            diff(&crate::doc::Document::new(&raw).root(), &Node::Value(std::borrow::Cow::Borrowed(after))).unwrap();
         let from_values =
-            diff(&Node::Value(std::borrow::Cow::Borrowed(before)), &Node::Value(std::borrow::Cow::Borrowed(after)));
+            diff(&Node::Value(std::borrow::Cow::Borrowed(before)), &Node::Value(std::borrow::Cow::Borrowed(after)))
+                .unwrap();
         assert_eq!(from_raw, from_values);
         from_raw
     }
@@ -148,6 +170,24 @@ mod tests {
     #[test]
     fn equal_values_give_an_empty_patch() {
         assert_eq!(diff_values(&json!({"a": [1]}), &json!({"a": [1]})), (b"[]".to_vec(), 0));
+    }
+
+    #[test]
+    fn text_that_does_not_split_is_an_error_not_an_empty_patch() {
+        // Not JSON a review could carry (serde_json checks it first): the diff must say so.
+        let raw = RawValue::from_string(r#"{"a": {"b": 1}}"#.to_owned()).unwrap();
+        let document = crate::doc::Document::new(&raw);
+        let mut pod = document.root();
+        let a = pod.as_object_mut().unwrap().get_mut("a").unwrap();
+        *a = Node::Value(std::borrow::Cow::Owned(json!({"b": 2})));
+        assert!(diff(&document.root(), &pod).is_ok());
+        let broken = RawValue::from_string(r#"{"a": {"b" 1}}"#.to_owned());
+        assert!(broken.is_err(), "serde_json refuses it, so only a bug gets here");
+        let after = json!({"a": {"b": 2}});
+        let unsplit = crate::doc::Document::over(r#"{"a": {"b" 1}}"#);
+        let err = diff(&unsplit.root(), &Node::Value(std::borrow::Cow::Borrowed(&after))).unwrap_err();
+        assert_eq!(err, Unsplittable("/a".into()));
+        assert!(err.to_string().contains("does not split"));
     }
 
     #[test]

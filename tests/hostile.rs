@@ -31,7 +31,8 @@ async fn start(limits: Limits) -> Server {
     let leaf = pki.server();
     let cert = tls::load_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), "c".as_ref(), "k".as_ref()).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(tls::CertResolver::new(cert.key)));
-    let store = DirStore::load(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/templates").as_ref(), &Names::default()).unwrap();
+    let store =
+        DirStore::load(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/templates").as_ref(), &Names::default()).unwrap();
     let app = webhook_router(AppState::new(Arc::new(store), Policy::default()), &limits);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -43,14 +44,18 @@ impl Server {
     async fn tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(rustls_pemfile::certs(&mut self.ca_pem.as_bytes()).next().unwrap().unwrap()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let tcp = TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(ServerName::try_from("127.0.0.1").unwrap(), tcp).await.unwrap()
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+            .await
+            .unwrap()
     }
 
     /// POSTs `body` to /mutate over a fresh HTTP/1.1 connection.
@@ -87,7 +92,9 @@ fn rss_kib() -> u64 {
 #[tokio::test]
 async fn tls_garbage_closes_the_connection_and_leaves_the_server_alone() {
     let server = start(Limits::default()).await;
-    for garbage in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0][..], &[0u8; 4096][..]] {
+    for garbage in
+        [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], &[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0][..], &[0u8; 4096][..]]
+    {
         let mut tcp = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
         let _ = tcp.write_all(garbage).await;
         let mut buf = vec![0u8; 1024];
@@ -116,7 +123,10 @@ async fn bad_json_of_every_kind_is_a_4xx_never_a_panic() {
         ("not UTF-8", not_utf8),
         ("truncated", SAMPLE[..SAMPLE.len() / 2].to_vec()),
         ("empty", Vec::new()),
-        ("wrong shape", br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":[]}}"#.to_vec()),
+        (
+            "wrong shape",
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":[]}}"#.to_vec(),
+        ),
         ("huge number", format!("{{\"request\": {}}}", "9".repeat(100_000)).into_bytes()),
     ];
     for (what, body) in cases {
@@ -124,6 +134,36 @@ async fn bad_json_of_every_kind_is_a_4xx_never_a_panic() {
         assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {text}");
         assert!(text.contains("AdmissionReview"), "{what}: {text}");
     }
+    server.still_answers().await;
+}
+
+/// The sample review with `value` set at `spec.extra` of its pod (the pod otherwise as sent).
+fn sample_with_extra(value: &str) -> Vec<u8> {
+    let text = std::str::from_utf8(SAMPLE).unwrap();
+    let spec = "\"spec\": {";
+    let at = text.find(spec).expect("the sample pod has a spec");
+    format!("{}{spec}\"extra\": {value}, {}", &text[..at], &text[at + spec.len()..]).into_bytes()
+}
+
+/// serde_json skips the review's object unparsed, so its own depth limit never applied there;
+/// the webhook checks the whole body (README: nested deeper than 128 levels → 400), and the
+/// other values serde_json only skips but could not read (a number beyond f64, a lone surrogate).
+#[tokio::test]
+async fn a_pod_nested_5000_levels_deep_is_a_400_not_a_mutation() {
+    let server = start(Limits::default()).await;
+    let deep = |n: usize| format!("{}1{}", "{\"a\":[".repeat(n / 2), "]}".repeat(n / 2));
+    let (status, text) = server.post(Full::new(Bytes::from(sample_with_extra(&deep(5000))))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("nested deeper than 128 levels"), "{text}");
+    for (value, needle) in [("1e400", "number out of range"), ("\"\\ud800\"", "lone surrogate")] {
+        let (status, text) = server.post(Full::new(Bytes::from(sample_with_extra(value)))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{value}: {text}");
+        assert!(text.contains(needle), "{value}: {text}");
+    }
+    // Within the limit, the same pod is mutated as usual.
+    let (status, text) = server.post(Full::new(Bytes::from(sample_with_extra(&deep(100))))).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(text.contains("\"patch\""), "{text}");
     server.still_answers().await;
 }
 

@@ -242,6 +242,43 @@ fn malformed_reviews_are_clear_errors() {
     assert!(matches!(mutate(req, &hello(), &Policy::default()), Err(BadReview::NoObject)));
 }
 
+/// A pod CREATE review whose object is `pod` (JSON text), as the API server frames it.
+fn review_text(pod: &str) -> String {
+    format!(
+        r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u1","resource":{{"group":"","version":"v1","resource":"pods"}},"operation":"CREATE","namespace":"flyte","object":{pod}}}}}"#
+    )
+}
+
+#[test]
+fn bodies_serde_json_only_skips_are_refused_at_the_door() {
+    let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+    let deep_pod =
+        format!(r#"{{"metadata":{{"labels":{{"flyte.org/environment":"hello_world"}}}},"spec":{{"x":{deep}}}}}"#);
+    let cases = [
+        (deep_pod, "nested deeper than 128 levels"),
+        (
+            r#"{"metadata":{"labels":{"flyte.org/environment":"hello_world"}},"spec":{"priority":1e400}}"#.to_owned(),
+            "number out of range",
+        ),
+        (
+            r#"{"metadata":{"labels":{"flyte.org/environment":"hello_world","\ud800":"x"}}}"#.to_owned(),
+            "lone surrogate",
+        ),
+    ];
+    for (pod, needle) in cases {
+        let err = parse_review(review_text(&pod).as_bytes()).unwrap_err();
+        assert!(matches!(err, BadReview::Unreadable(_)), "{err}");
+        let text = err.to_string();
+        assert!(text.contains(needle) && text.contains("AdmissionReview"), "{text}");
+    }
+    // 126 levels inside the pod (128 in the body) still pass, and are merged.
+    let deepest = format!("{}{}", "[".repeat(124), "]".repeat(124));
+    let pod =
+        format!(r#"{{"metadata":{{"labels":{{"flyte.org/environment":"hello_world"}}}},"spec":{{"x":{deepest}}}}}"#);
+    let req = parse_review(review_text(&pod).as_bytes()).unwrap();
+    assert_eq!(mutate(req, &hello(), &Policy::default()).unwrap().outcome, Outcome::Mutated);
+}
+
 // ---- Layers (SPEC §8) ----
 
 /// The sample pod runs in `flytesnacks-development`; these templates stack on it.
