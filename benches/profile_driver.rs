@@ -4,7 +4,9 @@
 //!   valgrind --tool=callgrind --callgrind-out-file=cg.out target/release/deps/profile_driver-HASH flyte 2000
 //!   callgrind_annotate --inclusive=yes cg.out | head -60
 //!
-//! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`) and an iteration count. `flyte`, `gpu`
+//! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`, `layers`) and an iteration count.
+//! `layers` is the flyte review with three layers (a platform default, a namespace default,
+//! `hello_world`; SPEC §8), to compare with `flyte` (one layer). `flyte`, `gpu`
 //! and `env1500` run `parse_review` + `mutate` + `response_body` as the server does (no HTTP, no
 //! log line). `log` runs the flyte path and also emits the server's per-admission line
 //! (`server::log_decision`, at `debug` for a mutation, enabled here) through a `tracing_subscriber`
@@ -39,13 +41,19 @@ fn store() -> TemplateIndex {
     data.insert("envheavy".into(), env);
     let mut catalog = Catalog::new("flyte");
     assert!(catalog.apply("flyte", "platform-pod-templates", Some("1"), &data).is_empty());
+    // The defaults of the `layers` input (the same as the criterion group `layers`).
+    let defaults = |text: &str| BTreeMap::from([("defaults".to_owned(), text.to_owned())]);
+    let platform = "labels: {platform.example.com/managed: \"true\"}\npodSpec:\n  securityContext: {runAsNonRoot: true, seccompProfile: {type: RuntimeDefault}}\n  tolerations: [{key: spot, operator: Exists, effect: NoSchedule}]\n  containers: [{name: default, env: [{name: TZ, value: UTC}]}]\n";
+    let tenant = "labels: {team: snacks}\npodSpec: {imagePullSecrets: [{name: snacks-registry}]}\n";
+    assert!(catalog.apply("flyte", "platform-defaults", Some("1"), &defaults(platform)).is_empty());
+    assert!(catalog.apply("flytesnacks-development", "tenant-defaults", Some("1"), &defaults(tenant)).is_empty());
     catalog.index()
 }
 
 fn input(name: &str) -> Vec<u8> {
     let read = |rel: &str| std::fs::read(Path::new(ROOT).join(rel)).unwrap();
     match name {
-        "flyte" | "log" => read("examples/reviews/flyte-task-pod.json"),
+        "flyte" | "log" | "layers" => read("examples/reviews/flyte-task-pod.json"),
         "gpu" => read("examples/reviews/gpu-task-pod.json"),
         "env1500" => {
             let mut review: Value = serde_json::from_slice(&read("examples/reviews/flyte-task-pod.json")).unwrap();
@@ -55,13 +63,16 @@ fn input(name: &str) -> Vec<u8> {
                 (0..1500).map(|i| json!({"name": format!("POD_ENV_{i:05}"), "value": format!("value-{i}")})).collect();
             serde_json::to_vec(&review).unwrap()
         }
-        other => panic!("unknown input {other:?}: flyte, gpu, env1500 or log"),
+        other => panic!("unknown input {other:?}: flyte, gpu, env1500, log or layers"),
     }
 }
 
 fn run(name: &str, iterations: usize) -> usize {
     let store = store();
-    let policy = Policy::default();
+    let policy = match name {
+        "layers" => Policy { default_template: Some("defaults".into()), ..Policy::default() },
+        _ => Policy::default(),
+    };
     let body = input(name);
     let mut bytes = 0;
     for _ in 0..iterations {
@@ -79,14 +90,17 @@ fn run(name: &str, iterations: usize) -> usize {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--bench" || a == "--test") || args.is_empty() {
-        for name in ["flyte", "gpu", "env1500"] {
+        for name in ["flyte", "gpu", "env1500", "layers"] {
             std::hint::black_box(run(name, 3));
         }
         return;
     }
     if args[0] == "log" {
         // As the server logs (text format, EnvFilter at info), into a sink instead of stderr.
-        tracing_subscriber::fmt().with_writer(std::io::sink).with_env_filter(tracing_subscriber::EnvFilter::new("debug")).init();
+        tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .init();
     }
     let iterations = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(1000);
     let bytes = run(&args[0], iterations);
