@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::ByteString;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -136,14 +137,55 @@ impl BuiltinCerts {
         self.patch_ca_bundle(&field(&secret, CA_CERT)?).await
     }
 
-    /// The Secret, created if absent and renewed if its serving certificate is due.
+    /// The Secret's owner: the webhook configuration it serves. The process creates the Secret,
+    /// so Helm does not own it; with this owner reference, deleting the configuration (`helm
+    /// uninstall`) lets the garbage collector delete the Secret too.
+    async fn owner(&self) -> Option<OwnerReference> {
+        let name = self.cfg.webhook_configuration.as_ref()?;
+        let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let config = api.get_opt(name).await.ok()??;
+        Some(OwnerReference {
+            api_version: "admissionregistration.k8s.io/v1".into(),
+            kind: "MutatingWebhookConfiguration".into(),
+            name: name.clone(),
+            uid: config.metadata.uid?,
+            ..Default::default()
+        })
+    }
+
+    /// The Secret, created if absent and renewed if its serving certificate is due; owned by the
+    /// webhook configuration (also a Secret made before owners were set gets one).
     async fn ensure_secret(&self) -> Result<Secret, CertError> {
+        let secret = self.ensure_secret_data().await?;
+        let Some(owner) = self.owner().await else { return Ok(secret) };
+        let owned = secret.metadata.owner_references.iter().flatten().any(|o| o.uid == owner.uid);
+        if owned {
+            return Ok(secret);
+        }
+        let patch = json!({"metadata": {"ownerReferences": [owner]}});
+        match self.secrets.patch(&self.cfg.secret, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(patched) => {
+                tracing::info!(secret = %self.cfg.secret, owner = %owner.name, "the Secret is owned by the webhook configuration");
+                Ok(patched)
+            }
+            Err(e) => {
+                tracing::warn!(secret = %self.cfg.secret, error = %e, "cannot set the Secret's owner");
+                Ok(secret)
+            }
+        }
+    }
+
+    async fn ensure_secret_data(&self) -> Result<Secret, CertError> {
         let name = &self.cfg.secret;
         let Some(secret) = self.secrets.get_opt(name).await? else {
             let (ca, ca_key) = new_ca()?;
             let (cert, key) = new_serving(&ca, &ca_key, &self.cfg)?;
             let secret = Secret {
-                metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
+                metadata: kube::api::ObjectMeta {
+                    name: Some(name.clone()),
+                    owner_references: self.owner().await.map(|o| vec![o]),
+                    ..Default::default()
+                },
                 type_: Some("kubernetes.io/tls".into()),
                 data: Some(secret_data([(CA_CERT, &ca), (CA_KEY, &ca_key), (TLS_CERT, &cert), (TLS_KEY, &key)])),
                 ..Default::default()

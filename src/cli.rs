@@ -88,8 +88,9 @@ pub struct NameArgs {
     /// Annotation written on mutated pods naming what was applied.
     #[arg(long, env = "PTW_APPLIED_ANNOTATION", default_value = "flyte.org/pod-template-applied")]
     pub applied_annotation: String,
-    /// Namespace of cluster-wide templates.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "flyte")]
+    /// Namespace of cluster-wide templates [env PTW_PLATFORM_NAMESPACE, else POD_NAMESPACE, else
+    /// `flyte`]. The chart sets it when the webhook runs in its own namespace.
+    #[arg(long, env = "PTW_PLATFORM_NAMESPACE", default_value_t = default_platform_namespace())]
     pub platform_namespace: String,
     /// A template named by annotation that does not exist: deny the pod, or allow it with a warning.
     #[arg(long, env = "PTW_ON_MISSING_TEMPLATE", value_enum, default_value_t = OnProblem::Deny)]
@@ -106,6 +107,11 @@ pub struct NameArgs {
     /// name in the pod's own namespace on top. Unset: no defaults.
     #[arg(long, env = "PTW_DEFAULT_TEMPLATE")]
     pub default_template: Option<String>,
+}
+
+/// `POD_NAMESPACE` (the webhook's own namespace, from the downward API), else `flyte`.
+fn default_platform_namespace() -> String {
+    std::env::var("POD_NAMESPACE").ok().filter(|ns| !ns.is_empty()).unwrap_or_else(|| "flyte".into())
 }
 
 impl NameArgs {
@@ -462,7 +468,9 @@ async fn serving_certificate(
         // self-signed certificate above is not trusted by anyone: stay unready.
         state.certificate_ready.store(false, std::sync::atomic::Ordering::Release);
         let cfg = certs::BuiltinConfig {
-            namespace: platform_namespace,
+            // The Secret lives in the webhook's own namespace (where the chart grants access to it),
+            // which need not be the platform namespace.
+            namespace: std::env::var("POD_NAMESPACE").ok().filter(|ns| !ns.is_empty()).unwrap_or(platform_namespace),
             secret: secret.clone(),
             dns_names: args.cert_dns_names.clone(),
             webhook_configuration: args.webhook_configuration.clone(),

@@ -107,12 +107,12 @@ caBundle: {{ $.Values.certs.existingSecret.caBundle | nospace | quote }}
 {{- toYaml .Values.webhook.namespaceSelector }}
 {{- else }}
 matchExpressions:
-  # System namespaces, and the webhook's own namespace: its pods must be able to start while
-  # it is down (no self-lockout).
+  # System namespaces. Not the release namespace: the objectSelector already keeps the webhook's
+  # own pods out, and task pods in it must be mutated like anywhere else.
   - key: kubernetes.io/metadata.name
     operator: NotIn
     values:
-      {{- $excluded := concat (list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace) .Values.webhook.excludeNamespaces | uniq }}
+      {{- $excluded := concat (list "kube-system" "kube-public" "kube-node-lease") .Values.webhook.excludeNamespaces | uniq }}
       {{- range $excluded }}
       - {{ . | quote }}
       {{- end }}
@@ -169,9 +169,14 @@ matchExpressions:
 {{- $mode -}}
 {{- end -}}
 
-{{/* Namespaces whose ConfigMaps the webhook reads when watchNamespaces is set: those plus the release namespace. */}}
+{{/* The platform namespace: config.platformNamespace, else the release namespace. */}}
+{{- define "ptw.platformNamespace" -}}
+{{- default .Release.Namespace .Values.config.platformNamespace -}}
+{{- end -}}
+
+{{/* Namespaces whose ConfigMaps the webhook reads when watchNamespaces is set: those plus the platform namespace. */}}
 {{- define "ptw.watchedNamespaces" -}}
-{{- $all := list .Release.Namespace -}}
+{{- $all := list (include "ptw.platformNamespace" .) -}}
 {{- range .Values.config.watchNamespaces -}}
 {{- $all = append $all . -}}
 {{- end -}}
