@@ -5,10 +5,10 @@
 #   docker build -t ghcr.io/pod-template-webhook/pod-template-webhook:0.1.0 .
 #
 # The tag must match the chart's appVersion (charts/pod-template-webhook/Chart.yaml), which is the
-# chart's default image tag. NOTE: there is no Docker engine on the project's CI machines, so this
-# image is NOT built (or tested) in CI; CI tests the same binary directly (cargo test) and the chart
-# with a real helm and kube-apiserver. Build and push it from a release workflow that has Docker or
-# BuildKit.
+# chart's default image tag. This is the registry-connected release recipe (Docker or BuildKit).
+# Without either, or air-gapped: scripts/build-image.sh makes the same image (user, entrypoint,
+# command, ports, environment; tests/image.rs compares them with this file) as a docker-archive from
+# the release binary, and tests/cluster.rs runs that image on a real node with the chart.
 
 # Builder. The Debian release MUST match the runtime image's (distroless cc-debian12 = bookworm,
 # glibc 2.36): plain `rust:1.95` now follows the newest Debian (trixie, glibc 2.41), and a binary
