@@ -4,21 +4,21 @@
 //! the files under `examples/`; nothing is downloaded. Groups:
 //!
 //! - `flyte`   the shared sample Flyte task pod (examples/reviews/flyte-task-pod.json) with the
-//!             `hello_world` template: the full path (parse + mutate + response body), and each
-//!             stage alone (parse, merge, diff, mutate, response body) to see where time goes;
-//!             merge and diff run on the raw pod, as in `mutate`;
-//!             plus `3_diff_json_patch_crate`, the `json_patch::diff` + `to_vec` that
-//!             `patch::diff` replaced, kept as the one comparison that shows the gain.
+//!   `hello_world` template: the full path (parse + mutate + response body), and each
+//!   stage alone (parse, merge, diff, mutate, response body) to see where time goes;
+//!   merge and diff run on the raw pod, as in `mutate`;
+//!   plus `3_diff_json_patch_crate`, the `json_patch::diff` + `to_vec` that
+//!   `patch::diff` replaced, kept as the one comparison that shows the gain.
 //! - `gpu`     a multi-container pod (3 containers) with the `gpu` template (adds a sidecar).
 //! - `env1500` a pod whose primary container has 1,500 env vars; the template adds 20 env vars
-//!             (5 of them clash with the pod's) plus `default` env on every container.
+//!   (5 of them clash with the pod's) plus `default` env on every container.
 //! - `pod64k`  a ~64 KB pod (6 containers, many env vars, mounts, volumes, annotations) with `gpu`.
 //! - `store`   lookup among 1,000 templates; the full flyte path against that store.
 //! - `scaling` merge + diff for 100 / 500 / 1,500 / 3,000 env vars; the run ends by printing
-//!             the time ratios (linear would be 5x / 15x / 30x).
+//!   the time ratios (linear would be 5x / 15x / 30x).
 //! - `layers`  the flyte full path with one layer (`hello_world`) and with three (a platform
-//!             default, a namespace default, `hello_world`; SPEC §8), in one run; the summary
-//!             prints the ratio (goal: within 2x).
+//!   default, a namespace default, `hello_world`; SPEC §8), in one run; the summary
+//!   prints the ratio (goal: within 2x).
 //!
 //! Before the benchmarks, each input's size, patch operation count and patch size are printed
 //! (with the operation count `json_patch::diff` would give, for comparison), after checking that

@@ -15,8 +15,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The cause is in the message and is not also a `source` (a field named `source` would be),
+    /// so a chain (`{:#}`, logs) prints it once.
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{path}: no PEM certificate found")]
     NoCertificate { path: PathBuf },
     #[error("{path}: no PEM private key found")]
@@ -39,9 +41,8 @@ pub struct LoadedCert {
 /// Parses a PEM chain and a PEM private key.
 pub fn load_pem(cert_pem: &[u8], key_pem: &[u8], cert_path: &Path, key_path: &Path) -> Result<LoadedCert, TlsError> {
     let pem_err = |path: &Path, e: std::io::Error| TlsError::Pem { path: path.to_owned(), message: e.to_string() };
-    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut &cert_pem[..])
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem_err(cert_path, e))?;
+    let chain: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut &cert_pem[..]).collect::<Result<_, _>>().map_err(|e| pem_err(cert_path, e))?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate { path: cert_path.to_owned() });
     }
@@ -49,13 +50,14 @@ pub fn load_pem(cert_pem: &[u8], key_pem: &[u8], cert_path: &Path, key_path: &Pa
         .map_err(|e| pem_err(key_path, e))?
         .ok_or_else(|| TlsError::NoKey { path: key_path.to_owned() })?;
     let not_after = not_after(&chain[0]).unwrap_or(0);
-    let certified = CertifiedKey::from_der(chain, key, &default_provider()).map_err(|e| TlsError::Pair(e.to_string()))?;
+    let certified =
+        CertifiedKey::from_der(chain, key, &default_provider()).map_err(|e| TlsError::Pair(e.to_string()))?;
     Ok(LoadedCert { key: Arc::new(certified), not_after })
 }
 
 /// Reads and parses the pair from files.
 pub fn load_files(cert_path: &Path, key_path: &Path) -> Result<(LoadedCert, Vec<u8>), TlsError> {
-    let read = |p: &Path| std::fs::read(p).map_err(|source| TlsError::Read { path: p.to_owned(), source });
+    let read = |p: &Path| std::fs::read(p).map_err(|error| TlsError::Read { path: p.to_owned(), error });
     let (cert, key) = (read(cert_path)?, read(key_path)?);
     let loaded = load_pem(&cert, &key, cert_path, key_path)?;
     Ok((loaded, [cert, key].concat()))
@@ -154,6 +156,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_unreadable_file_names_its_cause_once() {
+        let Err(err) = load_files(Path::new("/nonexistent/tls.crt"), Path::new("/nonexistent/tls.key")) else {
+            panic!("read a file that does not exist")
+        };
+        assert!(std::error::Error::source(&err).is_none(), "the cause is in the message, not also a source");
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(chain.matches("No such file or directory").count(), 1, "{chain}");
+        assert!(chain.starts_with("cannot read /nonexistent/tls.crt: "), "{chain}");
+    }
+
+    #[test]
     fn self_signed_loads_and_has_an_expiry_in_the_future() {
         let (loaded, pem) = self_signed().unwrap();
         assert!(pem.contains("BEGIN CERTIFICATE"));
@@ -165,7 +178,12 @@ mod tests {
     fn mismatched_or_missing_pem_is_a_clear_error() {
         let gen = || rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
         let (one, two) = (gen(), gen());
-        let err = load_pem(one.cert.pem().as_bytes(), two.signing_key.serialize_pem().as_bytes(), Path::new("c"), Path::new("k"));
+        let err = load_pem(
+            one.cert.pem().as_bytes(),
+            two.signing_key.serialize_pem().as_bytes(),
+            Path::new("c"),
+            Path::new("k"),
+        );
         assert!(matches!(err, Err(TlsError::Pair(_))), "a key that does not match the certificate is refused");
         let err = load_pem(b"junk", b"junk", Path::new("c.pem"), Path::new("k.pem")).err().unwrap().to_string();
         assert_eq!(err, "c.pem: no PEM certificate found");

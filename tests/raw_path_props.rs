@@ -132,7 +132,7 @@ impl Writer<'_> {
     fn string(&mut self, s: &str) {
         self.out.push('"');
         for c in s.chars() {
-            let escape = self.knob() % 3 == 0;
+            let escape = self.knob().is_multiple_of(3);
             match c {
                 '"' => self.out.push_str(if escape { "\\u0022" } else { "\\\"" }),
                 '\\' => self.out.push_str(if escape { "\\u005C" } else { "\\\\" }),
@@ -141,7 +141,7 @@ impl Writer<'_> {
                 c if escape || (c as u32) < 0x20 => {
                     let mut units = [0u16; 2];
                     for unit in c.encode_utf16(&mut units) {
-                        let upper = self.knob() % 2 == 0;
+                        let upper = self.knob().is_multiple_of(2);
                         self.out.push_str(&if upper { format!("\\u{unit:04X}") } else { format!("\\u{unit:04x}") });
                     }
                 }
@@ -189,7 +189,7 @@ impl Writer<'_> {
                 let mut first = true;
                 for (k, item) in map {
                     // A decoy under the same key first: the last of duplicates wins.
-                    if self.knob() % 5 == 0 {
+                    if self.knob().is_multiple_of(5) {
                         self.entry(&mut first, k, &json!(["decoy", 1]));
                     }
                     self.entry(&mut first, k, item);

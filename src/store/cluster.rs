@@ -27,8 +27,15 @@ use crate::template::SourceKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// The cause is in the message and is not also a `source`, so a chain prints it once.
     #[error("cannot build a Kubernetes client (kubeconfig or in-cluster config): {0}")]
-    Client(#[from] kube::Error),
+    Client(kube::Error),
+}
+
+impl From<kube::Error> for ClusterError {
+    fn from(e: kube::Error) -> Self {
+        ClusterError::Client(e)
+    }
 }
 
 /// Templates from the cluster, kept current by a watch.
@@ -271,5 +278,20 @@ fn report(
                 tracing::warn!(error = %e, "cannot publish the Event for a template parse error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_error_names_its_cause_once() {
+        let cause = serde_json::from_str::<u8>("x").unwrap_err();
+        let err = ClusterError::from(kube::Error::SerdeError(cause));
+        assert!(std::error::Error::source(&err).is_none(), "the cause is in the message, not also a source");
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(chain.matches("expected value").count(), 1, "{chain}");
+        assert!(chain.starts_with("cannot build a Kubernetes client"), "{chain}");
     }
 }

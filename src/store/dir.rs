@@ -14,8 +14,10 @@ use crate::template::SourceKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
-    #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The cause is in the message and is not also a `source` (a field named `source` would be),
+    /// so a chain (`{:#}`, logs) prints it once.
+    #[error("cannot read {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: document {document}: {message}")]
     Manifest { path: PathBuf, document: usize, message: String },
 }
@@ -84,7 +86,7 @@ struct Metadata {
 
 /// The manifest files of `path` (a file, or a directory's `*.yaml`, `*.yml`, `*.json`), sorted.
 pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, DirError> {
-    let io = |source| DirError::Io { path: path.to_owned(), source };
+    let io = |error| DirError::Io { path: path.to_owned(), error };
     if !path.is_dir() {
         std::fs::metadata(path).map_err(io)?;
         return Ok(vec![path.to_owned()]);
@@ -104,7 +106,7 @@ pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, DirError> {
 /// Every ConfigMap and PodTemplate in `file`; other kinds are skipped. A manifest without a
 /// namespace belongs to the platform namespace.
 pub fn read_manifests(file: &Path, platform_namespace: &str) -> Result<Vec<SourceManifest>, DirError> {
-    let text = std::fs::read_to_string(file).map_err(|source| DirError::Io { path: file.to_owned(), source })?;
+    let text = std::fs::read_to_string(file).map_err(|error| DirError::Io { path: file.to_owned(), error })?;
     let mut found = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let error = |message: String| DirError::Manifest { path: file.to_owned(), document: i + 1, message };
@@ -268,6 +270,15 @@ pub fn key_line(file: &Path, document: usize, key: &str) -> Option<usize> {
 mod tests {
     use super::*;
     use crate::store::EntryState;
+
+    #[test]
+    fn an_unreadable_path_names_its_cause_once() {
+        let err = DirStore::load(Path::new("/nonexistent/templates"), &Names::default()).unwrap_err();
+        assert!(std::error::Error::source(&err).is_none(), "the cause is in the message, not also a source");
+        let chain = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(chain.matches("No such file or directory").count(), 1, "{chain}");
+        assert!(chain.starts_with("cannot read /nonexistent/templates: "), "{chain}");
+    }
 
     #[test]
     fn reads_multi_document_files_with_namespace_and_label_rules() {
