@@ -14,7 +14,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::ByteString;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
 use serde_json::json;
 
 use crate::tls::{self, CertResolver, LoadedCert};
@@ -77,7 +81,9 @@ fn new_serving(ca_pem: &str, ca_key_pem: &str, cfg: &BuiltinConfig) -> Result<(S
     let issuer = Issuer::from_ca_cert_pem(ca_pem, KeyPair::from_pem(ca_key_pem)?)?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(cfg.dns_names.clone())?;
-    params.distinguished_name.push(DnType::CommonName, cfg.dns_names.first().map_or("pod-template-webhook", String::as_str));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, cfg.dns_names.first().map_or("pod-template-webhook", String::as_str));
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     validity_window(&mut params, cfg.validity);
     Ok((params.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
@@ -201,7 +207,11 @@ impl BuiltinCerts {
             };
         };
         let cert = field(&secret, TLS_CERT)?;
-        let expires = rustls_pemfile::certs(&mut cert.as_bytes()).flatten().next().and_then(|c| tls::not_after(&c)).unwrap_or(0);
+        let expires = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .flatten()
+            .next()
+            .and_then(|c| tls::not_after(&c))
+            .unwrap_or(0);
         if expires - now() > self.cfg.validity.as_secs() as i64 / 3 {
             return Ok(secret);
         }
@@ -225,19 +235,26 @@ impl BuiltinCerts {
         let Some(name) = &self.cfg.webhook_configuration else { return Ok(()) };
         let mutating: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
         if let Some(config) = mutating.get_opt(name).await? {
-            let bundles = config.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()));
+            let bundles =
+                config.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()));
             patch_if_needed(&mutating, name, bundles.collect(), ca_pem).await?;
         }
         let validating: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
         if let Ok(Some(config)) = validating.get_opt(name).await {
-            let bundles = config.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()));
+            let bundles =
+                config.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()));
             patch_if_needed(&validating, name, bundles.collect(), ca_pem).await?;
         }
         Ok(())
     }
 }
 
-async fn patch_if_needed<K>(api: &Api<K>, name: &str, bundles: Vec<Option<&[u8]>>, ca_pem: &str) -> Result<(), CertError>
+async fn patch_if_needed<K>(
+    api: &Api<K>,
+    name: &str,
+    bundles: Vec<Option<&[u8]>>,
+    ca_pem: &str,
+) -> Result<(), CertError>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -283,14 +300,14 @@ mod tests {
         assert!((3000..=3600).contains(&remaining), "{remaining}");
         // Verify the chain with rustls' own verifier.
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(rustls_pemfile::certs(&mut ca.as_bytes()).next().unwrap().unwrap()).unwrap();
+        roots.add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
             Arc::new(rustls::crypto::ring::default_provider()),
         )
         .build()
         .unwrap();
-        let leaf = rustls_pemfile::certs(&mut cert.as_bytes()).next().unwrap().unwrap();
+        let leaf = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
         for name in ["svc.flyte.svc", "127.0.0.1"] {
             let server_name = rustls_pki_types::ServerName::try_from(name).unwrap();
             verifier

@@ -11,6 +11,7 @@ use rustls::crypto::ring::default_provider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,15 +41,18 @@ pub struct LoadedCert {
 
 /// Parses a PEM chain and a PEM private key.
 pub fn load_pem(cert_pem: &[u8], key_pem: &[u8], cert_path: &Path, key_path: &Path) -> Result<LoadedCert, TlsError> {
-    let pem_err = |path: &Path, e: std::io::Error| TlsError::Pem { path: path.to_owned(), message: e.to_string() };
+    let pem_err = |path: &Path, e: pem::Error| TlsError::Pem { path: path.to_owned(), message: e.to_string() };
     let chain: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut &cert_pem[..]).collect::<Result<_, _>>().map_err(|e| pem_err(cert_path, e))?;
+        CertificateDer::pem_slice_iter(cert_pem).collect::<Result<_, _>>().map_err(|e| pem_err(cert_path, e))?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate { path: cert_path.to_owned() });
     }
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| pem_err(key_path, e))?
-        .ok_or_else(|| TlsError::NoKey { path: key_path.to_owned() })?;
+    // The first PKCS#8, PKCS#1 or SEC1 key; other sections are skipped.
+    let key = match PrivateKeyDer::from_pem_slice(key_pem) {
+        Ok(key) => key,
+        Err(pem::Error::NoItemsFound) => return Err(TlsError::NoKey { path: key_path.to_owned() }),
+        Err(e) => return Err(pem_err(key_path, e)),
+    };
     let not_after = not_after(&chain[0]).unwrap_or(0);
     let certified =
         CertifiedKey::from_der(chain, key, &default_provider()).map_err(|e| TlsError::Pair(e.to_string()))?;
@@ -187,5 +191,15 @@ mod tests {
         assert!(matches!(err, Err(TlsError::Pair(_))), "a key that does not match the certificate is refused");
         let err = load_pem(b"junk", b"junk", Path::new("c.pem"), Path::new("k.pem")).err().unwrap().to_string();
         assert_eq!(err, "c.pem: no PEM certificate found");
+        // Parsed with rustls-pki-types' PemObject: a key file without a key, a broken section,
+        // a key after other sections (a combined file).
+        let cert = one.cert.pem();
+        let err = load_pem(cert.as_bytes(), cert.as_bytes(), Path::new("c.pem"), Path::new("k.pem")).err().unwrap();
+        assert_eq!(err.to_string(), "k.pem: no PEM private key found");
+        let broken = "-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----\n";
+        let err = load_pem(cert.as_bytes(), broken.as_bytes(), Path::new("c.pem"), Path::new("k.pem")).err().unwrap();
+        assert!(matches!(&err, TlsError::Pem { .. }), "{err}");
+        let combined = format!("{cert}{}", one.signing_key.serialize_pem());
+        assert!(load_pem(combined.as_bytes(), combined.as_bytes(), Path::new("c"), Path::new("k")).is_ok());
     }
 }

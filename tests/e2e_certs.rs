@@ -18,6 +18,7 @@ use pod_template_webhook::certs::{BuiltinCerts, BuiltinConfig};
 use pod_template_webhook::server::{self, AppState, Limits};
 use pod_template_webhook::store::Catalog;
 use pod_template_webhook::tls;
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 
@@ -37,7 +38,7 @@ fn secret_pem(secret: &Secret, key: &str) -> String {
 }
 
 fn first_der(pem: &str) -> CertificateDer<'static> {
-    rustls_pemfile::certs(&mut pem.as_bytes()).next().unwrap().unwrap()
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
 }
 
 /// The leaf a TLS client that trusts only `ca_pem` is served on `port`.
@@ -90,7 +91,13 @@ fn builtin_certificates_end_to_end() {
         let placeholder = tls::self_signed().unwrap().0;
         let resolver = tls::CertResolver::new(placeholder.key);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(resolver.clone()));
-        tokio::spawn(server::serve_tls(listener, acceptor, server::webhook_router(state.clone(), &Limits::default()), Limits::default(), std::future::pending()));
+        tokio::spawn(server::serve_tls(
+            listener,
+            acceptor,
+            server::webhook_router(state.clone(), &Limits::default()),
+            Limits::default(),
+            std::future::pending(),
+        ));
         let validity = Duration::from_secs(20);
         let ready_a = Arc::new(AtomicBool::new(false));
         tokio::spawn(BuiltinCerts::new(api.client().await, config(validity), resolver).run(ready_a.clone(), |_| {}));
@@ -104,7 +111,9 @@ fn builtin_certificates_end_to_end() {
         let secrets = Api::<Secret>::namespaced(admin.clone(), "flyte");
         let secret = secrets.get("ptw-certs").await.unwrap();
         let ca = secret_pem(&secret, "ca.crt");
-        let bundle = Api::<MutatingWebhookConfiguration>::all(admin.clone()).get("ptw-builtin").await.unwrap().webhooks.unwrap()[0]
+        let bundle =
+            Api::<MutatingWebhookConfiguration>::all(admin.clone()).get("ptw-builtin").await.unwrap().webhooks.unwrap()
+                [0]
             .client_config
             .ca_bundle
             .clone()
@@ -116,7 +125,8 @@ fn builtin_certificates_end_to_end() {
         let pods = Api::<Pod>::namespaced(admin.clone(), "flyte");
         let pod = |name: String| -> Pod {
             serde_json::from_value(json!({"metadata": {"name": name, "labels": {"flyte.org/environment": "t"}},
-                "spec": {"containers": [{"name": "primary", "image": "x:1"}]}})).unwrap()
+                "spec": {"containers": [{"name": "primary", "image": "x:1"}]}}))
+            .unwrap()
         };
         let created = pods.create(&PostParams::default(), &pod("first".into())).await.unwrap();
         assert_eq!(created.labels()["mutated"], "yes");
@@ -133,7 +143,9 @@ fn builtin_certificates_end_to_end() {
         let started = Instant::now();
         let mut created = 0;
         let renewed_leaf = loop {
-            pods.create(&PostParams::default(), &pod(format!("p{created}"))).await.expect("a pod creation failed during renewal");
+            pods.create(&PostParams::default(), &pod(format!("p{created}")))
+                .await
+                .expect("a pod creation failed during renewal");
             created += 1;
             let current = secrets.get("ptw-certs").await.unwrap();
             let leaf = first_der(&secret_pem(&current, "tls.crt"));

@@ -15,7 +15,8 @@ use pod_template_webhook::names::Names;
 use pod_template_webhook::server::{serve_tls, webhook_router, AppState, Limits};
 use pod_template_webhook::store::dir::DirStore;
 use pod_template_webhook::tls;
-use rustls_pki_types::ServerName;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -43,7 +44,7 @@ async fn start(limits: Limits) -> Server {
 impl Server {
     async fn tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(rustls_pemfile::certs(&mut self.ca_pem.as_bytes()).next().unwrap().unwrap()).unwrap();
+        roots.add(CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).unwrap()).unwrap();
         let mut config =
             rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
