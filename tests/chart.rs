@@ -130,7 +130,8 @@ fn render(release: &str, namespace: &str, values: Option<&Path>, sets: &[&str]) 
 }
 
 fn render_ok(release: &str, namespace: &str, values: Option<&Path>, sets: &[&str]) -> Vec<Value> {
-    render(release, namespace, values, sets).unwrap_or_else(|e| panic!("helm template failed ({values:?} {sets:?}):\n{e}"))
+    render(release, namespace, values, sets)
+        .unwrap_or_else(|e| panic!("helm template failed ({values:?} {sets:?}):\n{e}"))
 }
 
 fn parse_docs(text: &str) -> Vec<Value> {
@@ -169,7 +170,9 @@ fn env_of(container: &Value) -> BTreeMap<String, Value> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| (e["name"].as_str().unwrap().to_owned(), e.get("value").cloned().unwrap_or_else(|| e["valueFrom"].clone())))
+        .map(|e| {
+            (e["name"].as_str().unwrap().to_owned(), e.get("value").cloned().unwrap_or_else(|| e["valueFrom"].clone()))
+        })
         .collect()
 }
 
@@ -180,15 +183,9 @@ fn env_of(container: &Value) -> BTreeMap<String, Value> {
 fn lint_strict_passes_with_every_ci_values_file() {
     let files = ci_values_files();
     let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for wanted in [
-        "default",
-        "certmanager",
-        "existing-secret",
-        "watch-namespaces",
-        "single-replica",
-        "url-mode",
-        "custom-names",
-    ] {
+    for wanted in
+        ["default", "certmanager", "existing-secret", "watch-namespaces", "single-replica", "url-mode", "custom-names"]
+    {
         assert!(names.contains(&format!("{wanted}-values.yaml")), "ci/{wanted}-values.yaml is missing: {names:?}");
     }
     let started = Instant::now();
@@ -215,7 +212,11 @@ fn every_ci_permutation_renders_a_safe_webhook() {
         check_certificates(&objects, &values, "flyte", &ctx);
         // PDB only when replicas > 1.
         let replicas = value_of(&values, "replicas").as_i64().unwrap();
-        assert_eq!(of_kind(&objects, "PodDisruptionBudget").len(), usize::from(replicas > 1), "{ctx}: PDB with {replicas} replicas");
+        assert_eq!(
+            of_kind(&objects, "PodDisruptionBudget").len(),
+            usize::from(replicas > 1),
+            "{ctx}: PDB with {replicas} replicas"
+        );
         if replicas > 1 {
             let pdb = one(&objects, "PodDisruptionBudget");
             assert_eq!(pdb["spec"]["selector"], one(&objects, "Deployment")["spec"]["selector"], "{ctx}");
@@ -226,7 +227,11 @@ fn every_ci_permutation_renders_a_safe_webhook() {
             assert_eq!(of_kind(&objects, kind).len(), usize::from(on), "{ctx}: {kind}");
         }
         let examples = of_kind(&objects, "ConfigMap");
-        assert_eq!(examples.len(), usize::from(value_of(&values, "exampleTemplates.enabled").as_bool().unwrap()), "{ctx}");
+        assert_eq!(
+            examples.len(),
+            usize::from(value_of(&values, "exampleTemplates.enabled").as_bool().unwrap()),
+            "{ctx}"
+        );
         for cm in examples {
             let label = value_of(&values, "config.sourceLabel");
             assert_eq!(cm["metadata"]["labels"][label.as_str().unwrap()], "true", "{ctx}");
@@ -288,7 +293,10 @@ fn check_webhook(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
         }
         // Task pods in the release namespace (e.g. `flyte`) are mutated: only the objectSelector
         // keeps the webhook's own pods out.
-        assert!(extras.iter().any(|e| e == ns) || !excluded.iter().any(|e| e == ns), "{ctx}: release namespace {ns} excluded by default");
+        assert!(
+            extras.iter().any(|e| e == ns) || !excluded.iter().any(|e| e == ns),
+            "{ctx}: release namespace {ns} excluded by default"
+        );
     }
     assert_eq!(w["sideEffects"], "None", "{ctx}");
     assert_eq!(strs(&w["admissionReviewVersions"]), ["v1"], "{ctx}");
@@ -333,7 +341,11 @@ fn with_validate_path(url: &str) -> String {
 fn check_validating_webhook(objects: &[Value], values: &Value, ctx: &str) {
     let enabled = value_of(values, "validatingWebhook.enabled").as_bool().unwrap();
     let found = of_kind(objects, "ValidatingWebhookConfiguration");
-    assert_eq!(found.len(), usize::from(enabled), "{ctx}: ValidatingWebhookConfiguration exactly when validatingWebhook.enabled");
+    assert_eq!(
+        found.len(),
+        usize::from(enabled),
+        "{ctx}: ValidatingWebhookConfiguration exactly when validatingWebhook.enabled"
+    );
     if !enabled {
         return;
     }
@@ -352,7 +364,11 @@ fn check_validating_webhook(objects: &[Value], values: &Value, ctx: &str) {
         "{ctx}: CREATE/UPDATE of core/v1 configmaps and podtemplates only"
     );
     let label = value_of(values, "config.sourceLabel");
-    assert_eq!(w["objectSelector"], json!({"matchLabels": {label.as_str().unwrap(): "true"}}), "{ctx}: template sources only");
+    assert_eq!(
+        w["objectSelector"],
+        json!({"matchLabels": {label.as_str().unwrap(): "true"}}),
+        "{ctx}: template sources only"
+    );
     let selector = value_of(values, "validatingWebhook.namespaceSelector");
     if selector.as_object().is_none_or(|m| m.is_empty()) {
         assert!(w.get("namespaceSelector").is_none(), "{ctx}: every namespace, the release namespace included");
@@ -437,8 +453,12 @@ fn check_workload(objects: &[Value], values: &Value, ctx: &str) {
         );
     }
     // Ports and probes.
-    let ports: BTreeMap<String, Value> =
-        c["ports"].as_array().unwrap().iter().map(|p| (p["name"].as_str().unwrap().to_owned(), p["containerPort"].clone())).collect();
+    let ports: BTreeMap<String, Value> = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["containerPort"].clone()))
+        .collect();
     assert_eq!(ports["https"], value_of(values, "config.port"), "{ctx}");
     assert_eq!(ports["admin"], value_of(values, "config.adminPort"), "{ctx}");
     assert_eq!(c["livenessProbe"]["httpGet"], json!({"path": "/healthz", "port": "admin"}), "{ctx}");
@@ -493,7 +513,8 @@ fn check_workload(objects: &[Value], values: &Value, ctx: &str) {
         let test = of_kind(objects, "Pod").into_iter().find(|p| p["metadata"]["annotations"]["helm.sh/hook"] == "test");
         let test = test.unwrap_or_else(|| panic!("{ctx}: no helm test pod"));
         check_pod_security(&test["spec"], &format!("{ctx} (helm test pod)"));
-        let url = test["spec"]["containers"][0]["args"].as_array().unwrap().last().unwrap().as_str().unwrap().to_owned();
+        let url =
+            test["spec"]["containers"][0]["args"].as_array().unwrap().last().unwrap().as_str().unwrap().to_owned();
         let svc_name = svc["metadata"]["name"].as_str().unwrap();
         assert!(url.starts_with(&format!("http://{svc_name}.")), "{ctx}: {url}");
         assert!(url.ends_with(&format!(":{}/readyz", s("service.adminPort"))), "{ctx}: {url}");
@@ -534,7 +555,11 @@ fn check_rbac(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
             match resource.as_str() {
                 "configmaps" => {
                     assert_eq!(groups, [""], "{ctx}");
-                    assert_eq!(verbs, ["get", "list", "watch"].map(String::from).into(), "{ctx}: configmaps are read only");
+                    assert_eq!(
+                        verbs,
+                        ["get", "list", "watch"].map(String::from).into(),
+                        "{ctx}: configmaps are read only"
+                    );
                 }
                 "podtemplates" => {
                     assert_eq!(groups, [""], "{ctx}");
@@ -576,8 +601,13 @@ fn check_rbac(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
     let has_secrets = rules.iter().any(|(_, _, r)| strs(&r["resources"]).contains(&"secrets".to_owned()));
     assert_eq!(has_secrets, builtin, "{ctx}: Secret rules exactly in builtin mode");
     let validating = value_of(values, "validatingWebhook.enabled") == true;
-    let has_validating = rules.iter().any(|(_, _, r)| strs(&r["resources"]).contains(&"validatingwebhookconfigurations".to_owned()));
-    assert_eq!(has_validating, builtin && validating, "{ctx}: validating webhook configuration access exactly in builtin mode with validatingWebhook.enabled");
+    let has_validating =
+        rules.iter().any(|(_, _, r)| strs(&r["resources"]).contains(&"validatingwebhookconfigurations".to_owned()));
+    assert_eq!(
+        has_validating,
+        builtin && validating,
+        "{ctx}: validating webhook configuration access exactly in builtin mode with validatingWebhook.enabled"
+    );
     // ConfigMaps and PodTemplates (the two template sources): ClusterRole cluster-wide, or Roles
     // in the watched namespaces + the release namespace.
     for resource in ["configmaps", "podtemplates"] {
@@ -607,9 +637,11 @@ fn check_rbac(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
     let sa = &deploy["spec"]["template"]["spec"]["serviceAccountName"];
     for b in objects.iter().filter(|o| o["kind"] == "RoleBinding" || o["kind"] == "ClusterRoleBinding") {
         assert_eq!(b["subjects"], json!([{"kind": "ServiceAccount", "name": sa, "namespace": ns}]), "{ctx}");
-        let role = objects
-            .iter()
-            .find(|o| o["kind"] == b["roleRef"]["kind"] && o["metadata"]["name"] == b["roleRef"]["name"] && o["metadata"]["namespace"] == b["metadata"]["namespace"]);
+        let role = objects.iter().find(|o| {
+            o["kind"] == b["roleRef"]["kind"]
+                && o["metadata"]["name"] == b["roleRef"]["name"]
+                && o["metadata"]["namespace"] == b["metadata"]["namespace"]
+        });
         assert!(role.is_some(), "{ctx}: binding {} to a role the chart does not render", b["metadata"]["name"]);
     }
 }
@@ -676,12 +708,20 @@ fn check_certificates(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
                 assert_eq!(serving["spec"]["issuerRef"]["name"], ca_issuer["metadata"]["name"], "{ctx}");
             } else {
                 assert!(of_kind(objects, "Issuer").is_empty(), "{ctx}");
-                assert_eq!(serving["spec"]["issuerRef"]["name"], value_of(values, "certs.certManager.issuerRef.name"), "{ctx}");
+                assert_eq!(
+                    serving["spec"]["issuerRef"]["name"],
+                    value_of(values, "certs.certManager.issuerRef.name"),
+                    "{ctx}"
+                );
             }
         }
         "existingSecret" => {
             assert_eq!(client["caBundle"], value_of(values, "certs.existingSecret.caBundle"), "{ctx}");
-            assert_eq!(tls_volume.unwrap()["secret"]["secretName"], value_of(values, "certs.existingSecret.name"), "{ctx}");
+            assert_eq!(
+                tls_volume.unwrap()["secret"]["secretName"],
+                value_of(values, "certs.existingSecret.name"),
+                "{ctx}"
+            );
             assert_eq!(mount.unwrap()["mountPath"], "/etc/webhook/tls", "{ctx}");
             assert_eq!(env["PTW_TLS_CERT"], "/etc/webhook/tls/tls.crt", "{ctx}");
             assert_eq!(env["PTW_TLS_KEY"], "/etc/webhook/tls/tls.key", "{ctx}");
@@ -693,12 +733,16 @@ fn check_certificates(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
 
 #[test]
 fn existing_secret_without_a_ca_bundle_fails_with_a_clear_message() {
-    let err = render("ptw", "flyte", None, &["certs.mode=existingSecret", "certs.existingSecret.name=my-tls"]).unwrap_err();
+    let err =
+        render("ptw", "flyte", None, &["certs.mode=existingSecret", "certs.existingSecret.name=my-tls"]).unwrap_err();
     assert!(err.contains("certs.mode=existingSecret requires certs.existingSecret.caBundle"), "{err}");
-    let err = render("ptw", "flyte", None, &["certs.mode=existingSecret", "certs.existingSecret.caBundle=Zm9v"]).unwrap_err();
+    let err =
+        render("ptw", "flyte", None, &["certs.mode=existingSecret", "certs.existingSecret.caBundle=Zm9v"]).unwrap_err();
     assert!(err.contains("requires certs.existingSecret.name"), "{err}");
     // (helm lint deliberately ignores errors raised by `fail`; install and template render, and fail.)
-    let err = render("ptw", "flyte", None, &["certs.mode=certManager", "certs.certManager.issuerRef.kind=ClusterIssuer"]).unwrap_err();
+    let err =
+        render("ptw", "flyte", None, &["certs.mode=certManager", "certs.certManager.issuerRef.kind=ClusterIssuer"])
+            .unwrap_err();
     assert!(err.contains("issuerRef needs a name"), "{err}");
 }
 
@@ -737,7 +781,8 @@ fn the_schema_rejects_typos_and_bad_values() {
 /// only open objects are Kubernetes types passed through to the API server, and maps.
 #[test]
 fn the_schema_closes_every_level() {
-    let schema: Value = serde_json::from_str(&std::fs::read_to_string(Path::new(CHART).join("values.schema.json")).unwrap()).unwrap();
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(Path::new(CHART).join("values.schema.json")).unwrap()).unwrap();
     fn walk(node: &Value, path: &str, open: &mut Vec<String>) {
         if let Some(props) = node.get("properties").and_then(Value::as_object) {
             assert_eq!(node["additionalProperties"], false, "{path}: declares properties but allows others");
@@ -756,11 +801,21 @@ fn the_schema_closes_every_level() {
     open.sort();
     assert_eq!(
         open,
-        [".affinity", ".extraEnv[]", ".global", ".networkPolicy.adminFrom[]", ".networkPolicy.webhookFrom[]", ".tolerations[]", ".validatingWebhook.namespaceSelector", ".webhook.namespaceSelector"],
+        [
+            ".affinity",
+            ".extraEnv[]",
+            ".global",
+            ".networkPolicy.adminFrom[]",
+            ".networkPolicy.webhookFrom[]",
+            ".tolerations[]",
+            ".validatingWebhook.namespaceSelector",
+            ".webhook.namespaceSelector"
+        ],
         "only pass-through Kubernetes objects may be open"
     );
     // Every key of values.yaml is in the schema (and the defaults validate: helm lint does that).
-    let values: Value = serde_yaml::from_str(&std::fs::read_to_string(Path::new(CHART).join("values.yaml")).unwrap()).unwrap();
+    let values: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(Path::new(CHART).join("values.yaml")).unwrap()).unwrap();
     fn covered(values: &Value, schema: &Value, path: &str) {
         if let (Some(map), Some(props)) = (values.as_object(), schema.get("properties").and_then(Value::as_object)) {
             for (k, v) in map {
@@ -781,11 +836,25 @@ fn builtin_mode_renders_identically_every_time() {
     // No lookup, no random or time functions anywhere in the templates.
     for entry in walk_files(&Path::new(CHART).join("templates")) {
         let text = std::fs::read_to_string(&entry).unwrap();
-        for banned in ["lookup", "randAlpha", "randAlphaNum", "randNumeric", "randAscii", "genCA", "genSelfSignedCert", "genSignedCert", "genPrivateKey", "uuidv4", "now"] {
+        for banned in [
+            "lookup",
+            "randAlpha",
+            "randAlphaNum",
+            "randNumeric",
+            "randAscii",
+            "genCA",
+            "genSelfSignedCert",
+            "genSignedCert",
+            "genPrivateKey",
+            "uuidv4",
+            "now",
+        ] {
             let found = text.match_indices(banned).any(|(i, _)| {
                 let before = text[..i].chars().last().unwrap_or(' ');
                 let after = text[i + banned.len()..].chars().next().unwrap_or(' ');
-                !before.is_alphanumeric() && !after.is_alphanumeric() && (before == ' ' || before == '(' || before == '{')
+                !before.is_alphanumeric()
+                    && !after.is_alphanumeric()
+                    && (before == ' ' || before == '(' || before == '{')
             });
             assert!(!found, "{}: uses {banned}", entry.display());
         }
@@ -810,7 +879,9 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn validating_webhook_is_optional_and_follows_every_certificate_mode() {
     let validating = |objects: &[Value]| of_kind(objects, "ValidatingWebhookConfiguration").len();
-    let rbac_resources = |objects: &[Value]| -> Vec<String> { rbac_rules(objects).into_iter().flat_map(|(_, _, r)| strs(&r["resources"])).collect() };
+    let rbac_resources = |objects: &[Value]| -> Vec<String> {
+        rbac_rules(objects).into_iter().flat_map(|(_, _, r)| strs(&r["resources"])).collect()
+    };
     // Off by default: no object, no RBAC.
     let objects = render_ok("ptw", "flyte", None, &[]);
     assert_eq!(validating(&objects), 0);
@@ -820,7 +891,14 @@ fn validating_webhook_is_optional_and_follows_every_certificate_mode() {
         ("builtin", &[]),
         ("certManager", &["certs.mode=certManager"]),
         ("existingSecret", &["certs.mode=existingSecret", "certs.existingSecret.name=tls"]),
-        ("url", &["webhook.url=https://dev.example.com:9443/hooks/mutate", "certs.mode=existingSecret", "certs.existingSecret.name=tls"]),
+        (
+            "url",
+            &[
+                "webhook.url=https://dev.example.com:9443/hooks/mutate",
+                "certs.mode=existingSecret",
+                "certs.existingSecret.name=tls",
+            ],
+        ),
     ];
     for (case, sets) in cases {
         let ca_set = format!("certs.existingSecret.caBundle={ca}");
@@ -844,15 +922,25 @@ fn validating_webhook_is_optional_and_follows_every_certificate_mode() {
         }
         let annotations = &v["metadata"]["annotations"];
         match *case {
-            "builtin" => assert!(client.get("caBundle").is_none() && annotations.is_null(), "{case}: the process fills the caBundle"),
+            "builtin" => assert!(
+                client.get("caBundle").is_none() && annotations.is_null(),
+                "{case}: the process fills the caBundle"
+            ),
             "certManager" => {
                 assert!(client.get("caBundle").is_none(), "{case}: the cainjector fills the caBundle");
-                assert_eq!(annotations["cert-manager.io/inject-ca-from"], "flyte/ptw-pod-template-webhook-serving", "{case}");
+                assert_eq!(
+                    annotations["cert-manager.io/inject-ca-from"], "flyte/ptw-pod-template-webhook-serving",
+                    "{case}"
+                );
             }
             _ => assert_eq!(client["caBundle"], ca, "{case}"),
         }
         let resources = rbac_resources(&objects);
-        assert_eq!(resources.contains(&"validatingwebhookconfigurations".to_owned()), *case == "builtin", "{case}: {resources:?}");
+        assert_eq!(
+            resources.contains(&"validatingwebhookconfigurations".to_owned()),
+            *case == "builtin",
+            "{case}: {resources:?}"
+        );
         // The shared checks (selectors, RBAC scoping, no wildcard).
         let mut values = json!({"validatingWebhook": {"enabled": true}});
         for set in sets.iter() {
@@ -870,7 +958,12 @@ fn validating_webhook_is_optional_and_follows_every_certificate_mode() {
         check_certificates(&objects, &values, "flyte", case);
     }
     // failurePolicy is its own value; the mutating webhook's is unaffected.
-    let objects = render_ok("ptw", "flyte", None, &["validatingWebhook.enabled=true", "validatingWebhook.failurePolicy=Fail", "webhook.failurePolicy=Ignore"]);
+    let objects = render_ok(
+        "ptw",
+        "flyte",
+        None,
+        &["validatingWebhook.enabled=true", "validatingWebhook.failurePolicy=Fail", "webhook.failurePolicy=Ignore"],
+    );
     assert_eq!(one(&objects, "ValidatingWebhookConfiguration")["webhooks"][0]["failurePolicy"], "Fail");
     assert_eq!(one(&objects, "MutatingWebhookConfiguration")["webhooks"][0]["failurePolicy"], "Ignore");
     // The ci permutation that enables it, with its custom source label.
@@ -913,7 +1006,10 @@ fn names_and_values_follow_the_custom_names_permutation() {
 #[test]
 fn dev_certs_script_makes_a_pair_the_server_loads() {
     let found = Command::new("openssl").arg("version").stdout(Stdio::null()).status();
-    assert!(found.is_ok_and(|s| s.success()), "openssl not found: certs/dev-certs.sh needs it (Debian package `openssl`)");
+    assert!(
+        found.is_ok_and(|s| s.success()),
+        "openssl not found: certs/dev-certs.sh needs it (Debian package `openssl`)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/dev-certs.sh");
     let out = run_bounded(
@@ -924,10 +1020,20 @@ fn dev_certs_script_makes_a_pair_the_server_loads() {
     let p = |n: &str| dir.path().join(n);
     let (loaded, _) = tls::load_files(&p("tls.crt"), &p("tls.key")).expect("the server loads the pair");
     assert!(loaded.not_after > 0);
-    let verify = run_bounded(Command::new("openssl").arg("verify").arg("-CAfile").arg(p("ca.crt")).arg(p("tls.crt")), Duration::from_secs(30));
+    let verify = run_bounded(
+        Command::new("openssl").arg("verify").arg("-CAfile").arg(p("ca.crt")).arg(p("tls.crt")),
+        Duration::from_secs(30),
+    );
     assert!(verify.ok, "{}{}", verify.stdout, verify.stderr);
-    let text = run_bounded(Command::new("openssl").args(["x509", "-noout", "-ext", "subjectAltName", "-in"]).arg(p("tls.crt")), Duration::from_secs(30));
-    assert!(text.stdout.contains("DNS:webhook.flyte.svc") && text.stdout.contains("IP Address:127.0.0.1"), "{}", text.stdout);
+    let text = run_bounded(
+        Command::new("openssl").args(["x509", "-noout", "-ext", "subjectAltName", "-in"]).arg(p("tls.crt")),
+        Duration::from_secs(30),
+    );
+    assert!(
+        text.stdout.contains("DNS:webhook.flyte.svc") && text.stdout.contains("IP Address:127.0.0.1"),
+        "{}",
+        text.stdout
+    );
     let bundle = std::fs::read_to_string(p("ca-bundle.b64")).unwrap();
     assert!(!bundle.contains('\n') && bundle.starts_with("LS0t"), "{bundle}");
     use std::os::unix::fs::PermissionsExt;
@@ -935,7 +1041,11 @@ fn dev_certs_script_makes_a_pair_the_server_loads() {
     // No private key is committed next to the script.
     for f in walk_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("certs")) {
         let text = std::fs::read_to_string(&f).unwrap_or_default();
-        assert!(!text.contains("-----BEGIN") || f.ends_with("dev-certs.sh") || f.ends_with("README.md"), "{}", f.display());
+        assert!(
+            !text.contains("-----BEGIN") || f.ends_with("dev-certs.sh") || f.ends_with("README.md"),
+            "{}",
+            f.display()
+        );
     }
 }
 
@@ -944,15 +1054,6 @@ fn dev_certs_script_makes_a_pair_the_server_loads() {
 
 async fn helm_async(args: Vec<String>) -> Output {
     tokio::task::spawn_blocking(move || helm(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap()
-}
-
-async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    started.elapsed()
 }
 
 /// A client authenticated by a bearer token only (no client certificate).
@@ -1079,7 +1180,15 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     let out = helm_async(base_args("install", webhook.port)).await;
     assert!(out.ok, "helm install failed:\n{}{}\n{}", out.stdout, out.stderr, api.log_tail("kube-apiserver.log"));
     step(&format!("helm install in {:?}", t.elapsed()));
-    let status = helm_async(vec!["status".into(), RELEASE.into(), "--kubeconfig".into(), kubeconfig.clone(), "-n".into(), PLATFORM.into()]).await;
+    let status = helm_async(vec![
+        "status".into(),
+        RELEASE.into(),
+        "--kubeconfig".into(),
+        kubeconfig.clone(),
+        "-n".into(),
+        PLATFORM.into(),
+    ])
+    .await;
     assert!(status.ok && status.stdout.contains("STATUS: deployed"), "{}{}", status.stdout, status.stderr);
 
     // The objects exist in the API server as rendered.
@@ -1093,11 +1202,13 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
         .unwrap();
     assert_eq!(sas.items.len(), 1);
     let sa_name = sas.items[0].name_any();
-    let deploy = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(admin.clone(), PLATFORM).get(&sa_name).await.unwrap();
+    let deploy =
+        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(admin.clone(), PLATFORM).get(&sa_name).await.unwrap();
     assert_eq!(deploy.spec.template.spec.unwrap().service_account_name.as_deref(), Some(sa_name.as_str()));
 
     // 2. A token for the chart's ServiceAccount (TokenRequest API), and a client with only that.
-    let request: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).unwrap();
+    let request: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).unwrap();
     let token = Api::<ServiceAccount>::namespaced(admin.clone(), PLATFORM)
         .create_token_request(&sa_name, &PostParams::default(), &request)
         .await
@@ -1116,7 +1227,10 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     let t = Instant::now();
     let store = ClusterStore::spawn(sa.clone(), Names::default(), &[], Default::default());
     *store_holder.lock().unwrap() = Some(store.clone());
-    let synced = wait_for("the store (as the chart's ServiceAccount) syncs", Duration::from_secs(30), || store.is_ready()).await;
+    let synced = support::wait_for("the store (as the chart's ServiceAccount) syncs", Duration::from_secs(30), || {
+        store.is_ready()
+    })
+    .await;
     step(&format!("store synced as the ServiceAccount in {synced:?} ({:?} incl. setup)", t.elapsed()));
 
     // 4. A platform template (created by admin) is applied to a pod in another namespace, through
@@ -1128,7 +1242,10 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     )
     .await
     .unwrap();
-    let visible = wait_for("the template reaches the store", Duration::from_secs(10), || store.lookup(APPS, "gpu").entry.is_some()).await;
+    let visible = support::wait_for("the template reaches the store", Duration::from_secs(10), || {
+        store.lookup(APPS, "gpu").entry.is_some()
+    })
+    .await;
     step(&format!("template visible to the webhook after {visible:?}"));
     let pods = Api::<Pod>::namespaced(admin.clone(), APPS);
     let t = Instant::now();
@@ -1142,7 +1259,10 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     assert_eq!(webhook.reviews.lock().unwrap().get(APPS).copied(), Some(1));
     // The release namespace is not excluded: installed into the platform namespace (`flyte`), task
     // pods there are mutated too (the objectSelector alone keeps the webhook's own pods out).
-    let own = Api::<Pod>::namespaced(admin.clone(), PLATFORM).create(&PostParams::default(), &env_pod("own", "gpu")).await.unwrap();
+    let own = Api::<Pod>::namespaced(admin.clone(), PLATFORM)
+        .create(&PostParams::default(), &env_pod("own", "gpu"))
+        .await
+        .unwrap();
     assert!(own.annotations().contains_key("flyte.org/pod-template-applied"), "{:?}", own.metadata);
     assert_eq!(webhook.reviews.lock().unwrap().get(PLATFORM).copied(), Some(1));
 
@@ -1155,12 +1275,18 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let list = events.list(&ListParams::default()).await.unwrap();
-        let found = list.items.iter().find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken-templates"));
+        let found = list
+            .items
+            .iter()
+            .find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("broken-templates"));
         if let Some(e) = found {
             assert_eq!(e.reason.as_deref(), Some("TemplateParseError"));
             break;
         }
-        assert!(Instant::now() < deadline, "no Event for the broken template: the chart's RBAC does not allow creating it");
+        assert!(
+            Instant::now() < deadline,
+            "no Event for the broken template: the chart's RBAC does not allow creating it"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     step("Event for a broken template published by the ServiceAccount");
@@ -1169,16 +1295,35 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     let secrets = Api::<Secret>::namespaced(sa.clone(), PLATFORM);
     assert!(is_forbidden(secrets.list(&ListParams::default()).await), "Secret list");
     assert!(is_forbidden(secrets.get("ptw-dev-tls").await), "Secret get");
-    assert!(is_forbidden(Api::<Secret>::all(sa.clone()).list(&ListParams::default()).await), "Secret list, all namespaces");
+    assert!(
+        is_forbidden(Api::<Secret>::all(sa.clone()).list(&ListParams::default()).await),
+        "Secret list, all namespaces"
+    );
     let sa_cms = Api::<ConfigMap>::namespaced(sa.clone(), PLATFORM);
-    assert!(is_forbidden(sa_cms.create(&PostParams::default(), &template_cm("evil", &[("gpu", "labels: {evil: yes}")])).await), "ConfigMap create");
+    assert!(
+        is_forbidden(
+            sa_cms.create(&PostParams::default(), &template_cm("evil", &[("gpu", "labels: {evil: yes}")])).await
+        ),
+        "ConfigMap create"
+    );
     let mut current = sa_cms.get("platform-templates").await.expect("reading templates is allowed");
     current.data.as_mut().unwrap().insert("gpu".into(), "labels: {evil: yes}".into());
-    assert!(is_forbidden(sa_cms.replace("platform-templates", &PostParams::default(), &current).await), "ConfigMap update");
+    assert!(
+        is_forbidden(sa_cms.replace("platform-templates", &PostParams::default(), &current).await),
+        "ConfigMap update"
+    );
     let patch = json!({"data": {"gpu": "labels: {evil: yes}"}});
-    assert!(is_forbidden(sa_cms.patch("platform-templates", &PatchParams::default(), &Patch::Merge(&patch)).await), "ConfigMap patch");
+    assert!(
+        is_forbidden(sa_cms.patch("platform-templates", &PatchParams::default(), &Patch::Merge(&patch)).await),
+        "ConfigMap patch"
+    );
     assert!(is_forbidden(sa_cms.delete("platform-templates", &Default::default()).await), "ConfigMap delete");
-    assert!(is_forbidden(Api::<Pod>::namespaced(sa.clone(), APPS).create(&PostParams::default(), &env_pod("x", "gpu")).await), "Pod create");
+    assert!(
+        is_forbidden(
+            Api::<Pod>::namespaced(sa.clone(), APPS).create(&PostParams::default(), &env_pod("x", "gpu")).await
+        ),
+        "Pod create"
+    );
     let mwc_patch = json!({"metadata": {"labels": {"evil": "yes"}}});
     assert!(
         is_forbidden(
@@ -1236,16 +1381,29 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
         assert!(Instant::now() < deadline, "cluster-wide ConfigMap access survived the upgrade to watchNamespaces");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(is_forbidden(Api::<ConfigMap>::all(sa.clone()).list(&ListParams::default()).await), "cluster-wide ConfigMap list after the upgrade");
-    assert!(is_forbidden(Api::<ConfigMap>::namespaced(sa.clone(), "other").list(&ListParams::default()).await), "ConfigMaps of an unwatched namespace");
+    assert!(
+        is_forbidden(Api::<ConfigMap>::all(sa.clone()).list(&ListParams::default()).await),
+        "cluster-wide ConfigMap list after the upgrade"
+    );
+    assert!(
+        is_forbidden(Api::<ConfigMap>::namespaced(sa.clone(), "other").list(&ListParams::default()).await),
+        "ConfigMaps of an unwatched namespace"
+    );
     let store2 = ClusterStore::spawn(sa.clone(), Names::default(), &[APPS.to_owned()], Default::default());
     *holder2.lock().unwrap() = Some(store2.clone());
-    let synced = wait_for("the namespaced store syncs", Duration::from_secs(30), || store2.is_ready()).await;
+    let synced = support::wait_for("the namespaced store syncs", Duration::from_secs(30), || store2.is_ready()).await;
     step(&format!("namespaced store synced in {synced:?}"));
-    wait_for("platform template in the namespaced store", Duration::from_secs(10), || store2.lookup(APPS, "gpu").entry.is_some()).await;
+    support::wait_for("platform template in the namespaced store", Duration::from_secs(10), || {
+        store2.lookup(APPS, "gpu").entry.is_some()
+    })
+    .await;
     let pod = pods.create(&PostParams::default(), &env_pod("task-2", "gpu")).await.unwrap();
     assert_eq!(pod.labels().get("installed-by").map(String::as_str), Some("helm"));
-    assert_eq!(webhook2.reviews.lock().unwrap().get(APPS).copied(), Some(1), "the upgraded configuration calls the new URL");
+    assert_eq!(
+        webhook2.reviews.lock().unwrap().get(APPS).copied(),
+        Some(1),
+        "the upgraded configuration calls the new URL"
+    );
     assert!(!can_i(&sa, "list", "", "configmaps", Some("other")).await);
     assert!(can_i(&sa, "watch", "", "configmaps", Some(PLATFORM)).await);
     assert!(!can_i(&sa, "list", "", "podtemplates", None).await, "PodTemplates follow watchNamespaces too");
@@ -1253,9 +1411,23 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     assert!(can_i(&sa, "watch", "", "podtemplates", Some(APPS)).await);
 
     // 8. helm uninstall removes the cluster-scoped objects too.
-    let out = helm_async(vec!["uninstall".into(), RELEASE.into(), "--kubeconfig".into(), kubeconfig, "-n".into(), PLATFORM.into(), "--timeout".into(), "60s".into()]).await;
+    let out = helm_async(vec![
+        "uninstall".into(),
+        RELEASE.into(),
+        "--kubeconfig".into(),
+        kubeconfig,
+        "-n".into(),
+        PLATFORM.into(),
+        "--timeout".into(),
+        "60s".into(),
+    ])
+    .await;
     assert!(out.ok, "{}{}", out.stdout, out.stderr);
-    assert!(Api::<MutatingWebhookConfiguration>::all(admin.clone()).get_opt("ptw-pod-template-webhook").await.unwrap().is_none());
+    assert!(Api::<MutatingWebhookConfiguration>::all(admin.clone())
+        .get_opt("ptw-pod-template-webhook")
+        .await
+        .unwrap()
+        .is_none());
     let plain = pods.create(&PostParams::default(), &env_pod("task-3", "gpu")).await.unwrap();
     assert!(!plain.annotations().contains_key("flyte.org/pod-template-applied"), "no webhook after uninstall");
     step("helm uninstall");
@@ -1275,14 +1447,19 @@ fn kubeconfig_path(api: &support::ApiServer) -> String {
 async fn builtin_mode_rbac_and_ca_bundle(api: &support::ApiServer, admin: &kube::Client, kubeconfig: &str) {
     const NS: &str = "platform-b";
     ensure_namespace(admin, NS).await;
-    let other: Secret = serde_json::from_value(json!({"metadata": {"name": "someone-elses"}, "stringData": {"k": "v"}})).unwrap();
+    let other: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "someone-elses"}, "stringData": {"k": "v"}})).unwrap();
     Api::<Secret>::namespaced(admin.clone(), NS).create(&PostParams::default(), &other).await.unwrap();
     let install = |verb: &str, extra: &[&str]| -> Vec<String> {
-        let mut args: Vec<String> = [verb, "ptwb", CHART, "--kubeconfig", kubeconfig, "--namespace", NS, "--timeout", "60s"]
-            .map(String::from)
-            .to_vec();
+        let mut args: Vec<String> =
+            [verb, "ptwb", CHART, "--kubeconfig", kubeconfig, "--namespace", NS, "--timeout", "60s"]
+                .map(String::from)
+                .to_vec();
         // Select no namespace: no pod of this test may be sent to a webhook nobody serves.
-        args.extend(["--set", "fullnameOverride=ptwb", "--set", "webhook.namespaceSelector.matchLabels.ptw-test=never"].map(String::from));
+        args.extend(
+            ["--set", "fullnameOverride=ptwb", "--set", "webhook.namespaceSelector.matchLabels.ptw-test=never"]
+                .map(String::from),
+        );
         for e in extra {
             args.extend(["--set".to_owned(), (*e).to_owned()]);
         }
@@ -1295,9 +1472,13 @@ async fn builtin_mode_rbac_and_ca_bundle(api: &support::ApiServer, admin: &kube:
     let w = &config.webhooks.as_ref().unwrap()[0];
     assert!(w.client_config.ca_bundle.as_ref().is_none_or(|b| b.0.is_empty()), "rendered empty");
     let svc = w.client_config.service.as_ref().unwrap();
-    assert_eq!((svc.name.as_str(), svc.namespace.as_str(), svc.path.as_deref(), svc.port), ("ptwb", NS, Some("/mutate"), Some(443)));
+    assert_eq!(
+        (svc.name.as_str(), svc.namespace.as_str(), svc.path.as_deref(), svc.port),
+        ("ptwb", NS, Some("/mutate"), Some(443))
+    );
 
-    let request: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).unwrap();
+    let request: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).unwrap();
     let token = Api::<ServiceAccount>::namespaced(admin.clone(), NS)
         .create_token_request("ptwb", &PostParams::default(), &request)
         .await
@@ -1308,7 +1489,9 @@ async fn builtin_mode_rbac_and_ca_bundle(api: &support::ApiServer, admin: &kube:
     let sa = token_client(api, &token).await;
     // The API server's RBAC cache picks the new bindings up within moments.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !can_i(&sa, "create", "", "secrets", Some(NS)).await || !can_i_named(&sa, "patch", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", None, "ptwb").await
+    while !can_i(&sa, "create", "", "secrets", Some(NS)).await
+        || !can_i_named(&sa, "patch", "admissionregistration.k8s.io", "mutatingwebhookconfigurations", None, "ptwb")
+            .await
     {
         assert!(Instant::now() < deadline, "the builtin-mode RBAC never took effect");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1326,12 +1509,21 @@ async fn builtin_mode_rbac_and_ca_bundle(api: &support::ApiServer, admin: &kube:
     got.string_data = Some(BTreeMap::from([("tls.crt".to_owned(), "renewed".to_owned())]));
     secrets.replace("ptwb-tls", &PostParams::default(), &got).await.expect("update the certificate Secret");
     let patch = json!({"stringData": {"tls.key": "renewed"}});
-    secrets.patch("ptwb-tls", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch the certificate Secret");
+    secrets
+        .patch("ptwb-tls", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch the certificate Secret");
     assert!(is_forbidden(secrets.get("someone-elses").await), "another Secret");
-    assert!(is_forbidden(secrets.patch("someone-elses", &PatchParams::default(), &Patch::Merge(&patch)).await), "patch another Secret");
+    assert!(
+        is_forbidden(secrets.patch("someone-elses", &PatchParams::default(), &Patch::Merge(&patch)).await),
+        "patch another Secret"
+    );
     assert!(is_forbidden(secrets.list(&ListParams::default()).await), "Secret list");
     assert!(is_forbidden(secrets.delete("ptwb-tls", &Default::default()).await), "Secret delete");
-    assert!(is_forbidden(Api::<Secret>::namespaced(sa.clone(), APPS).create(&PostParams::default(), &mine).await), "Secret create elsewhere");
+    assert!(
+        is_forbidden(Api::<Secret>::namespaced(sa.clone(), APPS).create(&PostParams::default(), &mine).await),
+        "Secret create elsewhere"
+    );
 
     // The webhook configuration: get and patch its own caBundle; no other configuration.
     let sa_configs = Api::<MutatingWebhookConfiguration>::all(sa.clone());
@@ -1352,27 +1544,43 @@ async fn builtin_mode_rbac_and_ca_bundle(api: &support::ApiServer, admin: &kube:
     .unwrap();
     configs.create(&PostParams::default(), &other_config).await.unwrap();
     assert!(is_forbidden(sa_configs.get("someone-elses").await), "another webhook configuration");
-    assert!(is_forbidden(sa_configs.patch("someone-elses", &PatchParams::default(), &Patch::Strategic(&patch)).await), "patch another");
+    assert!(
+        is_forbidden(sa_configs.patch("someone-elses", &PatchParams::default(), &Patch::Strategic(&patch)).await),
+        "patch another"
+    );
     assert!(is_forbidden(sa_configs.list(&ListParams::default()).await), "list webhook configurations");
     configs.delete("someone-elses", &Default::default()).await.unwrap();
 
     // Without validatingWebhook.enabled: no access to a validating configuration, even of its name.
-    assert!(!can_i_named(&sa, "get", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "ptwb").await);
-    assert!(!can_i_named(&sa, "patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "ptwb").await);
+    assert!(
+        !can_i_named(&sa, "get", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "ptwb").await
+    );
+    assert!(
+        !can_i_named(&sa, "patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "ptwb")
+            .await
+    );
     assert!(Api::<ValidatingWebhookConfiguration>::all(admin.clone()).get_opt("ptwb").await.unwrap().is_none());
 
     // helm upgrade keeps the caBundle the process patched in (the chart does not render it); it
     // also turns the validating webhook on (its namespaceSelector matches nothing here either).
     let out = helm_async(install(
         "upgrade",
-        &["webhook.timeoutSeconds=3", "validatingWebhook.enabled=true", "validatingWebhook.namespaceSelector.matchLabels.ptw-test=never"],
+        &[
+            "webhook.timeoutSeconds=3",
+            "validatingWebhook.enabled=true",
+            "validatingWebhook.namespaceSelector.matchLabels.ptw-test=never",
+        ],
     ))
     .await;
     assert!(out.ok, "helm upgrade (builtin) failed:\n{}{}", out.stdout, out.stderr);
     let config = configs.get("ptwb").await.unwrap();
     let w = &config.webhooks.as_ref().unwrap()[0];
     assert_eq!(w.timeout_seconds, Some(3), "the upgrade applied");
-    assert_eq!(w.client_config.ca_bundle.as_ref().map(|b| b.0.clone()), Some(api.pki.ca_pem.as_bytes().to_vec()), "helm upgrade reset the caBundle");
+    assert_eq!(
+        w.client_config.ca_bundle.as_ref().map(|b| b.0.clone()),
+        Some(api.pki.ca_pem.as_bytes().to_vec()),
+        "helm upgrade reset the caBundle"
+    );
 
     // The ValidatingWebhookConfiguration of the same name, accepted by the API server, and the
     // ServiceAccount can get and patch its caBundle (what the builtin mode does), nothing else.
@@ -1384,19 +1592,45 @@ async fn builtin_mode_rbac_and_ca_bundle(api: &support::ApiServer, admin: &kube:
     assert_eq!(vw.timeout_seconds, Some(3));
     assert!(vw.client_config.ca_bundle.as_ref().is_none_or(|b| b.0.is_empty()), "rendered empty");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !can_i_named(&sa, "patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "ptwb").await {
+    while !can_i_named(&sa, "patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "ptwb")
+        .await
+    {
         assert!(Instant::now() < deadline, "the validating-webhook RBAC never took effect");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let sa_validating = Api::<ValidatingWebhookConfiguration>::all(sa.clone());
     sa_validating.get("ptwb").await.expect("get its validating webhook configuration");
     let vpatch = json!({"webhooks": [{"name": vw.name, "clientConfig": {"caBundle": bundle}}]});
-    sa_validating.patch("ptwb", &PatchParams::default(), &Patch::Strategic(&vpatch)).await.expect("patch the validating caBundle");
+    sa_validating
+        .patch("ptwb", &PatchParams::default(), &Patch::Strategic(&vpatch))
+        .await
+        .expect("patch the validating caBundle");
     let v = validating.get("ptwb").await.unwrap();
-    assert_eq!(v.webhooks.as_ref().unwrap()[0].client_config.ca_bundle.as_ref().map(|b| b.0.clone()), Some(api.pki.ca_pem.as_bytes().to_vec()));
-    assert!(!can_i_named(&sa, "patch", "admissionregistration.k8s.io", "validatingwebhookconfigurations", None, "someone-elses").await);
+    assert_eq!(
+        v.webhooks.as_ref().unwrap()[0].client_config.ca_bundle.as_ref().map(|b| b.0.clone()),
+        Some(api.pki.ca_pem.as_bytes().to_vec())
+    );
+    assert!(
+        !can_i_named(
+            &sa,
+            "patch",
+            "admissionregistration.k8s.io",
+            "validatingwebhookconfigurations",
+            None,
+            "someone-elses"
+        )
+        .await
+    );
     assert!(is_forbidden(sa_validating.list(&ListParams::default()).await), "list validating webhook configurations");
-    let out = helm_async(vec!["uninstall".into(), "ptwb".into(), "--kubeconfig".into(), kubeconfig.into(), "-n".into(), NS.into()]).await;
+    let out = helm_async(vec![
+        "uninstall".into(),
+        "ptwb".into(),
+        "--kubeconfig".into(),
+        kubeconfig.into(),
+        "-n".into(),
+        NS.into(),
+    ])
+    .await;
     assert!(out.ok, "{}{}", out.stdout, out.stderr);
     assert!(validating.get_opt("ptwb").await.unwrap().is_none(), "helm uninstall removes the validating configuration");
 }

@@ -40,23 +40,7 @@ struct Env {
 
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("e2e-fixture".into())
-            .spawn(move || {
-                let api = ApiServer::start();
-                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-                let env = rt.block_on(start_webhook(&api));
-                tx.send(env).unwrap();
-                // Keep the API server, etcd and the webhook alive until the test process ends.
-                loop {
-                    std::thread::park();
-                }
-            })
-            .unwrap();
-        rx.recv_timeout(Duration::from_secs(900)).expect("the fixture did not start")
-    })
+    ENV.get_or_init(|| support::fixture("e2e-fixture", |api, rt| rt.block_on(start_webhook(api))))
 }
 
 async fn start_webhook(api: &ApiServer) -> Env {
@@ -85,23 +69,7 @@ async fn start_webhook(api: &ApiServer) -> Env {
     let pki = support::TestPki::new("ptw-webhook-ca");
     let webhook = support::serve_webhook(state.clone(), &pki).await;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], webhook.port));
-    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": "pod-template-webhook"},
-        "webhooks": [{
-            "name": "pod-templates.flyte.org",
-            "clientConfig": {"url": format!("https://127.0.0.1:{}/mutate", addr.port()), "caBundle": support::b64(&pki.ca_pem)},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-            "objectSelector": {"matchExpressions": [{"key": "flyte.org/environment", "operator": "Exists"}]},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "reinvocationPolicy": "IfNeeded",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 5,
-        }]
-    }))
-    .unwrap();
+    let config = support::mutating_webhook(addr.port(), &pki.ca_pem);
     Api::<MutatingWebhookConfiguration>::all(admin.clone()).create(&PostParams::default(), &config).await.unwrap();
     // The validating webhook for template ConfigMaps, only where a test opts in (other tests
     // store broken templates on purpose).
@@ -125,9 +93,7 @@ async fn start_webhook(api: &ApiServer) -> Env {
 }
 
 async fn client() -> kube::Client {
-    let kc = kube::config::Kubeconfig::read_from(&env().kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
-    kube::Client::try_from(config).unwrap()
+    support::kubeconfig_client(&env().kubeconfig).await
 }
 
 async fn ensure_namespace(c: &kube::Client, name: &str) {
@@ -161,7 +127,7 @@ async fn apply_templates(c: &kube::Client, ns: &str, name: &str, data: &[(&str, 
     };
     let version = stored.resource_version().unwrap();
     let key = data[0].0;
-    wait_for(Duration::from_secs(10), || {
+    support::wait_for("the webhook serves the new version", Duration::from_secs(10), || {
         env().state.store.lookup(ns, key).entry.is_some_and(|e| match &e.state {
             pod_template_webhook::store::EntryState::Stale { broken_version, .. } => *broken_version == version,
             _ => e.source.version == version,
@@ -169,14 +135,6 @@ async fn apply_templates(c: &kube::Client, ns: &str, name: &str, data: &[(&str, 
     })
     .await;
     started.elapsed()
-}
-
-async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "condition not met within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn pod(name: &str, labels: Value, annotations: Value) -> Pod {
@@ -227,7 +185,11 @@ async fn pods_get_their_template_through_the_real_api_server() {
     let primary = &spec.containers[0];
     let env: Vec<(String, String)> =
         primary.env.iter().flatten().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect();
-    assert_eq!(env, [("hello".into(), "world".into()), ("MINE".into(), "pod".into())], "the pod's own value wins, once");
+    assert_eq!(
+        env,
+        [("hello".into(), "world".into()), ("MINE".into(), "pod".into())],
+        "the pod's own value wins, once"
+    );
     assert_eq!(primary.volume_mounts.as_ref().unwrap().iter().filter(|m| m.mount_path == "/cache").count(), 1);
     assert_eq!(spec.image_pull_secrets.unwrap()[0].name, "regcred");
     assert!(spec.volumes.unwrap().iter().any(|v| v.name == "cache"));
@@ -271,7 +233,10 @@ async fn template_updates_apply_to_the_next_pod_and_deletes_remove_it() {
     assert_eq!(third.labels()["version"], "two");
 
     Api::<ConfigMap>::namespaced(c.clone(), &ns).delete("templates", &DeleteParams::default()).await.unwrap();
-    wait_for(Duration::from_secs(5), || env().state.store.lookup(&ns, "t").entry.is_none()).await;
+    support::wait_for("the deleted template leaves the store", Duration::from_secs(5), || {
+        env().state.store.lookup(&ns, "t").entry.is_none()
+    })
+    .await;
     let fourth = pods.create(&PostParams::default(), &env_pod("d", "t")).await.unwrap();
     assert!(!fourth.labels().contains_key("version"));
     assert!(!fourth.annotations().contains_key("flyte.org/pod-template-applied"));
@@ -282,9 +247,11 @@ async fn a_template_never_reaches_another_namespace() {
     let c = client().await;
     let (a, b) = (namespace(&c, "tenant-a").await, namespace(&c, "tenant-b").await);
     apply_templates(&c, &a, "templates", &[("private", "labels: {owner: tenant-a}")]).await;
-    let in_b = Api::<Pod>::namespaced(c.clone(), &b).create(&PostParams::default(), &env_pod("p", "private")).await.unwrap();
+    let in_b =
+        Api::<Pod>::namespaced(c.clone(), &b).create(&PostParams::default(), &env_pod("p", "private")).await.unwrap();
     assert!(!in_b.labels().contains_key("owner"));
-    let in_a = Api::<Pod>::namespaced(c.clone(), &a).create(&PostParams::default(), &env_pod("p", "private")).await.unwrap();
+    let in_a =
+        Api::<Pod>::namespaced(c.clone(), &a).create(&PostParams::default(), &env_pod("p", "private")).await.unwrap();
     assert_eq!(in_a.labels()["owner"], "tenant-a");
 }
 
@@ -294,7 +261,10 @@ async fn platform_templates_serve_every_namespace_and_own_namespace_wins() {
     apply_templates(&c, PLATFORM, "platform-shared", &[("shared", "labels: {from: platform}")]).await;
     let ns = namespace(&c, "override").await;
     let pods = Api::<Pod>::namespaced(c.clone(), &ns);
-    assert_eq!(pods.create(&PostParams::default(), &env_pod("a", "shared")).await.unwrap().labels()["from"], "platform");
+    assert_eq!(
+        pods.create(&PostParams::default(), &env_pod("a", "shared")).await.unwrap().labels()["from"],
+        "platform"
+    );
     apply_templates(&c, &ns, "mine", &[("shared", "labels: {from: own}")]).await;
     assert_eq!(pods.create(&PostParams::default(), &env_pod("b", "shared")).await.unwrap().labels()["from"], "own");
 }
@@ -317,9 +287,13 @@ async fn a_broken_template_is_refused_naming_configmap_and_key_and_gets_an_event
     let c = client().await;
     let ns = namespace(&c, "broken").await;
     apply_templates(&c, &ns, "bad-templates", &[("oops", "podSpec: {containers: [{name: primary, evn: []}]}")]).await;
-    let err = Api::<Pod>::namespaced(c.clone(), &ns).create(&PostParams::default(), &env_pod("p", "oops")).await.unwrap_err();
+    let err =
+        Api::<Pod>::namespaced(c.clone(), &ns).create(&PostParams::default(), &env_pod("p", "oops")).await.unwrap_err();
     let text = err.to_string();
-    assert!(text.contains("bad-templates") && text.contains("\"oops\"") && text.contains("evn: unknown field"), "{text}");
+    assert!(
+        text.contains("bad-templates") && text.contains("\"oops\"") && text.contains("evn: unknown field"),
+        "{text}"
+    );
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(c.clone(), &ns);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -427,11 +401,17 @@ async fn broken_template_config_maps_are_refused_at_apply_time() {
     support::ensure_namespace(&c, &ns, json!({"ptw-validate": "true"})).await;
     let cms = Api::<ConfigMap>::namespaced(c.clone(), &ns);
     let cm = |data: Value| -> ConfigMap {
-        serde_json::from_value(json!({"metadata": {"name": "tpl", "labels": {"flyte.org/pod-templates": "true"}}, "data": data})).unwrap()
+        serde_json::from_value(
+            json!({"metadata": {"name": "tpl", "labels": {"flyte.org/pod-templates": "true"}}, "data": data}),
+        )
+        .unwrap()
     };
     let broken = cm(json!({"fine": "labels: {a: b}", "typo": "podSpec: {containers: [{name: primary, evn: []}]}"}));
     let text = cms.create(&PostParams::default(), &broken).await.unwrap_err().to_string();
-    assert!(text.contains("denied the request") && text.contains("key \"typo\"") && text.contains("evn: unknown field"), "{text}");
+    assert!(
+        text.contains("denied the request") && text.contains("key \"typo\"") && text.contains("evn: unknown field"),
+        "{text}"
+    );
     assert!(cms.get_opt("tpl").await.unwrap().is_none());
     let dry = PostParams { dry_run: true, ..PostParams::default() };
     assert!(cms.create(&dry, &broken).await.is_err(), "server-side dry-run is validated too");

@@ -9,7 +9,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodTemplate};
@@ -33,22 +33,7 @@ struct Env {
 
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("e2e-layers-fixture".into())
-            .spawn(move || {
-                let api = ApiServer::start();
-                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-                let env = rt.block_on(start_webhook(&api));
-                tx.send(env).unwrap();
-                loop {
-                    std::thread::park();
-                }
-            })
-            .unwrap();
-        rx.recv_timeout(Duration::from_secs(900)).expect("the fixture did not start")
-    })
+    ENV.get_or_init(|| support::fixture("e2e-layers", |api, rt| rt.block_on(start_webhook(api))))
 }
 
 async fn start_webhook(api: &ApiServer) -> Env {
@@ -59,41 +44,17 @@ async fn start_webhook(api: &ApiServer) -> Env {
     let policy =
         Policy { names, default_template: Some(DEFAULTS.into()), on_conflict: OnProblem::Warn, ..Policy::default() };
     let state = AppState::new(store.clone(), policy);
-    wait_for(Duration::from_secs(30), || store.is_ready()).await;
+    support::wait_for("the store syncs", Duration::from_secs(30), || store.is_ready()).await;
 
     let pki = support::TestPki::new("ptw-layers-ca");
     let webhook = support::serve_webhook(state.clone(), &pki).await;
-    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": "pod-template-webhook"},
-        "webhooks": [{
-            "name": "pod-templates.flyte.org",
-            "clientConfig": {"url": format!("https://127.0.0.1:{}/mutate", webhook.port), "caBundle": support::b64(&pki.ca_pem)},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-            "objectSelector": {"matchExpressions": [{"key": "flyte.org/environment", "operator": "Exists"}]},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "reinvocationPolicy": "IfNeeded",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 5,
-        }]
-    }))
-    .unwrap();
+    let config = support::mutating_webhook(webhook.port, &pki.ca_pem);
     Api::<MutatingWebhookConfiguration>::all(admin).create(&PostParams::default(), &config).await.unwrap();
     Env { kubeconfig: api.kubeconfig.clone(), state }
 }
 
 async fn client() -> kube::Client {
-    let kc = kube::config::Kubeconfig::read_from(&env().kubeconfig).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
-    kube::Client::try_from(config).unwrap()
-}
-
-async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "condition not met within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::kubeconfig_client(&env().kubeconfig).await
 }
 
 /// Creates a template ConfigMap and waits until the webhook serves every key of it.
@@ -117,7 +78,7 @@ async fn config_map(c: &kube::Client, ns: &str, name: &str, data: &[(&str, &str)
 /// Waits until the webhook serves `name` from `ns` at `version`.
 async fn served(ns: &str, name: &str, version: &str) {
     let store = &env().state.store;
-    wait_for(Duration::from_secs(10), || {
+    support::wait_for("the webhook serves the template", Duration::from_secs(10), || {
         store.lookup(ns, name).entry.is_some_and(|e| e.source.namespace == ns && e.source.version == version)
     })
     .await;

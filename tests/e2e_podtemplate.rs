@@ -44,25 +44,7 @@ struct Env {
 
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("e2e-podtemplate-fixture".into())
-            .spawn(move || {
-                let started = Instant::now();
-                let api = ApiServer::start();
-                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-                let env = rt.block_on(start_webhook(&api));
-                eprintln!("[fixture] API server, chart RBAC and webhook up in {:?}", started.elapsed());
-                tx.send(env).unwrap();
-                // Keep the API server, etcd and the webhook alive until the test process ends.
-                loop {
-                    std::thread::park();
-                }
-            })
-            .unwrap();
-        rx.recv_timeout(Duration::from_secs(900)).expect("the fixture did not start")
-    })
+    ENV.get_or_init(|| support::fixture("e2e-podtemplate", |api, rt| rt.block_on(start_webhook(api))))
 }
 
 /// `helm template` of the chart's ServiceAccount and RBAC, default values, release namespace
@@ -148,21 +130,7 @@ async fn start_webhook(api: &ApiServer) -> Env {
     let pki = support::TestPki::new("ptw-podtemplate-webhook-ca");
     let webhook = support::serve_webhook(state.clone(), &pki).await;
     let ca_bundle = support::b64(&pki.ca_pem);
-    let mutating: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": "pod-template-webhook"},
-        "webhooks": [{
-            "name": "pod-templates.flyte.org",
-            "clientConfig": {"url": format!("https://127.0.0.1:{}/mutate", webhook.port), "caBundle": ca_bundle},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-            "objectSelector": {"matchExpressions": [{"key": "flyte.org/environment", "operator": "Exists"}]},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "reinvocationPolicy": "IfNeeded",
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 5,
-        }]
-    }))
-    .unwrap();
+    let mutating = support::mutating_webhook(webhook.port, &pki.ca_pem);
     Api::<MutatingWebhookConfiguration>::all(admin.clone()).create(&PostParams::default(), &mutating).await.unwrap();
     // The chart's validating rule (configmaps and podtemplates), only in namespaces a test
     // labels: other tests store broken PodTemplates on purpose.
@@ -220,15 +188,6 @@ async fn namespace(c: &kube::Client, prefix: &str) -> String {
     name
 }
 
-async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    started.elapsed()
-}
-
 fn store() -> &'static dyn TemplateStore {
     &*env().state.store
 }
@@ -271,7 +230,7 @@ async fn apply_pod_template(c: &kube::Client, ns: &str, object: &Value) -> (Stri
         None => api.create(&PostParams::default(), &typed).await.unwrap(),
     };
     let version = stored.resource_version().unwrap();
-    let seen = wait_for("the webhook sees the PodTemplate", Duration::from_secs(5), || {
+    let seen = support::wait_for("the webhook sees the PodTemplate", Duration::from_secs(5), || {
         store().lookup(ns, &name).entry.is_some_and(|e| match &e.state {
             EntryState::Stale { broken_version, .. } => *broken_version == version,
             _ => e.source.version == version,
@@ -375,7 +334,7 @@ async fn a_pod_template_object_is_created_updated_broken_and_deleted() {
     // Deleted: gone.
     let t = Instant::now();
     templates.delete("gpu", &DeleteParams::default()).await.unwrap();
-    let gone = wait_for("the deleted PodTemplate leaves the store", Duration::from_secs(5), || {
+    let gone = support::wait_for("the deleted PodTemplate leaves the store", Duration::from_secs(5), || {
         store().lookup(&ns, "gpu").entry.is_none()
     })
     .await;
@@ -412,7 +371,7 @@ async fn a_config_map_key_wins_over_a_pod_template_of_the_same_name() {
     }))
     .unwrap();
     let cm_version = cms.create(&PostParams::default(), &cm).await.unwrap().resource_version().unwrap();
-    wait_for("the ConfigMap key serves", Duration::from_secs(5), || {
+    support::wait_for("the ConfigMap key serves", Duration::from_secs(5), || {
         store().lookup(&ns, "shared").entry.is_some_and(|e| e.source.version == cm_version)
     })
     .await;
@@ -422,7 +381,7 @@ async fn a_config_map_key_wins_over_a_pod_template_of_the_same_name() {
     assert_eq!(p1.annotations()[APPLIED], format!("{ns}/templates/shared@{cm_version}"));
 
     cms.delete("templates", &DeleteParams::default()).await.unwrap();
-    wait_for("the PodTemplate serves once the key is gone", Duration::from_secs(5), || {
+    support::wait_for("the PodTemplate serves once the key is gone", Duration::from_secs(5), || {
         store().lookup(&ns, "shared").entry.is_some_and(|e| e.source.version == pt_version)
     })
     .await;

@@ -348,3 +348,67 @@ pub async fn token_client(url: &str, ca_pem: &str, token: &str) -> kube::Client 
     assert!(config.auth_info.client_certificate_data.is_none());
     kube::Client::try_from(config).unwrap()
 }
+
+/// Starts a real API server on a thread of its own, runs `start` there (with a runtime that keeps
+/// whatever it spawns alive) and returns what it made. The thread, the API server, etcd and the
+/// spawned tasks live until the test process ends; the processes die with it (PDEATHSIG).
+pub fn fixture<T: Send + 'static>(
+    name: &str,
+    start: impl FnOnce(&ApiServer, &tokio::runtime::Runtime) -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let started = Instant::now();
+            let api = ApiServer::start();
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let made = start(&api, &rt);
+            eprintln!("[{}] fixture up in {:?}", std::thread::current().name().unwrap_or_default(), started.elapsed());
+            tx.send(made).unwrap();
+            loop {
+                std::thread::park();
+            }
+        })
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(900)).expect("the fixture did not start")
+}
+
+/// The mutating webhook configuration the chart installs, pointing at a webhook on loopback.
+pub fn mutating_webhook(
+    port: u16,
+    ca_pem: &str,
+) -> k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "pod-template-webhook"},
+        "webhooks": [{
+            "name": "pod-templates.flyte.org",
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/mutate"), "caBundle": b64(ca_pem)},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "objectSelector": {"matchExpressions": [{"key": "flyte.org/environment", "operator": "Exists"}]},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "reinvocationPolicy": "IfNeeded",
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+        }]
+    }))
+    .unwrap()
+}
+
+/// Polls `cond` until it holds; fails naming `what` after `limit`. Returns how long it took.
+pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
+/// An admin client from a kubeconfig file.
+pub async fn kubeconfig_client(path: &Path) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+    kube::Client::try_from(config).unwrap()
+}
