@@ -9,7 +9,8 @@
 #   3. starts three servers on that directory, each with a generated self-signed certificate:
 #        real     the webhook, RUST_LOG=info (the default: a line for denials and warnings only)
 #        verbose  the webhook, RUST_LOG=info,pod_template_webhook=debug (a line for every admission)
-#        noop   --noop-handler: answers `allowed` without parsing (the TLS + HTTP stack alone);
+#        noop   --noop-handler (cargo feature noop-handler): answers `allowed` with the request uid,
+#               reading nothing else (the TLS + HTTP stack alone);
 #   4. drives each with the real AdmissionReview (examples/reviews/flyte-task-pod.json):
 #        HTTP/2   h2load, keep-alive, $H2_CLIENTS connections x $H2_STREAMS streams
 #        HTTP/1.1 wrk with a Lua script POSTing the review, $H1_CONNS keep-alive connections
@@ -59,8 +60,9 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-say "cargo build --release"
-cargo build --release --bin pod-template-webhook >&2
+say "cargo build --release --features noop-handler"
+# The noop baseline (--noop-handler) exists only with this feature, never in the default build.
+cargo build --release --features noop-handler --bin pod-template-webhook >&2
 
 WORK=$(mktemp -d /tmp/ptw-load.XXXXXX)
 PIDS=()

@@ -201,7 +201,9 @@ pub struct ServeArgs {
     /// Seconds a request (body included) may take; keep it below the webhook's timeoutSeconds.
     #[arg(long, env = "PTW_REQUEST_TIMEOUT_SECONDS", default_value_t = 4)]
     pub request_timeout_seconds: u64,
-    /// Load-test baseline: answer every review `allowed` without parsing it.
+    /// Load-test baseline: answer every review `allowed` (its uid echoed) without merging. Only in
+    /// builds with the cargo feature `noop-handler` (scripts/load-test.sh), never the default one.
+    #[cfg(feature = "noop-handler")]
     #[arg(long, hide = true)]
     pub noop_handler: bool,
     #[command(flatten)]
@@ -433,7 +435,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(130);
         });
     };
+    #[cfg(feature = "noop-handler")]
     let app = if args.noop_handler { server::noop_router(&limits) } else { server::webhook_router(state, &limits) };
+    #[cfg(not(feature = "noop-handler"))]
+    let app = server::webhook_router(state, &limits);
     server::serve_tls(listener, acceptor, app, limits, shutdown).await;
     let _ = stop_tx.send(true);
     let _ = admin_task.await;

@@ -109,13 +109,32 @@ async fn refused(err: BoxError) -> (StatusCode, String) {
     }
 }
 
-/// A baseline for load tests only (`serve --noop-handler`): answers `allowed` without reading
-/// the review, so the TLS and HTTP stack can be measured alone.
+/// A baseline for load tests only (`serve --noop-handler`, cargo feature `noop-handler`, not in
+/// the default build): answers `allowed` with the request's uid (so an API server accepts it too)
+/// and reads nothing else, so the TLS and HTTP stack can be measured alone.
+#[cfg(feature = "noop-handler")]
 pub fn noop_router(limits: &Limits) -> Router {
-    const ALLOWED: &str = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":true}}"#;
-    Router::new()
-        .route("/mutate", post(|_: Bytes| async { ([(header::CONTENT_TYPE, "application/json")], ALLOWED) }))
-        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+    #[derive(serde::Deserialize)]
+    struct Review<'a> {
+        #[serde(borrow)]
+        request: Option<Uid<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Uid<'a> {
+        #[serde(borrow)]
+        uid: std::borrow::Cow<'a, str>,
+    }
+    async fn allow(body: Bytes) -> Response {
+        match serde_json::from_slice::<Review<'_>>(&body) {
+            Ok(Review { request: Some(Uid { uid }) }) => {
+                let review = serde_json::json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                    "response": {"uid": uid, "allowed": true}});
+                ([(header::CONTENT_TYPE, "application/json")], review.to_string()).into_response()
+            }
+            _ => (StatusCode::BAD_REQUEST, "no request.uid\n").into_response(),
+        }
+    }
+    Router::new().route("/mutate", post(allow)).layer(DefaultBodyLimit::max(limits.max_body_bytes))
 }
 
 /// The admin routes (plain HTTP).

@@ -29,7 +29,12 @@ impl Run {
     }
 
     fn describe(&self) -> String {
-        format!("status {:?}\n--- stdout\n{}\n--- stderr\n{}", self.status, String::from_utf8_lossy(&self.stdout), self.stderr)
+        format!(
+            "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status,
+            String::from_utf8_lossy(&self.stdout),
+            self.stderr
+        )
     }
 }
 
@@ -141,7 +146,8 @@ fn mutate_applies_exactly_the_hello_world_template() {
 
     let original = review["request"]["object"].clone();
     let mut patched = original.clone();
-    json_patch::patch(&mut patched, &patch_of(response)).expect("the patch applies to the object as sent (with managedFields)");
+    json_patch::patch(&mut patched, &patch_of(response))
+        .expect("the patch applies to the object as sent (with managedFields)");
     let mut patched = without_managed_fields(patched);
     let expected_unchanged = without_managed_fields(original.clone());
 
@@ -150,9 +156,9 @@ fn mutate_applies_exactly_the_hello_world_template() {
     assert_eq!(remove(&mut patched, "/metadata/annotations", "aKeyA"), "aValA");
     let applied = remove(&mut patched, "/metadata/annotations", "flyte.org/pod-template-applied");
     let applied = applied.as_str().expect("applied annotation is a string").to_owned();
-    let digest = applied
-        .strip_prefix("flyte/platform-pod-templates/hello_world@sha256:")
-        .unwrap_or_else(|| panic!("applied annotation names namespace/configmap/key@sha256 of the file content: {applied}"));
+    let digest = applied.strip_prefix("flyte/platform-pod-templates/hello_world@sha256:").unwrap_or_else(|| {
+        panic!("applied annotation names namespace/configmap/key@sha256 of the file content: {applied}")
+    });
     assert!(!digest.is_empty() && digest.chars().all(|c| c.is_ascii_hexdigit()), "hex digest: {applied}");
     assert_eq!(response["auditAnnotations"]["applied"], applied.as_str(), "auditAnnotations say what was applied");
     assert_eq!(remove(&mut patched, "/spec", "imagePullSecrets"), json!([{"name": "regcred-test"}]));
@@ -271,7 +277,9 @@ fn render_merges_the_gpu_template_into_the_pod() {
     assert_eq!(containers[1]["image"], "fluent/fluent-bit:3.1");
     let tolerations = pod["spec"]["tolerations"].as_array().expect("tolerations");
     assert!(
-        tolerations.iter().any(|t| t["key"] == "nvidia.com/gpu" && t["operator"] == "Exists" && t["effect"] == "NoSchedule"),
+        tolerations
+            .iter()
+            .any(|t| t["key"] == "nvidia.com/gpu" && t["operator"] == "Exists" && t["effect"] == "NoSchedule"),
         "{tolerations:?}"
     );
     assert_eq!(pod["spec"]["nodeSelector"]["nvidia.com/gpu.present"], "true");
@@ -334,9 +342,18 @@ fn validate_names_file_line_configmap_and_key_of_a_broken_template() {
             .lines()
             .find(|l| l.starts_with("error: "))
             .unwrap_or_else(|| panic!("{what}: an error line: {}", run.describe()));
-        assert!(error_line.starts_with(&expected), "{what}: expected a line starting with {expected:?}\n{}", run.describe());
+        assert!(
+            error_line.starts_with(&expected),
+            "{what}: expected a line starting with {expected:?}\n{}",
+            run.describe()
+        );
         assert!(error_line.contains(mention), "{what}: the error explains itself: {error_line}");
-        assert_eq!(run.stderr.lines().filter(|l| l.starts_with("error: ")).count(), 1, "{what}: only the broken key: {}", run.describe());
+        assert_eq!(
+            run.stderr.lines().filter(|l| l.starts_with("error: ")).count(),
+            1,
+            "{what}: only the broken key: {}",
+            run.describe()
+        );
 
         // The same file named directly.
         let direct = run_bin(&["validate", file.to_str().unwrap()], None);
@@ -396,7 +413,12 @@ fn free_port() -> u16 {
 }
 
 /// Status and body of one HTTP/1.1 exchange (`Connection: close`) over `stream`.
-fn http_exchange(mut stream: impl Read + Write, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+fn http_exchange(
+    mut stream: impl Read + Write,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -418,7 +440,8 @@ fn http_exchange(mut stream: impl Read + Write, method: &str, path: &str, body: 
             return Ok(done);
         }
     }
-    complete_response(&buf).ok_or_else(|| std::io::Error::other(format!("incomplete response: {}", String::from_utf8_lossy(&buf))))
+    complete_response(&buf)
+        .ok_or_else(|| std::io::Error::other(format!("incomplete response: {}", String::from_utf8_lossy(&buf))))
 }
 
 /// Parses a full HTTP/1.1 response (Content-Length or chunked) once all of it is in `buf`.
@@ -441,7 +464,9 @@ fn complete_response(buf: &[u8]) -> Option<(u16, Vec<u8>)> {
         let (mut out, mut rest) = (Vec::new(), body);
         loop {
             let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
-            let size = usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).ok()?.split(';').next()?.trim(), 16).ok()?;
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).ok()?.split(';').next()?.trim(), 16)
+                    .ok()?;
             rest = &rest[line_end + 2..];
             if size == 0 {
                 return Some((status, out));
@@ -547,12 +572,17 @@ fn serve_answers_byte_for_byte_what_mutate_prints_and_shuts_down_gracefully() {
             }
         }
     };
-    assert!(server.log().to_lowercase().contains("self-signed"), "serve says it uses a generated certificate:\n{}", server.log());
+    assert!(
+        server.log().to_lowercase().contains("self-signed"),
+        "serve says it uses a generated certificate:\n{}",
+        server.log()
+    );
     let (status, body) = admin_get(admin, "/healthz").unwrap();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 
     let review = std::fs::read(crate_path(FLYTE_REVIEW)).unwrap();
-    let (status, body) = webhook_post(listen, "/mutate", &review).unwrap_or_else(|e| panic!("POST /mutate: {e}\n{}", server.log()));
+    let (status, body) =
+        webhook_post(listen, "/mutate", &review).unwrap_or_else(|e| panic!("POST /mutate: {e}\n{}", server.log()));
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(
         String::from_utf8_lossy(&body),
@@ -573,7 +603,10 @@ fn serve_answers_byte_for_byte_what_mutate_prints_and_shuts_down_gracefully() {
         metrics.lines().any(|l| l == r#"pod_template_webhook_admissions_total{result="mutated"} 1"#),
         "one mutation counted:\n{metrics}"
     );
-    assert!(metrics.lines().any(|l| l == r#"pod_template_webhook_admissions_total{result="error"} 1"#), "one bad request counted:\n{metrics}");
+    assert!(
+        metrics.lines().any(|l| l == r#"pod_template_webhook_admissions_total{result="error"} 1"#),
+        "one bad request counted:\n{metrics}"
+    );
 
     // SIGTERM: graceful shutdown, exit 0 within 10 s.
     let pid = server.child.as_ref().unwrap().id().to_string();
@@ -621,11 +654,22 @@ data:
     podspec: {}
 ";
     std::fs::write(&file, text).unwrap();
-    let line_of = |needle: &str, nth: usize| text.lines().enumerate().filter(|(_, l)| *l == needle).nth(nth).unwrap().0 + 1;
+    let line_of =
+        |needle: &str, nth: usize| text.lines().enumerate().filter(|(_, l)| *l == needle).nth(nth).unwrap().0 + 1;
     let run = run_bin(&["validate", file.to_str().unwrap()], None);
     assert_eq!(run.status.code(), Some(1), "{}", run.describe());
     let gpu = format!("error: {}:{}: ConfigMap team-b/team-b key \"gpu\": ", file.display(), line_of("  gpu: |", 1));
-    let broken = format!("error: {}:{}: ConfigMap team-b/team-b key \"broken\": ", file.display(), line_of("  broken: |", 0));
+    let broken =
+        format!("error: {}:{}: ConfigMap team-b/team-b key \"broken\": ", file.display(), line_of("  broken: |", 0));
     assert!(run.stderr.lines().any(|l| l.starts_with(&gpu)), "expected {gpu:?}\n{}", run.describe());
     assert!(run.stderr.lines().any(|l| l.starts_with(&broken)), "expected {broken:?}\n{}", run.describe());
+}
+
+/// The load test's baseline handler is not in the default build (cargo feature `noop-handler`).
+#[cfg(not(feature = "noop-handler"))]
+#[test]
+fn the_default_build_has_no_noop_handler() {
+    let run = run_bin(&["serve", "--noop-handler", "--templates", "examples/templates"], None);
+    assert!(!run.status.success(), "{}", run.describe());
+    assert!(run.stderr.contains("unexpected argument '--noop-handler'"), "{}", run.describe());
 }

@@ -1,11 +1,11 @@
 use std::collections::BTreeMap;
 
 use axum::body::Body;
+use axum::body::Bytes;
 use axum::http::Request;
 use http_body_util::BodyExt;
-use tower::ServiceExt;
 use std::time::{Duration, Instant};
-use axum::body::Bytes;
+use tower::ServiceExt;
 
 use super::*;
 use crate::store::Catalog;
@@ -19,7 +19,12 @@ fn state() -> Arc<AppState> {
 }
 
 async fn call(app: Router, method: &str, uri: &str, body: impl Into<Body>) -> (StatusCode, String) {
-    let req = Request::builder().method(method).uri(uri).header("content-type", "application/json").body(body.into()).unwrap();
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(body.into())
+        .unwrap();
     let resp = app.oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -34,6 +39,22 @@ async fn mutate_answers_a_review() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["response"]["allowed"], true);
     assert!(v["response"]["patch"].is_string(), "base64, as Kubernetes encodes []byte: {v}");
+}
+
+/// `cargo test --features noop-handler`: the load-test baseline echoes the uid (an API server
+/// refuses an answer without it) and refuses a body without one.
+#[cfg(feature = "noop-handler")]
+#[tokio::test]
+async fn the_noop_handler_echoes_the_uid() {
+    let (status, body) = call(noop_router(&Limits::default()), "POST", "/mutate", SAMPLE).await;
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sent: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+    assert_eq!(v["response"]["uid"], sent["request"]["uid"]);
+    assert!(!v["response"]["uid"].as_str().unwrap().is_empty());
+    assert_eq!((v["response"]["allowed"].clone(), v["response"].get("patch")), (true.into(), None));
+    let (status, _) = call(noop_router(&Limits::default()), "POST", "/mutate", "{}").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
@@ -134,19 +155,24 @@ async fn validate_refuses_labelled_config_maps_whose_templates_do_not_parse() {
     let labelled = serde_json::json!({"flyte.org/pod-templates": "true"});
     let broken = serde_json::json!({"good": "labels: {a: b}", "bad": "podspec: {}"});
     for op in ["CREATE", "UPDATE"] {
-        let (status, body) = call(app.clone(), "POST", "/validate", config_map_review(op, labelled.clone(), broken.clone())).await;
+        let (status, body) =
+            call(app.clone(), "POST", "/validate", config_map_review(op, labelled.clone(), broken.clone())).await;
         assert_eq!(status, StatusCode::OK);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["response"]["allowed"], false, "{op}");
         let msg = v["response"]["status"]["message"].as_str().unwrap();
-        assert!(msg.contains("team/tpl") && msg.contains("key \"bad\"") && msg.contains("unknown field `podspec`"), "{msg}");
+        assert!(
+            msg.contains("team/tpl") && msg.contains("key \"bad\"") && msg.contains("unknown field `podspec`"),
+            "{msg}"
+        );
         assert!(!msg.contains("\"good\""), "{msg}");
     }
     let ok = config_map_review("CREATE", labelled.clone(), serde_json::json!({"good": "labels: {a: b}"}));
     let v: serde_json::Value = serde_json::from_str(&call(app.clone(), "POST", "/validate", ok).await.1).unwrap();
     assert_eq!(v["response"]["allowed"], true);
     let unlabelled = config_map_review("CREATE", serde_json::json!({}), broken.clone());
-    let v: serde_json::Value = serde_json::from_str(&call(app.clone(), "POST", "/validate", unlabelled).await.1).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&call(app.clone(), "POST", "/validate", unlabelled).await.1).unwrap();
     assert_eq!(v["response"]["allowed"], true, "only template sources are checked");
     let delete = config_map_review("DELETE", labelled, broken);
     let v: serde_json::Value = serde_json::from_str(&call(app, "POST", "/validate", delete).await.1).unwrap();
