@@ -147,10 +147,32 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
 }
 
 async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    use tracing::field::{display, Empty};
     let started = Instant::now();
-    let decision = admission::parse_review(&body).and_then(|req| admission::mutate(req, &*state.store, &state.policy));
+    // One span per admission, its fields filled in as they are known. At debug, like the
+    // per-admission line: at info, a span on every admission would cost what that line cost
+    // (docs/performance.md); the info and warn lines below carry the same fields themselves.
+    let span = tracing::debug_span!(
+        "admission",
+        uid = Empty,
+        namespace = Empty,
+        pod = Empty,
+        template = Empty,
+        result = Empty
+    );
+    let _entered = span.enter();
+    let mut uid = None;
+    let decision = admission::parse_review(&body).and_then(|req| {
+        span.record("uid", display(&req.uid));
+        uid = Some(req.uid.clone());
+        admission::mutate(req, &*state.store, &state.policy)
+    });
     match decision {
         Ok(decision) => {
+            span.record("namespace", display(&decision.namespace));
+            span.record("pod", display(&decision.pod));
+            span.record("template", display(decision.template.as_deref().unwrap_or_default()));
+            span.record("result", decision.outcome.as_str());
             let body = admission::response_body(&decision);
             let took = started.elapsed();
             state.metrics.admission(decision.outcome.as_str(), took);
@@ -158,11 +180,28 @@ async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(e) => {
+            let uid = uid.or_else(|| uid_of(&body)).unwrap_or_default();
+            span.record("uid", display(&uid));
+            span.record("result", "error");
             state.metrics.admission("error", started.elapsed());
-            tracing::warn!(error = %e, "bad admission request");
+            tracing::warn!(uid = %uid, error = %e, "bad admission request");
             (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
         }
     }
+}
+
+/// The review's `request.uid`, if the body has one, for the log line of a body refused as a
+/// whole (too deep, a wrong shape elsewhere): only read on that error path.
+fn uid_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Review {
+        request: Option<Uid>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Uid {
+        uid: String,
+    }
+    serde_json::from_slice::<Review>(body).ok()?.request.map(|r| r.uid)
 }
 
 /// The log line of an admission (no env values, no other pod content): at `info` when the
@@ -206,6 +245,8 @@ async fn validate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         }
         Err(e) => {
             state.metrics.admission("error", started.elapsed());
+            let uid = uid_of(&body).unwrap_or_default();
+            tracing::warn!(uid = %uid, error = %e, "bad validation request");
             (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
         }
     }

@@ -57,6 +57,69 @@ async fn the_noop_handler_echoes_the_uid() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
 
+/// What a test subscriber wrote, shared with the writer it hands out.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `f` with a debug-level subscriber on this thread; returns what it logged (no colours).
+async fn logged<F: std::future::Future<Output = ()>>(f: F) -> String {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    f.await;
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    text
+}
+
+#[tokio::test]
+async fn each_admission_has_a_span_with_its_fields_and_errors_name_the_uid() {
+    let text = logged(async {
+        call(webhook_router(state(), &Limits::default()), "POST", "/mutate", SAMPLE).await;
+    })
+    .await;
+    let sent: serde_json::Value = serde_json::from_str(SAMPLE).unwrap();
+    let uid = sent["request"]["uid"].as_str().unwrap();
+    let line =
+        text.lines().find(|l| l.contains("admission{")).unwrap_or_else(|| panic!("a span named admission: {text}"));
+    let span = &line[line.find("admission{").unwrap()..line.find("}:").unwrap()];
+    let fields = [
+        format!("uid={uid}"),
+        "namespace=flytesnacks-development".into(),
+        "pod=r7x2k9qp-a0-0".into(),
+        "template=hello_world".into(),
+        "result=\"mutated\"".into(),
+    ];
+    for field in fields {
+        assert!(span.contains(&field), "{field} not in the span {span}");
+    }
+
+    // Refused as a whole (a pod nested 200 levels deep): the warning still names the uid.
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let body = SAMPLE.replacen("\"spec\": {", &format!("\"spec\": {{\"x\": {deep}, "), 1);
+    let text = logged(async {
+        let (status, _) = call(webhook_router(state(), &Limits::default()), "POST", "/mutate", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    })
+    .await;
+    let line = text.lines().find(|l| l.contains("bad admission request")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(&format!("uid={uid}")) && line.contains("result=\"error\""), "{line}");
+}
+
 #[tokio::test]
 async fn body_over_the_cap_is_413() {
     let limits = Limits { max_body_bytes: 1024, ..Limits::default() };
