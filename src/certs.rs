@@ -38,16 +38,29 @@ pub struct BuiltinConfig {
     pub check_every: Duration,
 }
 
+/// Causes are in the messages and are not also `source`s, so a chain prints each once.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("Kubernetes API: {0}")]
-    Api(#[from] kube::Error),
+    Api(kube::Error),
     #[error("Secret {0} lacks key {1}")]
     MissingKey(String, &'static str),
     #[error("certificate generation: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(rcgen::Error),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+}
+
+impl From<kube::Error> for CertError {
+    fn from(e: kube::Error) -> Self {
+        CertError::Api(e)
+    }
+}
+
+impl From<rcgen::Error> for CertError {
+    fn from(e: rcgen::Error) -> Self {
+        CertError::Generate(e)
+    }
 }
 
 const CA_CERT: &str = "ca.crt";
@@ -277,6 +290,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn causes_are_named_once() {
+        for err in [
+            CertError::from(kube::Error::SerdeError(serde_json::from_str::<u8>("x").unwrap_err())),
+            CertError::from(rcgen::Error::CouldNotParseCertificate),
+        ] {
+            assert!(std::error::Error::source(&err).is_none(), "{err}");
+            let chain = format!("{:#}", anyhow::Error::from(err));
+            let cause = chain.rsplit(": ").next().unwrap();
+            assert_eq!(chain.matches(cause).count(), 1, "{chain}");
+        }
+    }
 
     fn cfg() -> BuiltinConfig {
         BuiltinConfig {
