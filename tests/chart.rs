@@ -1003,6 +1003,38 @@ fn names_and_values_follow_the_custom_names_permutation() {
     assert!(err.contains("terminationGracePeriodSeconds"), "{err}");
 }
 
+/// `config.platformNamespace`: the webhook in its own namespace, the platform templates elsewhere.
+/// Default: the release namespace. The certificate Secret (POD_NAMESPACE) stays in the release
+/// namespace; with watchNamespaces, the template Roles cover the platform namespace.
+#[test]
+fn platform_namespace_can_differ_from_the_release_namespace() {
+    let objects = render_ok("ptw", "ptw-system", None, &[]);
+    let env = env_of(&one(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]);
+    assert_eq!(env["PTW_PLATFORM_NAMESPACE"], "ptw-system", "default: the release namespace");
+    let objects = render_ok(
+        "ptw",
+        "ptw-system",
+        None,
+        &["config.platformNamespace=flyte", "exampleTemplates.enabled=true", "config.watchNamespaces={ml-team}"],
+    );
+    let env = env_of(&one(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]);
+    assert_eq!(env["PTW_PLATFORM_NAMESPACE"], "flyte");
+    assert_eq!(env["POD_NAMESPACE"], json!({"fieldRef": {"fieldPath": "metadata.namespace"}}), "the webhook's own namespace");
+    let examples = of_kind(&objects, "ConfigMap");
+    assert!(examples.iter().all(|cm| cm["metadata"]["namespace"] == "flyte"), "example templates in the platform namespace");
+    let role_namespaces: Vec<&str> = of_kind(&objects, "Role")
+        .iter()
+        .filter(|r| r["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-templates")))
+        .map(|r| r["metadata"]["namespace"].as_str().unwrap())
+        .collect();
+    assert!(role_namespaces.contains(&"flyte") && role_namespaces.contains(&"ml-team"), "{role_namespaces:?}");
+    // Neither namespace is excluded from mutation.
+    let hook = &one(&objects, "MutatingWebhookConfiguration")["webhooks"][0];
+    let excluded = strs(&hook["namespaceSelector"]["matchExpressions"][0]["values"]);
+    assert_eq!(excluded, ["kube-system", "kube-public", "kube-node-lease"]);
+    assert!(render("ptw", "ptw-system", None, &["config.platformNamespace=Not_A_Namespace"]).is_err(), "schema checks the name");
+}
+
 #[test]
 fn dev_certs_script_makes_a_pair_the_server_loads() {
     let found = Command::new("openssl").arg("version").stdout(Stdio::null()).status();
