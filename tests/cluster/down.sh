@@ -54,7 +54,7 @@ our_shims() {
 
 # 1. The node agent first (it would restart containers), then the containers and their shims.
 stop kubelet 10
-for _ in 1 2 3; do
+for _ in 1 2 3 4 5 6 7 8 9 10; do
 	pids="$(pod_pids)"
 	[[ -n "$pids" ]] || break
 	# shellcheck disable=SC2086
@@ -95,12 +95,14 @@ if [[ -d /run/containerd && ! -f "$DIR/run-containerd.existed" && -f "$DIR/outsi
 	rm -rf /run/containerd
 fi
 
-# 4. Cgroups the kubelet and runc made (empty now).
-for _ in 1 2 3; do
+# 4. Cgroups the kubelet and runc made (empty now; a dying process may hold one a moment longer).
+for _ in $(seq 1 20); do
 	left="$(pod_cgroups)"
 	[[ -n "$left" ]] || break
+	# shellcheck disable=SC2046
+	kill -KILL $(pod_pids) 2>/dev/null
 	while read -r d; do rmdir "$d" 2>/dev/null; done <<<"$left"
-	sleep 0.2
+	sleep 0.3
 done
 
 # 5. iptables: kube-proxy's and kubelet's KUBE-* chains, and the containment chain.
