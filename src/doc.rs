@@ -41,10 +41,8 @@ pub fn check(b: &[u8]) -> Result<(), Unreadable> {
     while i < b.len() {
         match b[i] {
             b'"' => {
-                let end = split::string_end(b, i).unwrap_or(b.len());
-                let token = &b[i..end];
-                let has_u_escape = token.windows(2).any(|w| w == b"\\u");
-                if has_u_escape && serde_json::from_slice::<String>(token).is_err() {
+                let (end, has_u_escape) = split::string_end_noting_u_escapes(b, i);
+                if has_u_escape && serde_json::from_slice::<String>(&b[i..end]).is_err() {
                     return Err(Unreadable::Escape(i));
                 }
                 i = end;
@@ -657,6 +655,21 @@ mod split {
             }
             j += 2; // an escape: the next byte cannot end the string
         }
+    }
+
+    /// Like [`string_end`] (the end of the text when the string is not closed), and whether a
+    /// `\\u` escape occurs in it: found while skipping, so the check costs no second pass.
+    pub(super) fn string_end_noting_u_escapes(b: &[u8], i: usize) -> (usize, bool) {
+        let (mut j, mut u_escape) = (i + 1, false);
+        while let Some(k) = b.get(j..).and_then(quote_or_backslash) {
+            j += k;
+            if b[j] == b'"' {
+                return (j + 1, u_escape);
+            }
+            u_escape |= b.get(j + 1) == Some(&b'u');
+            j += 2; // an escape: the next byte cannot end the string
+        }
+        (b.len(), u_escape)
     }
 
     /// The index of the first `"` or `\\` in `b`. Eight bytes at a time: pod strings are
