@@ -433,7 +433,7 @@ async fn scenarios(c: &Cluster) {
     // Containment: pod and service traffic toward the outside interface is dropped, and the pod
     // network is not masqueraded by the CNI plugin.
     let outside = std::fs::read_to_string(c.dir.join("outside-interface")).unwrap().trim().to_owned();
-    let out = Command::new("iptables").args(["-t", "mangle", "-S", "PTW-CONTAIN"]).output().unwrap();
+    let out = Command::new("/usr/sbin/iptables").args(["-t", "mangle", "-S", "PTW-CONTAIN"]).output().unwrap();
     let rules = String::from_utf8_lossy(&out.stdout);
     if !outside.is_empty() {
         for range in ["10.244.0.0/24", "10.96.0.0/24"] {
@@ -443,7 +443,7 @@ async fn scenarios(c: &Cluster) {
             );
         }
     }
-    let nat = Command::new("iptables-save").args(["-t", "nat"]).output().unwrap();
+    let nat = Command::new("/usr/sbin/iptables-save").args(["-t", "nat"]).output().unwrap();
     let nat = String::from_utf8_lossy(&nat.stdout);
     assert!(!nat.lines().any(|l| l.contains("CNI-") && l.contains("MASQUERADE")), "no CNI masquerade:\n{nat}");
     let client = c.client().await;

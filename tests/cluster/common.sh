@@ -1,5 +1,6 @@
 # shellcheck shell=bash
 # Shared by up.sh and down.sh: the cluster's fixed names and addresses.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin" # iptables, conntrack, dnsmasq, ip
 BRIDGE=ptw0                   # the CNI bridge; its address is the node's
 NODE_IP=10.244.0.1
 POD_CIDR=10.244.0.0/24
