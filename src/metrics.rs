@@ -66,7 +66,10 @@ impl Metrics {
         for (i, r) in RESULTS.iter().enumerate() {
             let _ = writeln!(out, "{p}_admissions_total{{result=\"{r}\"}} {}", self.admissions[i].load(Relaxed));
         }
-        let _ = writeln!(out, "# HELP {p}_admission_duration_seconds Time to decide one admission (parse, merge, patch, encode).");
+        let _ = writeln!(
+            out,
+            "# HELP {p}_admission_duration_seconds Time to decide one admission (parse, merge, patch, encode)."
+        );
         let _ = writeln!(out, "# TYPE {p}_admission_duration_seconds histogram");
         let mut cumulative = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -80,10 +83,26 @@ impl Metrics {
         let _ = writeln!(out, "{p}_admission_duration_seconds_count {count}");
         let gauges = [
             ("templates_loaded", "Template keys serving a template.", store.templates as i64),
-            ("template_errors", "Template keys that do not parse (never parsed, or serving a stale version).", store.errors as i64),
-            ("certificate_not_after_seconds", "Expiry of the serving certificate (Unix time).", self.cert_not_after.load(Relaxed)),
-            ("certificate_reload_timestamp_seconds", "When the serving certificate was last loaded.", self.cert_reload_time.load(Relaxed)),
-            ("templates_reload_timestamp_seconds", "When templates last changed.", self.template_reload_time.load(Relaxed)),
+            (
+                "template_errors",
+                "Template keys that do not parse (never parsed, or serving a stale version).",
+                store.errors as i64,
+            ),
+            (
+                "certificate_not_after_seconds",
+                "Expiry of the serving certificate (Unix time).",
+                self.cert_not_after.load(Relaxed),
+            ),
+            (
+                "certificate_reload_timestamp_seconds",
+                "When the serving certificate was last loaded.",
+                self.cert_reload_time.load(Relaxed),
+            ),
+            (
+                "templates_reload_timestamp_seconds",
+                "When templates last changed.",
+                self.template_reload_time.load(Relaxed),
+            ),
         ];
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {p}_{name} {help}\n# TYPE {p}_{name} gauge\n{p}_{name} {value}");

@@ -1019,9 +1019,16 @@ fn platform_namespace_can_differ_from_the_release_namespace() {
     );
     let env = env_of(&one(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]);
     assert_eq!(env["PTW_PLATFORM_NAMESPACE"], "flyte");
-    assert_eq!(env["POD_NAMESPACE"], json!({"fieldRef": {"fieldPath": "metadata.namespace"}}), "the webhook's own namespace");
+    assert_eq!(
+        env["POD_NAMESPACE"],
+        json!({"fieldRef": {"fieldPath": "metadata.namespace"}}),
+        "the webhook's own namespace"
+    );
     let examples = of_kind(&objects, "ConfigMap");
-    assert!(examples.iter().all(|cm| cm["metadata"]["namespace"] == "flyte"), "example templates in the platform namespace");
+    assert!(
+        examples.iter().all(|cm| cm["metadata"]["namespace"] == "flyte"),
+        "example templates in the platform namespace"
+    );
     let role_namespaces: Vec<&str> = of_kind(&objects, "Role")
         .iter()
         .filter(|r| r["metadata"]["name"].as_str().is_some_and(|n| n.ends_with("-templates")))
@@ -1032,7 +1039,10 @@ fn platform_namespace_can_differ_from_the_release_namespace() {
     let hook = &one(&objects, "MutatingWebhookConfiguration")["webhooks"][0];
     let excluded = strs(&hook["namespaceSelector"]["matchExpressions"][0]["values"]);
     assert_eq!(excluded, ["kube-system", "kube-public", "kube-node-lease"]);
-    assert!(render("ptw", "ptw-system", None, &["config.platformNamespace=Not_A_Namespace"]).is_err(), "schema checks the name");
+    assert!(
+        render("ptw", "ptw-system", None, &["config.platformNamespace=Not_A_Namespace"]).is_err(),
+        "schema checks the name"
+    );
 }
 
 #[test]

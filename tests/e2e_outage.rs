@@ -90,7 +90,11 @@ fn the_webhook_keeps_serving_while_the_api_server_is_away_and_resumes_after() {
         api.restart_apiserver();
         let admin = api.client().await;
         Api::<ConfigMap>::namespaced(admin, "flyte")
-            .patch("platform", &PatchParams::default(), &Patch::Merge(json!({"data": {"hello_world": "labels: {generation: two}"}})))
+            .patch(
+                "platform",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"hello_world": "labels: {generation: two}"}})),
+            )
             .await
             .unwrap();
         let started = Instant::now();
