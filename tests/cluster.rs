@@ -83,7 +83,14 @@ impl Cluster {
         }
         let dir = PathBuf::from(format!("/tmp/ptw-cluster-{}", std::process::id()));
         let started = Instant::now();
-        let out = bounded(Path::new("bash"), &[&format!("{ROOT}/tests/cluster/up.sh"), dir.to_str().unwrap()], Duration::from_secs(240), &[]);
+        // Waits (up to 20 min) for a cluster another test run on this machine owns.
+        let owner = std::process::id().to_string();
+        let out = bounded(
+            Path::new("bash"),
+            &[&format!("{ROOT}/tests/cluster/up.sh"), dir.to_str().unwrap()],
+            Duration::from_secs(1500),
+            &[("PTW_CLUSTER_OWNER", Path::new(&owner))],
+        );
         assert!(out.status.success(), "tests/cluster/up.sh failed:\n{}", text(&out));
         eprintln!("[cluster] node Ready {:.1}s after start", started.elapsed().as_secs_f64());
         let env: BTreeMap<String, String> = std::fs::read_to_string(dir.join("env"))

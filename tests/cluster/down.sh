@@ -15,8 +15,10 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 	echo "usage: $0 DIR" >&2
 	exit 2
 }
+# ours DIR: this machine's cluster record names DIR.
+ours() { [[ -f "$CURRENT" && "$(cut -d' ' -f1 "$CURRENT")" == "$1" ]]; }
 [[ -d "$1" ]] || {
-	[[ -f "$CURRENT" && "$(cat "$CURRENT")" == "$1" ]] && rm -f "$CURRENT"
+	ours "$1" && rm -f "$CURRENT"
 	exit 0
 }
 DIR="$(cd "$1" && pwd)"
@@ -169,6 +171,6 @@ if ((${#problems[@]})); then
 	log "left behind: ${problems[*]}"
 	exit 1
 fi
-[[ -f "$CURRENT" && "$(cat "$CURRENT")" == "$DIR" ]] && rm -f "$CURRENT"
+ours "$DIR" && rm -f "$CURRENT"
 [[ "${PTW_KEEP_DIR:-0}" == 1 ]] || rm -rf "$DIR"
 log "torn down: nothing left"

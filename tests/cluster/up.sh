@@ -39,13 +39,24 @@ mkdir -p "$1"
 DIR="$(cd "$1" && pwd)"
 ((${#DIR} <= 60)) || die "DIR too long for unix socket paths: $DIR"
 
-# A cluster left behind by a killed run is torn down first.
-if [[ -f "$CURRENT" ]]; then
-	stale="$(cat "$CURRENT")"
-	log "tearing down the cluster left in $stale"
-	"$HERE/down.sh" "$stale" || true
-fi
-ip link show "$BRIDGE" >/dev/null 2>&1 && die "bridge $BRIDGE exists: another cluster runs on this machine"
+# One cluster per machine: $CURRENT ("DIR OWNER-PID") is created atomically by the cluster that
+# runs. Another one whose owner (the test process, PTW_CLUSTER_OWNER, else this script's parent)
+# still runs is waited for (PTW_CLUSTER_WAIT seconds, default 1200); one whose owner is gone was
+# left by a killed run and is torn down first.
+owner="${PTW_CLUSTER_OWNER:-$PPID}"
+wait_limit=$((SECONDS + ${PTW_CLUSTER_WAIT:-1200}))
+while ! (set -C && echo "$DIR $owner" >"$CURRENT") 2>/dev/null; do
+	read -r other other_owner <"$CURRENT" 2>/dev/null || true
+	if [[ -n "${other:-}" && -n "${other_owner:-}" ]] && ! kill -0 "$other_owner" 2>/dev/null; then
+		log "tearing down the cluster left in $other (its owner $other_owner is gone)"
+		"$HERE/down.sh" "$other" || true
+		rm -f "$CURRENT"
+		continue
+	fi
+	((SECONDS < wait_limit)) || die "another cluster (${other:-?}, owner ${other_owner:-?}) still runs on this machine"
+	log "waiting for the cluster in ${other:-?} (owner ${other_owner:-?}) to be torn down"
+	sleep 5
+done
 
 for cmd in containerd containerd-shim-runc-v2 runc ctr iptables conntrack dnsmasq ip openssl curl cc; do
 	command -v "$cmd" >/dev/null || die "missing $cmd (see the Debian packages in this script's header)"
@@ -70,7 +81,7 @@ on_exit() {
 	fi
 }
 trap on_exit EXIT
-echo "$DIR" >"$CURRENT"
+ip link show "$BRIDGE" >/dev/null 2>&1 && die "bridge $BRIDGE exists, left by a cluster nobody owns: tests/cluster/down.sh cleans it"
 start=$SECONDS
 
 # --- what is changed on the host, saved for down.sh -------------------------------------------
