@@ -23,6 +23,9 @@ pub struct Metrics {
     cert_not_after: AtomicI64,
     cert_reload_time: AtomicI64,
     template_reload_time: AtomicI64,
+    /// The template watch: 0 none (directory store), 1 running, 2 down (restarting).
+    template_watch: AtomicI64,
+    template_watch_restarts: AtomicU64,
 }
 
 fn now() -> i64 {
@@ -55,6 +58,14 @@ impl Metrics {
     pub fn templates_reloaded(&self, parse_errors: usize) {
         self.template_parse_errors.fetch_add(parse_errors as u64, Relaxed);
         self.template_reload_time.store(now(), Relaxed);
+    }
+
+    /// The template watch task is running (`true`) or has stopped and is being restarted.
+    pub fn template_watch(&self, running: bool) {
+        self.template_watch.store(if running { 1 } else { 2 }, Relaxed);
+        if !running {
+            self.template_watch_restarts.fetch_add(1, Relaxed);
+        }
     }
 
     /// The Prometheus text exposition.
@@ -110,6 +121,13 @@ impl Metrics {
         let _ = writeln!(out, "# HELP {p}_template_parse_errors_total Template keys that failed to parse when loaded.");
         let _ = writeln!(out, "# TYPE {p}_template_parse_errors_total counter");
         let _ = writeln!(out, "{p}_template_parse_errors_total {}", self.template_parse_errors.load(Relaxed));
+        let watch = self.template_watch.load(Relaxed);
+        if watch != 0 {
+            let up = i64::from(watch == 1);
+            let _ = writeln!(out, "# HELP {p}_template_watch_up The template watch task is running (0: it stopped and is being restarted).\n# TYPE {p}_template_watch_up gauge\n{p}_template_watch_up {up}");
+            let restarts = self.template_watch_restarts.load(Relaxed);
+            let _ = writeln!(out, "# HELP {p}_template_watch_restarts_total Times the template watch task stopped (ended or panicked) and was restarted.\n# TYPE {p}_template_watch_restarts_total counter\n{p}_template_watch_restarts_total {restarts}");
+        }
         let _ = writeln!(out, "# HELP {p}_build_info Build information.\n# TYPE {p}_build_info gauge");
         let _ = writeln!(out, "{p}_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
         out
@@ -133,5 +151,17 @@ mod tests {
         assert!(text.contains("pod_template_webhook_admission_duration_seconds_count 2"));
         assert!(text.contains("pod_template_webhook_templates_loaded 7"));
         assert!(text.contains("pod_template_webhook_template_errors 1"));
+    }
+
+    #[test]
+    fn the_template_watch_state_is_exported_only_where_there_is_a_watch() {
+        let m = Metrics::default();
+        assert!(!m.render(StoreStats::default()).contains("template_watch"), "a directory store has no watch");
+        m.template_watch(true);
+        assert!(m.render(StoreStats::default()).contains("pod_template_webhook_template_watch_up 1\n"));
+        m.template_watch(false);
+        let text = m.render(StoreStats::default());
+        assert!(text.contains("pod_template_webhook_template_watch_up 0\n"), "{text}");
+        assert!(text.contains("pod_template_webhook_template_watch_restarts_total 1\n"), "{text}");
     }
 }
