@@ -46,7 +46,9 @@ impl AppState {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.store.is_ready() && self.certificate_ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Relaxed)
+        self.store.is_ready()
+            && self.certificate_ready.load(Ordering::Acquire)
+            && !self.draining.load(Ordering::Relaxed)
     }
 }
 
@@ -398,7 +400,10 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
-    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
     fn poll_shutdown(

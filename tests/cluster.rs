@@ -142,7 +142,11 @@ impl Cluster {
             &self.helm,
             &all,
             limit,
-            &[("HELM_CONFIG_HOME", &home.join("config")), ("HELM_CACHE_HOME", &home.join("cache")), ("HELM_DATA_HOME", &home.join("data"))],
+            &[
+                ("HELM_CONFIG_HOME", &home.join("config")),
+                ("HELM_CACHE_HOME", &home.join("cache")),
+                ("HELM_DATA_HOME", &home.join("data")),
+            ],
         )
     }
 
@@ -165,7 +169,12 @@ impl Cluster {
     /// Tears the cluster down and checks that nothing is left.
     fn down(&mut self) -> Result<(), String> {
         self.down = true;
-        let out = bounded(Path::new("bash"), &[&format!("{ROOT}/tests/cluster/down.sh"), self.dir.to_str().unwrap()], Duration::from_secs(180), &[]);
+        let out = bounded(
+            Path::new("bash"),
+            &[&format!("{ROOT}/tests/cluster/down.sh"), self.dir.to_str().unwrap()],
+            Duration::from_secs(180),
+            &[],
+        );
         if out.status.success() {
             Ok(())
         } else {
@@ -228,7 +237,9 @@ fn cluster_rss_bytes(dir: &Path) -> u64 {
     pids.dedup();
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .filter_map(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .sum::<u64>()
         * 1024
 }
@@ -256,11 +267,17 @@ impl Stream {
                     let mut n = 0;
                     while !stream.stop.load(Ordering::Acquire) {
                         n += 1;
-                        let pod: Pod = serde_json::from_value(labelled_pod(&format!("load-{w}-{n}-{}", std::process::id()))).unwrap();
+                        let pod: Pod =
+                            serde_json::from_value(labelled_pod(&format!("load-{w}-{n}-{}", std::process::id())))
+                                .unwrap();
                         match pods.create(&PostParams::default(), &pod).await {
                             Ok(created) => {
                                 stream.created.fetch_add(1, Ordering::Relaxed);
-                                let applied = created.metadata.annotations.as_ref().is_some_and(|a| a.contains_key("flyte.org/pod-template-applied"));
+                                let applied = created
+                                    .metadata
+                                    .annotations
+                                    .as_ref()
+                                    .is_some_and(|a| a.contains_key("flyte.org/pod-template-applied"));
                                 if !applied {
                                     stream.unmutated.fetch_add(1, Ordering::Relaxed);
                                 }
@@ -319,7 +336,9 @@ fn webhook_pods(c: &Cluster) -> Vec<Value> {
 
 fn ready(pod: &Value) -> bool {
     pod["metadata"]["deletionTimestamp"].is_null()
-        && pod["status"]["conditions"].as_array().is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+        && pod["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
 }
 
 /// Waits until the Deployment has exactly `n` pods, all Ready, none terminating.
@@ -330,7 +349,11 @@ fn wait_replicas(c: &Cluster, n: usize, limit: Duration) -> Duration {
         if pods.len() == n && pods.iter().all(ready) {
             return started.elapsed();
         }
-        assert!(started.elapsed() < limit, "webhook replicas not {n} Ready within {limit:?}: {}", c.k(&["get", "pods", "-n", WEBHOOK_NS, "-o", "wide"]));
+        assert!(
+            started.elapsed() < limit,
+            "webhook replicas not {n} Ready within {limit:?}: {}",
+            c.k(&["get", "pods", "-n", WEBHOOK_NS, "-o", "wide"])
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -351,7 +374,9 @@ async fn busy_replica(c: &Cluster, window: Duration) -> (String, String, u64, u6
     let pods: Vec<(String, String)> = webhook_pods(c)
         .iter()
         .filter(|p| ready(p))
-        .map(|p| (p["metadata"]["name"].as_str().unwrap().to_owned(), p["status"]["podIP"].as_str().unwrap().to_owned()))
+        .map(|p| {
+            (p["metadata"]["name"].as_str().unwrap().to_owned(), p["status"]["podIP"].as_str().unwrap().to_owned())
+        })
         .collect();
     let mut before = Vec::new();
     for (_, ip) in &pods {
@@ -393,7 +418,11 @@ data:
 "#;
 
 fn env_value(pod: &Value, name: &str) -> Option<String> {
-    pod["spec"]["containers"][0]["env"].as_array()?.iter().find(|e| e["name"] == name).and_then(|e| e["value"].as_str().map(str::to_owned))
+    pod["spec"]["containers"][0]["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str().map(str::to_owned))
 }
 
 #[test]
@@ -427,7 +456,10 @@ fn the_chart_on_a_real_node() {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(scenarios(&cluster))));
     sampling.store(false, Ordering::Release);
     sampler.join().unwrap();
-    eprintln!("[cluster] peak memory of the cluster's processes (RSS sum): {} MB", peak.load(Ordering::Relaxed) / (1024 * 1024));
+    eprintln!(
+        "[cluster] peak memory of the cluster's processes (RSS sum): {} MB",
+        peak.load(Ordering::Relaxed) / (1024 * 1024)
+    );
     drop(runtime);
     let teardown = cluster.down();
     if let Err(e) = result {
@@ -445,7 +477,9 @@ async fn scenarios(c: &Cluster) {
     if !outside.is_empty() {
         for range in ["10.244.0.0/24", "10.96.0.0/24"] {
             assert!(
-                rules.lines().any(|l| l.contains(&format!("-o {outside}")) && l.contains(range) && l.ends_with("-j DROP")),
+                rules
+                    .lines()
+                    .any(|l| l.contains(&format!("-o {outside}")) && l.contains(range) && l.ends_with("-j DROP")),
                 "containment rule for {range}:\n{rules}"
             );
         }
@@ -456,8 +490,16 @@ async fn scenarios(c: &Cluster) {
     let client = c.client().await;
     let binary = env!("CARGO_BIN_EXE_pod-template-webhook");
     build_and_import(c, "webhook", &["--binary", binary, "--tag", &format!("{WEBHOOK_IMAGE}:{TAG}")]);
-    build_and_import(c, "task", &["--tag", "ptw.local/task:test", "--exec", "/usr/bin/env:/usr/bin/env", "--entrypoint", "/usr/bin/env"]);
-    build_and_import(c, "curl", &["--tag", "ptw.local/curl:test", "--exec", "/usr/bin/curl:/usr/bin/curl", "--entrypoint", "/usr/bin/curl"]);
+    build_and_import(
+        c,
+        "task",
+        &["--tag", "ptw.local/task:test", "--exec", "/usr/bin/env:/usr/bin/env", "--entrypoint", "/usr/bin/env"],
+    );
+    build_and_import(
+        c,
+        "curl",
+        &["--tag", "ptw.local/curl:test", "--exec", "/usr/bin/curl:/usr/bin/curl", "--entrypoint", "/usr/bin/curl"],
+    );
     for ns in [WEBHOOK_NS, PLATFORM_NS, TENANT_NS] {
         c.k(&["create", "namespace", ns]);
     }
@@ -467,16 +509,33 @@ async fn scenarios(c: &Cluster) {
     //    platform templates in flyte.
     let chart = format!("{ROOT}/charts/pod-template-webhook");
     let install_args = [
-        "install", RELEASE, chart.as_str(), "-n", WEBHOOK_NS,
-        "--set", &format!("image.repository={WEBHOOK_IMAGE}"), "--set", &format!("image.tag={TAG}"), "--set", "image.pullPolicy=Never",
-        "--set", &format!("config.platformNamespace={PLATFORM_NS}"), "--set", "tests.image=ptw.local/curl:test",
-        "--wait", "--timeout", "3m",
+        "install",
+        RELEASE,
+        chart.as_str(),
+        "-n",
+        WEBHOOK_NS,
+        "--set",
+        &format!("image.repository={WEBHOOK_IMAGE}"),
+        "--set",
+        &format!("image.tag={TAG}"),
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        &format!("config.platformNamespace={PLATFORM_NS}"),
+        "--set",
+        "tests.image=ptw.local/curl:test",
+        "--wait",
+        "--timeout",
+        "3m",
     ];
     let started = Instant::now();
     let out = c.helm(&install_args, Duration::from_secs(200));
     assert!(out.status.success(), "helm install:\n{}", text(&out));
     wait_replicas(c, 2, Duration::from_secs(60));
-    eprintln!("[cluster] 1. helm install: both replicas Ready {:.1}s after `helm install` started", started.elapsed().as_secs_f64());
+    eprintln!(
+        "[cluster] 1. helm install: both replicas Ready {:.1}s after `helm install` started",
+        started.elapsed().as_secs_f64()
+    );
     let mwc = c.k_json(&["get", "mutatingwebhookconfiguration", RELEASE]);
     let hook = &mwc["webhooks"][0];
     assert!(hook["clientConfig"]["caBundle"].as_str().is_some_and(|b| !b.is_empty()), "caBundle patched: {hook}");
@@ -484,7 +543,11 @@ async fn scenarios(c: &Cluster) {
     assert_eq!(hook["failurePolicy"], "Fail");
     let secret = c.k_json(&["get", "secret", "-n", WEBHOOK_NS, &format!("{RELEASE}-tls")]);
     let owner = &secret["metadata"]["ownerReferences"][0];
-    assert_eq!((owner["kind"].as_str(), owner["name"].as_str()), (Some("MutatingWebhookConfiguration"), Some(RELEASE)), "{secret}");
+    assert_eq!(
+        (owner["kind"].as_str(), owner["name"].as_str()),
+        (Some("MutatingWebhookConfiguration"), Some(RELEASE)),
+        "{secret}"
+    );
     assert_eq!(owner["uid"], mwc["metadata"]["uid"]);
     let out = c.helm(&["test", RELEASE, "-n", WEBHOOK_NS, "--timeout", "2m"], Duration::from_secs(150));
     assert!(out.status.success(), "helm test:\n{}", text(&out));
@@ -518,7 +581,12 @@ spec:
     let meta = &pod["metadata"];
     assert_eq!(meta["labels"]["team"], "ml", "{meta}");
     assert_eq!(meta["annotations"]["cost-center"], "42", "{meta}");
-    assert!(meta["annotations"]["flyte.org/pod-template-applied"].as_str().is_some_and(|a| a.starts_with("flyte/ml-templates/ml@")), "{meta}");
+    assert!(
+        meta["annotations"]["flyte.org/pod-template-applied"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("flyte/ml-templates/ml@")),
+        "{meta}"
+    );
     assert_eq!(env_value(&pod, "hello").as_deref(), Some("world"));
     assert_eq!(pod["spec"]["imagePullSecrets"], json!([{"name": "regcred"}]));
     assert!(pod["spec"]["volumes"].as_array().unwrap().iter().any(|v| v["name"] == "scratch"), "{}", pod["spec"]);
@@ -563,18 +631,35 @@ spec:
             started.elapsed().as_secs_f64(),
             stream.summary()
         );
-        assert_eq!(stream.failed(), failed_before, "creations failed when the busy replica was deleted: {}", stream.summary());
+        assert_eq!(
+            stream.failed(),
+            failed_before,
+            "creations failed when the busy replica was deleted: {}",
+            stream.summary()
+        );
     }
     let (busy, _, delta, total) = busy_replica(c, Duration::from_secs(3)).await;
     let pod = c.k_json(&["get", "pod", "-n", WEBHOOK_NS, &busy]);
-    let container = pod["status"]["containerStatuses"][0]["containerID"].as_str().unwrap().trim_start_matches("containerd://").to_owned();
+    let container = pod["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("containerd://")
+        .to_owned();
     let created_before = stream.created.load(Ordering::Relaxed);
     let failed_before = stream.failed();
     let killed_at = Instant::now();
-    let out = bounded(Path::new("ctr"), &["--address", &c.containerd, "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", &container], Duration::from_secs(30), &[]);
+    let out = bounded(
+        Path::new("ctr"),
+        &["--address", &c.containerd, "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", &container],
+        Duration::from_secs(30),
+        &[],
+    );
     assert!(out.status.success(), "ctr tasks kill:\n{}", text(&out));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let lost: Vec<f64> = stream.failures.lock().unwrap()[failed_before..].iter().map(|(t, _)| t.duration_since(killed_at).as_secs_f64()).collect();
+    let lost: Vec<f64> = stream.failures.lock().unwrap()[failed_before..]
+        .iter()
+        .map(|(t, _)| t.duration_since(killed_at).as_secs_f64())
+        .collect();
     let carried = stream.created.load(Ordering::Relaxed) - created_before;
     eprintln!(
         "[cluster] 4. SIGKILL of {busy} ({delta} of {total} admissions in 3 s): {} creations failed{}, {carried} created meanwhile by the other replica",
@@ -600,7 +685,10 @@ spec:
         assert!(applied.elapsed() < Duration::from_secs(5), "the changed template did not reach a pod within 5 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    eprintln!("[cluster] 5. the changed template reached the next pod {} ms after kubectl apply returned", took.as_millis());
+    eprintln!(
+        "[cluster] 5. the changed template reached the next pod {} ms after kubectl apply returned",
+        took.as_millis()
+    );
 
     // 6. helm uninstall: no webhook configuration, no Secret left; labelled pods create normally.
     let _ = pods.delete_collection(&DeleteParams::default(), &ListParams::default().labels("ptw-test=load")).await;
@@ -610,7 +698,7 @@ spec:
     assert!(left.trim().is_empty(), "webhook configurations left: {left}");
     let pod: Pod = serde_json::from_value(labelled_pod("after-uninstall")).unwrap();
     let created = pods.create(&PostParams::default(), &pod).await.expect("a labelled pod creates after uninstall");
-    assert!(created.metadata.annotations.unwrap_or_default().get("flyte.org/pod-template-applied").is_none());
+    assert!(!created.metadata.annotations.unwrap_or_default().contains_key("flyte.org/pod-template-applied"));
     let started = Instant::now();
     loop {
         let out = c.kubectl(&["get", "secret", "-n", WEBHOOK_NS, &format!("{RELEASE}-tls")]);
@@ -620,5 +708,8 @@ spec:
         assert!(started.elapsed() < Duration::from_secs(30), "the certificate Secret outlived the release");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    eprintln!("[cluster] 6. helm uninstall: nothing left; the certificate Secret garbage-collected after {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "[cluster] 6. helm uninstall: nothing left; the certificate Secret garbage-collected after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 }

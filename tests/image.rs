@@ -26,7 +26,7 @@ fn dockerfile_runtime_stage() -> Stage {
     let text = std::fs::read_to_string(Path::new(ROOT).join("Dockerfile")).unwrap();
     let mut stage = Stage::default();
     let mut in_last = false;
-    let last_from = text.lines().filter(|l| l.starts_with("FROM ")).last().expect("a FROM line").to_owned();
+    let last_from = text.lines().rfind(|l| l.starts_with("FROM ")).expect("a FROM line").to_owned();
     for line in text.lines() {
         if line.starts_with("FROM ") {
             in_last = line == last_from;
@@ -38,7 +38,13 @@ fn dockerfile_runtime_stage() -> Stage {
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
             "USER" => stage.user = rest.trim().to_owned(),
-            "EXPOSE" => stage.ports.extend(rest.split_whitespace().map(|p| if p.contains('/') { p.to_owned() } else { format!("{p}/tcp") })),
+            "EXPOSE" => stage.ports.extend(rest.split_whitespace().map(|p| {
+                if p.contains('/') {
+                    p.to_owned()
+                } else {
+                    format!("{p}/tcp")
+                }
+            })),
             "ENV" => {
                 let (k, v) = rest.trim().split_once('=').expect("ENV K=V");
                 stage.env.push((k.to_owned(), v.to_owned()));
@@ -70,7 +76,8 @@ fn untar(archive: &Path, into: &Path) {
 
 fn chart_image_reference() -> String {
     let chart = std::fs::read_to_string(Path::new(ROOT).join("charts/pod-template-webhook/Chart.yaml")).unwrap();
-    let app_version = chart.lines().find_map(|l| l.strip_prefix("appVersion:")).unwrap().trim().trim_matches('"').to_owned();
+    let app_version =
+        chart.lines().find_map(|l| l.strip_prefix("appVersion:")).unwrap().trim().trim_matches('"').to_owned();
     let values = std::fs::read_to_string(Path::new(ROOT).join("charts/pod-template-webhook/values.yaml")).unwrap();
     let repo = values.lines().find_map(|l| l.strip_prefix("  repository:")).unwrap().trim().to_owned();
     format!("{repo}:{app_version}")
@@ -90,7 +97,8 @@ fn the_archive_is_the_dockerfile_image() {
     let manifest: Value = serde_json::from_slice(&std::fs::read(x.join("manifest.json")).unwrap()).unwrap();
     let entry = &manifest[0];
     assert_eq!(entry["RepoTags"][0], chart_image_reference(), "tagged as the chart's default image");
-    let config: Value = serde_json::from_slice(&std::fs::read(x.join(entry["Config"].as_str().unwrap())).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(x.join(entry["Config"].as_str().unwrap())).unwrap()).unwrap();
     let layers = entry["Layers"].as_array().unwrap();
     assert_eq!(layers.len(), 1);
     assert_eq!((config["os"].as_str(), config["architecture"].as_str()), (Some("linux"), Some("amd64")));
@@ -128,8 +136,14 @@ fn the_archive_is_the_dockerfile_image() {
     assert!(passwd.lines().any(|l| l.split(':').nth(2) == Some(uid)), "a passwd entry for uid {uid}: {passwd}");
     let listing = Command::new("tar").args(["-tvf"]).arg(&layer).output().unwrap();
     let listing = String::from_utf8_lossy(&listing.stdout);
-    assert!(listing.lines().filter(|l| !l.contains("home/nonroot")).all(|l| l.contains(" 0/0 ")), "root-owned files:\n{listing}");
-    assert!(listing.lines().any(|l| l.contains("65532/65532") && l.contains("home/nonroot")), "the nonroot home:\n{listing}");
+    assert!(
+        listing.lines().filter(|l| !l.contains("home/nonroot")).all(|l| l.contains(" 0/0 ")),
+        "root-owned files:\n{listing}"
+    );
+    assert!(
+        listing.lines().any(|l| l.contains("65532/65532") && l.contains("home/nonroot")),
+        "the nonroot home:\n{listing}"
+    );
 
     // Nothing from the host: the binary runs inside the image's root filesystem (needs root for
     // chroot; CI runs as root).
@@ -156,11 +170,8 @@ fn sha256_hex(path: &Path) -> String {
 fn linked_libraries(binary: &Path) -> Vec<PathBuf> {
     let out = Command::new("ldd").arg(binary).output().expect("ldd");
     let text = String::from_utf8_lossy(&out.stdout);
-    let libs: Vec<PathBuf> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
-        .map(PathBuf::from)
-        .collect();
+    let libs: Vec<PathBuf> =
+        text.lines().filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/'))).map(PathBuf::from).collect();
     assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")), "ldd lists libc: {text}");
     libs
 }

@@ -76,8 +76,9 @@ impl TestCa {
 }
 
 fn resolver_for(leaf: &Leaf) -> Arc<CertResolver> {
-    let loaded = tls::load_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), Path::new("cert.pem"), Path::new("key.pem"))
-        .expect("the generated pair loads");
+    let loaded =
+        tls::load_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), Path::new("cert.pem"), Path::new("key.pem"))
+            .expect("the generated pair loads");
     CertResolver::new(loaded.key)
 }
 
@@ -111,7 +112,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn client_config(ca: &CertificateDer<'static>, alpn: &[&[u8]], versions: &[&'static SupportedProtocolVersion]) -> Arc<ClientConfig> {
+fn client_config(
+    ca: &CertificateDer<'static>,
+    alpn: &[&[u8]],
+    versions: &[&'static SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     roots.add(ca.clone()).unwrap();
     let mut config = ClientConfig::builder_with_provider(provider())
@@ -125,7 +130,11 @@ fn client_config(ca: &CertificateDer<'static>, alpn: &[&[u8]], versions: &[&'sta
 
 const ALL_VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
 
-async fn connect(addr: SocketAddr, config: Arc<ClientConfig>, server_name: &str) -> std::io::Result<TlsStream<TcpStream>> {
+async fn connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    server_name: &str,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(server_name.to_owned()).unwrap();
     tokio::time::timeout(Duration::from_secs(10), TlsConnector::from(config).connect(name, tcp))
@@ -169,7 +178,8 @@ where
             Sender::H1(send)
         }
         Proto::H2 => {
-            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("HTTP/2 handshake");
+            let (send, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.expect("HTTP/2 handshake");
             tokio::spawn(conn);
             Sender::H2(send)
         }
@@ -198,17 +208,21 @@ where
         }
     }
 
-    fn send(&mut self, req: Request<B>) -> impl std::future::Future<Output = hyper::Result<Response<Incoming>>> + Send + 'static {
-        let fut: std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<Response<Incoming>>> + Send>> = match self {
-            Sender::H1(s) => {
-                // HTTP/1.1 uses the origin form of the target.
-                let mut req = req;
-                let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
-                *req.uri_mut() = path.parse().unwrap();
-                Box::pin(s.send_request(req))
-            }
-            Sender::H2(s) => Box::pin(s.send_request(req)),
-        };
+    fn send(
+        &mut self,
+        req: Request<B>,
+    ) -> impl std::future::Future<Output = hyper::Result<Response<Incoming>>> + Send + 'static {
+        let fut: std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<Response<Incoming>>> + Send>> =
+            match self {
+                Sender::H1(s) => {
+                    // HTTP/1.1 uses the origin form of the target.
+                    let mut req = req;
+                    let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".into());
+                    *req.uri_mut() = path.parse().unwrap();
+                    Box::pin(s.send_request(req))
+                }
+                Sender::H2(s) => Box::pin(s.send_request(req)),
+            };
         fut
     }
 }
@@ -237,7 +251,8 @@ async fn post_once(addr: SocketAddr, ca: &CertificateDer<'static>, proto: Proto,
 /// a JSON patch that adds hello=world to the primary container.
 fn assert_flyte_mutated(body: &[u8]) {
     let review: Value = serde_json::from_slice(&flyte_review()).unwrap();
-    let answer: Value = serde_json::from_slice(body).unwrap_or_else(|e| panic!("response is not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    let answer: Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("response is not JSON ({e}): {}", String::from_utf8_lossy(body)));
     assert_eq!(answer["apiVersion"], "admission.k8s.io/v1", "{answer}");
     assert_eq!(answer["kind"], "AdmissionReview", "{answer}");
     let resp = &answer["response"];
@@ -246,7 +261,9 @@ fn assert_flyte_mutated(body: &[u8]) {
     assert_eq!(resp["patchType"], "JSONPatch", "{answer}");
     let patch_bytes = {
         use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD.decode(resp["patch"].as_str().expect("patch is base64")).expect("base64")
+        base64::engine::general_purpose::STANDARD
+            .decode(resp["patch"].as_str().expect("patch is base64"))
+            .expect("base64")
     };
     let patch: json_patch::Patch = serde_json::from_slice(&patch_bytes).expect("patch is a JSON Patch");
     let mut pod = review["request"]["object"].clone();
@@ -288,7 +305,10 @@ async fn mutate_over_h2_and_http1_with_a_ca_signed_certificate() {
             let mut sender = handshake::<Full<Bytes>>(tls, proto).await;
             // Two requests on the same connection: keep-alive / multiplexing works.
             for _ in 0..2 {
-                sender.ready().await.unwrap_or_else(|e| panic!("{proto:?}: connection kept open for another request: {e}"));
+                sender
+                    .ready()
+                    .await
+                    .unwrap_or_else(|e| panic!("{proto:?}: connection kept open for another request: {e}"));
                 let resp = sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.expect("response");
                 assert_eq!(resp.headers().get("content-type").unwrap(), "application/json", "{proto:?}");
                 let (status, body) = read_response(resp).await;
@@ -299,12 +319,15 @@ async fn mutate_over_h2_and_http1_with_a_ca_signed_certificate() {
 
         // A client offering both gets h2 (the server prefers it); one offering neither gets no ALPN
         // but still a working HTTP/1.1 connection.
-        let tls = connect(server.addr, client_config(&ca.der, &[b"http/1.1", b"h2"], ALL_VERSIONS), "localhost").await.unwrap();
+        let tls = connect(server.addr, client_config(&ca.der, &[b"http/1.1", b"h2"], ALL_VERSIONS), "localhost")
+            .await
+            .unwrap();
         assert_eq!(alpn(&tls).as_deref(), Some(&b"h2"[..]));
         let tls = connect(server.addr, client_config(&ca.der, &[], ALL_VERSIONS), "localhost").await.unwrap();
         assert_eq!(alpn(&tls), None);
         let mut sender = handshake::<Full<Bytes>>(tls, Proto::H1).await;
-        let (status, body) = read_response(sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.unwrap()).await;
+        let (status, body) =
+            read_response(sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.unwrap()).await;
         assert_eq!(status, StatusCode::OK);
         assert_flyte_mutated(&body);
 
@@ -314,7 +337,10 @@ async fn mutate_over_h2_and_http1_with_a_ca_signed_certificate() {
         assert!(err.is_err(), "a client trusting a different CA must fail the handshake");
 
         server.shutdown.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), server.handle).await.expect("serve_tls returns after shutdown").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), server.handle)
+            .await
+            .expect("serve_tls returns after shutdown")
+            .unwrap();
     })
 }
 
@@ -328,7 +354,9 @@ async fn tls12_only_and_tls13_only_clients_both_work() {
         let leaf = ca.leaf("webhook");
         let server = start_server(resolver_for(&leaf), Limits::default()).await;
 
-        for (version, expect) in [(&rustls::version::TLS12, ProtocolVersion::TLSv1_2), (&rustls::version::TLS13, ProtocolVersion::TLSv1_3)] {
+        for (version, expect) in
+            [(&rustls::version::TLS12, ProtocolVersion::TLSv1_2), (&rustls::version::TLS13, ProtocolVersion::TLSv1_3)]
+        {
             let tls = connect(server.addr, client_config(&ca.der, &[b"h2"], &[version]), "localhost")
                 .await
                 .unwrap_or_else(|e| panic!("{expect:?}-only client: {e}"));
@@ -336,7 +364,8 @@ async fn tls12_only_and_tls13_only_clients_both_work() {
             assert_eq!(alpn(&tls).as_deref(), Some(&b"h2"[..]), "{expect:?}");
             assert_eq!(presented_leaf(&tls), leaf.der);
             let mut sender = handshake::<Full<Bytes>>(tls, Proto::H2).await;
-            let (status, body) = read_response(sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.unwrap()).await;
+            let (status, body) =
+                read_response(sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.unwrap()).await;
             assert_eq!(status, StatusCode::OK, "{expect:?}");
             assert_flyte_mutated(&body);
         }
@@ -370,7 +399,13 @@ async fn oversized_and_malformed_bodies_are_4xx_and_the_server_keeps_serving() {
             let (status, body) = post_once(server.addr, &ca.der, proto, big.clone()).await;
             assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{proto:?}: {}", String::from_utf8_lossy(&body));
 
-            let (status, body) = post_once(server.addr, &ca.der, proto, b"{\"apiVersion\": \"admission.k8s.io/v1\", \"kind\": ".to_vec()).await;
+            let (status, body) = post_once(
+                server.addr,
+                &ca.der,
+                proto,
+                b"{\"apiVersion\": \"admission.k8s.io/v1\", \"kind\": ".to_vec(),
+            )
+            .await;
             let text = String::from_utf8_lossy(&body);
             assert_eq!(status, StatusCode::BAD_REQUEST, "{proto:?}: {text}");
             assert!(text.contains("AdmissionReview"), "{proto:?}: message names what was expected: {text}");
@@ -379,7 +414,13 @@ async fn oversized_and_malformed_bodies_are_4xx_and_the_server_keeps_serving() {
             assert_eq!(status, StatusCode::BAD_REQUEST, "{proto:?}: {}", String::from_utf8_lossy(&body));
             assert!(String::from_utf8_lossy(&body).contains("AdmissionReview"));
 
-            let (status, body) = post_once(server.addr, &ca.der, proto, br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec()).await;
+            let (status, body) = post_once(
+                server.addr,
+                &ca.der,
+                proto,
+                br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(),
+            )
+            .await;
             let text = String::from_utf8_lossy(&body);
             assert_eq!(status, StatusCode::BAD_REQUEST, "{proto:?}: review without request: {text}");
             assert!(text.contains("request"), "{proto:?}: {text}");
@@ -447,7 +488,12 @@ async fn handshake_leaf(addr: SocketAddr, ca: &CertificateDer<'static>) -> Certi
 }
 
 /// Polls new handshakes until the presented leaf is `want`, for at most `bound`.
-async fn wait_for_leaf(addr: SocketAddr, ca: &CertificateDer<'static>, want: &CertificateDer<'static>, bound: Duration) -> Duration {
+async fn wait_for_leaf(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    want: &CertificateDer<'static>,
+    bound: Duration,
+) -> Duration {
     let started = Instant::now();
     loop {
         if &handshake_leaf(addr, ca).await == want {
@@ -465,14 +511,22 @@ async fn certificate_reloads_on_a_secret_volume_symlink_swap_and_keeps_the_last_
         let (first, second, third, fourth) = (ca.leaf("first"), ca.leaf("second"), ca.leaf("third"), ca.leaf("fourth"));
         let mut volume = SecretVolume::new(first.cert_pem.as_bytes(), first.key_pem.as_bytes());
 
-        let (loaded, bytes) = tls::load_files(&volume.cert(), &volume.key()).expect("initial pair loads through the symlinks");
+        let (loaded, bytes) =
+            tls::load_files(&volume.cert(), &volume.key()).expect("initial pair loads through the symlinks");
         let resolver = CertResolver::new(loaded.key);
         let reloads = Arc::new(AtomicUsize::new(0));
         let counter = reloads.clone();
-        let watcher = tokio::spawn(tls::watch_files(volume.cert(), volume.key(), bytes, resolver.clone(), Duration::from_millis(100), move |c| {
-            assert!(c.not_after > 0, "a reloaded certificate has a known expiry");
-            counter.fetch_add(1, Ordering::SeqCst);
-        }));
+        let watcher = tokio::spawn(tls::watch_files(
+            volume.cert(),
+            volume.key(),
+            bytes,
+            resolver.clone(),
+            Duration::from_millis(100),
+            move |c| {
+                assert!(c.not_after > 0, "a reloaded certificate has a known expiry");
+                counter.fetch_add(1, Ordering::SeqCst);
+            },
+        ));
         let server = start_server(resolver, Limits::default()).await;
 
         assert_eq!(handshake_leaf(server.addr, &ca.der).await, first.der);
@@ -492,7 +546,11 @@ async fn certificate_reloads_on_a_secret_volume_symlink_swap_and_keeps_the_last_
 
         // Swap to broken pairs: a garbage key, then a valid key that does not match the certificate.
         let broken: [(&str, &[u8], &[u8]); 3] = [
-            ("garbage key", third.cert_pem.as_bytes(), b"-----BEGIN PRIVATE KEY-----\nnot base64 !!\n-----END PRIVATE KEY-----\n"),
+            (
+                "garbage key",
+                third.cert_pem.as_bytes(),
+                b"-----BEGIN PRIVATE KEY-----\nnot base64 !!\n-----END PRIVATE KEY-----\n",
+            ),
             ("no PEM at all", b"garbage", b"garbage"),
             ("mismatched key", third.cert_pem.as_bytes(), fourth.key_pem.as_bytes()),
         ];
@@ -502,7 +560,11 @@ async fn certificate_reloads_on_a_secret_volume_symlink_swap_and_keeps_the_last_
             let until = Instant::now() + Duration::from_millis(1000);
             let mut handshakes = 0;
             while Instant::now() < until {
-                assert_eq!(handshake_leaf(server.addr, &ca.der).await, second.der, "{what}: the last good pair keeps serving");
+                assert_eq!(
+                    handshake_leaf(server.addr, &ca.der).await,
+                    second.der,
+                    "{what}: the last good pair keeps serving"
+                );
                 handshakes += 1;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -524,6 +586,8 @@ async fn certificate_reloads_on_a_secret_volume_symlink_swap_and_keeps_the_last_
 // 5. Graceful shutdown
 
 type ChunkSender = futures::channel::mpsc::UnboundedSender<Result<Frame<Bytes>, Infallible>>;
+/// A request sent, its response still to come.
+type PendingResponse = JoinHandle<hyper::Result<Response<Incoming>>>;
 type ChunkBody = StreamBody<futures::channel::mpsc::UnboundedReceiver<Result<Frame<Bytes>, Infallible>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,25 +602,30 @@ async fn shutdown_drains_in_flight_requests_then_returns() {
 
         // Before shutdown: a few complete requests (a keep-alive connection that will be idle at
         // shutdown, which must not hold the drain up).
-        let idle_tls = connect(server.addr, client_config(&ca.der, &[b"http/1.1"], ALL_VERSIONS), "localhost").await.unwrap();
+        let idle_tls =
+            connect(server.addr, client_config(&ca.der, &[b"http/1.1"], ALL_VERSIONS), "localhost").await.unwrap();
         let mut idle = handshake::<Full<Bytes>>(idle_tls, Proto::H1).await;
-        let (status, _) = read_response(idle.send(mutate_request(Full::new(Bytes::from(review.clone())))).await.unwrap()).await;
+        let (status, _) =
+            read_response(idle.send(mutate_request(Full::new(Bytes::from(review.clone())))).await.unwrap()).await;
         assert_eq!(status, StatusCode::OK);
-        let idle_h2_tls = connect(server.addr, client_config(&ca.der, &[b"h2"], ALL_VERSIONS), "localhost").await.unwrap();
+        let idle_h2_tls =
+            connect(server.addr, client_config(&ca.der, &[b"h2"], ALL_VERSIONS), "localhost").await.unwrap();
         let mut idle_h2 = handshake::<Full<Bytes>>(idle_h2_tls, Proto::H2).await;
-        let (status, _) = read_response(idle_h2.send(mutate_request(Full::new(Bytes::from(review.clone())))).await.unwrap()).await;
+        let (status, _) =
+            read_response(idle_h2.send(mutate_request(Full::new(Bytes::from(review.clone())))).await.unwrap()).await;
         assert_eq!(status, StatusCode::OK);
 
         // In flight at shutdown: requests whose bodies are streamed slowly, on HTTP/1.1 and HTTP/2
         // connections (three streams share one HTTP/2 connection).
-        let mut in_flight: Vec<(Proto, ChunkSender, JoinHandle<hyper::Result<Response<Incoming>>>)> = Vec::new();
+        let mut in_flight: Vec<(Proto, ChunkSender, PendingResponse)> = Vec::new();
         let mut h2_shared: Option<Sender<ChunkBody>> = None;
         for proto in [Proto::H1, Proto::H1, Proto::H2, Proto::H2, Proto::H2] {
             let mut sender = if proto == Proto::H2 && h2_shared.is_some() {
                 h2_shared.take().unwrap()
             } else {
                 let offer: &[u8] = if proto == Proto::H2 { b"h2" } else { b"http/1.1" };
-                let tls = connect(server.addr, client_config(&ca.der, &[offer], ALL_VERSIONS), "localhost").await.unwrap();
+                let tls =
+                    connect(server.addr, client_config(&ca.der, &[offer], ALL_VERSIONS), "localhost").await.unwrap();
                 handshake::<ChunkBody>(tls, proto).await
             };
             sender.ready().await.unwrap();
@@ -688,7 +757,8 @@ async fn draining_http1_answers_requests_on_open_connections_with_connection_clo
         // decides when an idle connection ends.
         tokio::time::sleep(header_read_timeout * 4).await;
         busy.ready().await.expect("the idle keep-alive connection is still open");
-        let (status, _) = read_response(busy.send(mutate_request(review())).await.expect("a response on the idle connection")).await;
+        let (status, _) =
+            read_response(busy.send(mutate_request(review())).await.expect("a response on the idle connection")).await;
         assert_eq!(status, StatusCode::OK);
 
         // Shutdown starts; 200 ms later a request arrives on an open connection.
@@ -698,7 +768,11 @@ async fn draining_http1_answers_requests_on_open_connections_with_connection_clo
         assert!(!server.handle.is_finished(), "serve_tls is still draining");
         busy.ready().await.expect("an open connection is not closed at once when the drain starts");
         let resp = busy.send(mutate_request(review())).await.expect("a request arriving during the drain is answered");
-        assert!(says_connection_close(&resp), "the answer tells the client not to reuse the connection: {:?}", resp.headers());
+        assert!(
+            says_connection_close(&resp),
+            "the answer tells the client not to reuse the connection: {:?}",
+            resp.headers()
+        );
         let (status, body) = read_response(resp).await;
         assert_eq!(status, StatusCode::OK);
         assert_flyte_mutated(&body);
@@ -710,10 +784,13 @@ async fn draining_http1_answers_requests_on_open_connections_with_connection_clo
 
         // The quiet connection is closed by the server once idle for DRAIN_IDLE_CLOSE, and then the
         // drain is over.
-        tokio::time::timeout(pod_template_webhook::server::DRAIN_IDLE_CLOSE + Duration::from_secs(3), &mut server.handle)
-            .await
-            .expect("serve_tls returns once the quiet connection is closed")
-            .unwrap();
+        tokio::time::timeout(
+            pod_template_webhook::server::DRAIN_IDLE_CLOSE + Duration::from_secs(3),
+            &mut server.handle,
+        )
+        .await
+        .expect("serve_tls returns once the quiet connection is closed")
+        .unwrap();
         let took = shutdown_at.elapsed();
         eprintln!("drain over {took:?} after shutdown began");
         assert!(quiet.ready().await.is_err(), "the quiet connection was closed");
@@ -806,11 +883,13 @@ async fn no_request_fails_when_a_replica_drains_under_load() {
         let new = start_server(resolver_for(&leaf), Limits::default()).await;
         let (old_addr, new_addr) = (old.addr, new.addr);
         let old_gone = Arc::new(AtomicBool::new(false));
-        let (ok, failed, closes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (ok, failed, closes) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let deadline = Instant::now() + Duration::from_secs(4);
         let mut workers = Vec::new();
         for worker in 0..6usize {
-            let (ca, old_gone, ok, failed, closes) = (ca.der.clone(), old_gone.clone(), ok.clone(), failed.clone(), closes.clone());
+            let (ca, old_gone, ok, failed, closes) =
+                (ca.der.clone(), old_gone.clone(), ok.clone(), failed.clone(), closes.clone());
             workers.push(tokio::spawn(async move {
                 let body = flyte_review();
                 let mut conn: Option<Sender<Full<Bytes>>> = None;
@@ -868,12 +947,16 @@ async fn no_request_fails_when_a_replica_drains_under_load() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = ok.load(Ordering::Relaxed);
         old.shutdown.take().unwrap().send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(3), &mut old.handle).await.expect("the old replica's drain ends").unwrap();
+        tokio::time::timeout(Duration::from_secs(3), &mut old.handle)
+            .await
+            .expect("the old replica's drain ends")
+            .unwrap();
         let mut errors = Vec::new();
         for w in workers {
             errors.extend(w.await.unwrap());
         }
-        let (ok, failed, closes) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), closes.load(Ordering::Relaxed));
+        let (ok, failed, closes) =
+            (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed), closes.load(Ordering::Relaxed));
         eprintln!("{ok} requests answered ({before} before the shutdown), {failed} failed, {closes} Connection: close answers");
         assert_eq!(failed, 0, "failed requests: {errors:?}");
         assert!(closes >= 1, "the draining replica told its clients to move with Connection: close");
@@ -910,7 +993,8 @@ async fn silent_and_slow_clients_are_disconnected_after_the_header_read_timeout(
         let ca = TestCa::new("test CA");
         let leaf = ca.leaf("webhook");
         let timeout = Duration::from_millis(500);
-        let server = start_server(resolver_for(&leaf), Limits { header_read_timeout: timeout, ..Limits::default() }).await;
+        let server =
+            start_server(resolver_for(&leaf), Limits { header_read_timeout: timeout, ..Limits::default() }).await;
 
         // A TCP connection that never starts the TLS handshake.
         let tcp = TcpStream::connect(server.addr).await.unwrap();
@@ -918,10 +1002,13 @@ async fn silent_and_slow_clients_are_disconnected_after_the_header_read_timeout(
         assert!(took >= timeout.mul_f32(0.8), "not before the timeout: {took:?}");
 
         // A TLS client that sends half a request head and stalls (slowloris).
-        let mut tls = connect(server.addr, client_config(&ca.der, &[b"http/1.1"], ALL_VERSIONS), "localhost").await.unwrap();
+        let mut tls =
+            connect(server.addr, client_config(&ca.der, &[b"http/1.1"], ALL_VERSIONS), "localhost").await.unwrap();
         tls.write_all(b"POST /mutate HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
         tls.flush().await.unwrap();
-        let took = closed_within(tls, Duration::from_secs(5)).await.expect("a client stalling in its request head is disconnected");
+        let took = closed_within(tls, Duration::from_secs(5))
+            .await
+            .expect("a client stalling in its request head is disconnected");
         assert!(took >= timeout.mul_f32(0.8), "not before the timeout: {took:?}");
 
         // Meanwhile and afterwards, normal clients are served.
@@ -952,7 +1039,8 @@ async fn streamed_bodies_without_content_length_are_capped() {
             drop(tx);
             let req = mutate_request(StreamBody::new(rx));
             assert!(req.headers().get(hyper::header::CONTENT_LENGTH).is_none());
-            match tokio::time::timeout(Duration::from_secs(10), sender.send(req)).await.expect("an answer within 10 s") {
+            match tokio::time::timeout(Duration::from_secs(10), sender.send(req)).await.expect("an answer within 10 s")
+            {
                 Ok(resp) => {
                     let (status, body) = read_response(resp).await;
                     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{proto:?}: {}", String::from_utf8_lossy(&body));
