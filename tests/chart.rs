@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
-use k8s_openapi::api::authentication::v1::{SelfSubjectReview, TokenRequest};
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
@@ -1249,15 +1249,7 @@ async fn install_and_check(api: &support::ApiServer, started: Instant) {
     assert_eq!(deploy.spec.template.spec.unwrap().service_account_name.as_deref(), Some(sa_name.as_str()));
 
     // 2. A token for the chart's ServiceAccount (TokenRequest API), and a client with only that.
-    let request: TokenRequest =
-        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).unwrap();
-    let token = Api::<ServiceAccount>::namespaced(admin.clone(), PLATFORM)
-        .create_token_request(&sa_name, &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.token)
-        .expect("a token");
+    let token = support::service_account_token(&admin, PLATFORM, &sa_name).await;
     let sa = token_client(api, &token).await;
     let me: SelfSubjectReview = serde_json::from_value(json!({"metadata": {}})).unwrap();
     let me = Api::<SelfSubjectReview>::all(sa.clone()).create(&PostParams::default(), &me).await.unwrap();
@@ -1519,15 +1511,7 @@ async fn builtin_mode_rbac_and_ca_bundle(api: &support::ApiServer, admin: &kube:
         ("ptwb", NS, Some("/mutate"), Some(443))
     );
 
-    let request: TokenRequest =
-        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).unwrap();
-    let token = Api::<ServiceAccount>::namespaced(admin.clone(), NS)
-        .create_token_request("ptwb", &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.token)
-        .expect("a token");
+    let token = support::service_account_token(&admin, NS, "ptwb").await;
     let sa = token_client(api, &token).await;
     // The API server's RBAC cache picks the new bindings up within moments.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -71,23 +71,7 @@ async fn start_webhook(api: &ApiServer) -> Env {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], webhook.port));
     let config = support::mutating_webhook(addr.port(), &pki.ca_pem);
     Api::<MutatingWebhookConfiguration>::all(admin.clone()).create(&PostParams::default(), &config).await.unwrap();
-    // The validating webhook for template ConfigMaps, only where a test opts in (other tests
-    // store broken templates on purpose).
-    let validating: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": "pod-template-webhook-validate"},
-        "webhooks": [{
-            "name": "validate.pod-templates.flyte.org",
-            "clientConfig": {"url": format!("https://127.0.0.1:{}/validate", addr.port()), "caBundle": support::b64(&pki.ca_pem)},
-            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps"]}],
-            "objectSelector": {"matchLabels": {"flyte.org/pod-templates": "true"}},
-            "namespaceSelector": {"matchLabels": {"ptw-validate": "true"}},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 5,
-        }]
-    }))
-    .unwrap();
+    let validating = support::validating_webhook(addr.port(), &pki.ca_pem, &["configmaps"]);
     Api::<ValidatingWebhookConfiguration>::all(admin).create(&PostParams::default(), &validating).await.unwrap();
     Env { kubeconfig: api.kubeconfig.clone(), state, api_calls, webhook }
 }

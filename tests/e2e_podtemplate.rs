@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration};
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodTemplate, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
@@ -100,15 +99,7 @@ async fn start_webhook(api: &ApiServer) -> Env {
     let admin = api.client().await;
     ensure_namespace(&admin, PLATFORM).await;
     let sa_name = install_chart_rbac(&admin).await;
-    let request: TokenRequest =
-        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 7200}})).unwrap();
-    let token = Api::<ServiceAccount>::namespaced(admin.clone(), PLATFORM)
-        .create_token_request(&sa_name, &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .and_then(|s| s.token)
-        .expect("a token");
+    let token = support::service_account_token(&admin, PLATFORM, &sa_name).await;
     let sa = support::token_client(&api.url, &api.pki.ca_pem, &token).await;
 
     // The store as the chart's ServiceAccount: it becomes ready only if the chart lets it list
@@ -129,26 +120,10 @@ async fn start_webhook(api: &ApiServer) -> Env {
 
     let pki = support::TestPki::new("ptw-podtemplate-webhook-ca");
     let webhook = support::serve_webhook(state.clone(), &pki).await;
-    let ca_bundle = support::b64(&pki.ca_pem);
     let mutating = support::mutating_webhook(webhook.port, &pki.ca_pem);
     Api::<MutatingWebhookConfiguration>::all(admin.clone()).create(&PostParams::default(), &mutating).await.unwrap();
-    // The chart's validating rule (configmaps and podtemplates), only in namespaces a test
-    // labels: other tests store broken PodTemplates on purpose.
-    let validating: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": "pod-template-webhook-validate"},
-        "webhooks": [{
-            "name": "validate.pod-templates.flyte.org",
-            "clientConfig": {"url": format!("https://127.0.0.1:{}/validate", webhook.port), "caBundle": ca_bundle},
-            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps", "podtemplates"], "scope": "Namespaced"}],
-            "objectSelector": {"matchLabels": {"flyte.org/pod-templates": "true"}},
-            "namespaceSelector": {"matchLabels": {"ptw-validate": "true"}},
-            "sideEffects": "None",
-            "admissionReviewVersions": ["v1"],
-            "failurePolicy": "Fail",
-            "timeoutSeconds": 5,
-        }]
-    }))
-    .unwrap();
+    // The chart's validating rule (configmaps and podtemplates).
+    let validating = support::validating_webhook(webhook.port, &pki.ca_pem, &["configmaps", "podtemplates"]);
     Api::<ValidatingWebhookConfiguration>::all(admin).create(&PostParams::default(), &validating).await.unwrap();
     Env { kubeconfig: api.kubeconfig.clone(), url: api.url.clone(), ca_pem: api.pki.ca_pem.clone(), token, state }
 }

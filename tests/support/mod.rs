@@ -412,3 +412,43 @@ pub async fn kubeconfig_client(path: &Path) -> kube::Client {
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
     kube::Client::try_from(config).unwrap()
 }
+
+/// A token for ServiceAccount `name` of `namespace` (TokenRequest API), valid for an hour.
+pub async fn service_account_token(admin: &kube::Client, namespace: &str, name: &str) -> String {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::{Api, PostParams};
+    let request: TokenRequest =
+        serde_json::from_value(serde_json::json!({"spec": {"audiences": [], "expirationSeconds": 3600}})).unwrap();
+    Api::<ServiceAccount>::namespaced(admin.clone(), namespace)
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.token)
+        .expect("a token")
+}
+
+/// The validating webhook for template sources (`resources`) on loopback, only in namespaces
+/// labelled `ptw-validate=true`: other tests store broken templates on purpose.
+pub fn validating_webhook(
+    port: u16,
+    ca_pem: &str,
+    resources: &[&str],
+) -> k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "pod-template-webhook-validate"},
+        "webhooks": [{
+            "name": "validate.pod-templates.flyte.org",
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/validate"), "caBundle": b64(ca_pem)},
+            "rules": [{"operations": ["CREATE", "UPDATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": resources, "scope": "Namespaced"}],
+            "objectSelector": {"matchLabels": {"flyte.org/pod-templates": "true"}},
+            "namespaceSelector": {"matchLabels": {"ptw-validate": "true"}},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 5,
+        }]
+    }))
+    .unwrap()
+}
