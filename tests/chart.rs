@@ -1511,7 +1511,7 @@ async fn builtin_mode_rbac_and_ca_bundle(api: &support::ApiServer, admin: &kube:
         ("ptwb", NS, Some("/mutate"), Some(443))
     );
 
-    let token = support::service_account_token(&admin, NS, "ptwb").await;
+    let token = support::service_account_token(admin, NS, "ptwb").await;
     let sa = token_client(api, &token).await;
     // The API server's RBAC cache picks the new bindings up within moments.
     let deadline = Instant::now() + Duration::from_secs(10);
