@@ -15,7 +15,7 @@ use crate::names::Names;
 use crate::server::{self, AppState, Limits};
 use crate::store::dir::{self, DirStore};
 use crate::store::{cluster, TemplateStore};
-use crate::{certs, tls};
+use crate::{certs, tls, yaml};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -260,7 +260,7 @@ fn mutate(args: &TemplateArgs, review: &str) -> anyhow::Result<()> {
 fn render(args: &TemplateArgs, namespace: &str, pod_path: &str, explain: bool) -> anyhow::Result<()> {
     let store = load_dir(args)?;
     let text = String::from_utf8(read_input(pod_path)?).context("the pod manifest is not UTF-8")?;
-    let mut pod: Value = serde_yaml::from_str(&text).with_context(|| format!("{pod_path}: not a YAML or JSON pod"))?;
+    let mut pod: Value = yaml::from_str(&text).with_context(|| format!("{pod_path}: not a YAML or JSON pod"))?;
     if pod.get("kind").and_then(Value::as_str) != Some("Pod") {
         bail!("{pod_path}: expected a manifest of kind Pod");
     }
@@ -289,7 +289,7 @@ fn render(args: &TemplateArgs, namespace: &str, pod_path: &str, explain: bool) -
         let patch: json_patch::Patch = serde_json::from_slice(patch)?;
         json_patch::patch(&mut pod, &patch).context("the patch does not apply to the pod")?;
     }
-    print!("{}", serde_yaml::to_string(&pod)?);
+    print!("{}", yaml::to_string(&pod)?);
     if explain {
         print!("{}", explanation(&original, &pod, &namespace, &store, &policy)?);
     }
@@ -349,19 +349,15 @@ fn validate(names: &Names, paths: &[PathBuf]) -> anyhow::Result<()> {
                         continue;
                     };
                     let (line, what) = match m.kind() {
-                        SourceKind::ConfigMap => (
-                            dir::key_line(&file, m.document, &key),
-                            format!("ConfigMap {}/{} key {key:?}", m.namespace, m.name),
-                        ),
+                        SourceKind::ConfigMap => {
+                            (m.lines.get(&key), format!("ConfigMap {}/{} key {key:?}", m.namespace, m.name))
+                        }
                         SourceKind::PodTemplate => {
                             let field = match &e {
                                 TemplateError::Field { path, .. } if path.starts_with("metadata") => "metadata",
                                 _ => "template",
                             };
-                            (
-                                dir::field_line(&file, m.document, field),
-                                format!("PodTemplate {}/{}", m.namespace, m.name),
-                            )
+                            (m.lines.get(field), format!("PodTemplate {}/{}", m.namespace, m.name))
                         }
                     };
                     let at = line.map(|l| format!(":{l}")).unwrap_or_default();

@@ -18,3 +18,4 @@ pub mod source;
 pub mod store;
 pub mod template;
 pub mod tls;
+pub mod yaml;

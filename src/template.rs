@@ -111,7 +111,7 @@ struct RawMetadata {
 impl PodTemplate {
     /// Parses one ConfigMap value (YAML, or JSON which is YAML too).
     pub fn parse(text: &str) -> Result<Self, TemplateError> {
-        let raw: RawTemplate = serde_yaml::from_str(text).map_err(|e| TemplateError::Syntax(e.to_string()))?;
+        let raw: RawTemplate = crate::yaml::from_str(text).map_err(|e| TemplateError::Syntax(e.message))?;
         let named_primary = raw.primary_container_name.filter(|n| !n.is_empty());
         let primary_container_name_set = named_primary.is_some();
         let primary_container_name = named_primary.unwrap_or_else(|| DEFAULT_PRIMARY_CONTAINER_NAME.to_owned());

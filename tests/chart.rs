@@ -30,7 +30,6 @@ use pod_template_webhook::server::AppState;
 use pod_template_webhook::store::cluster::ClusterStore;
 use pod_template_webhook::store::TemplateStore;
 use pod_template_webhook::tls;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/pod-template-webhook");
@@ -135,10 +134,7 @@ fn render_ok(release: &str, namespace: &str, values: Option<&Path>, sets: &[&str
 }
 
 fn parse_docs(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("rendered YAML does not parse: {e}\n{text}")))
-        .filter(|v| !v.is_null())
-        .collect()
+    pod_template_webhook::yaml::documents(text).unwrap_or_else(|e| panic!("rendered YAML does not parse: {e}\n{text}"))
 }
 
 fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
@@ -159,7 +155,8 @@ fn strs(v: &Value) -> Vec<String> {
 fn value_of(values: &Value, path: &str) -> Value {
     static DEFAULTS: OnceLock<Value> = OnceLock::new();
     let defaults = DEFAULTS.get_or_init(|| {
-        serde_yaml::from_str(&std::fs::read_to_string(Path::new(CHART).join("values.yaml")).unwrap()).unwrap()
+        pod_template_webhook::yaml::from_str(&std::fs::read_to_string(Path::new(CHART).join("values.yaml")).unwrap())
+            .unwrap()
     });
     let pointer = format!("/{}", path.replace('.', "/"));
     values.pointer(&pointer).or_else(|| defaults.pointer(&pointer)).cloned().unwrap_or(Value::Null)
@@ -202,7 +199,7 @@ fn every_ci_permutation_renders_a_safe_webhook() {
     let started = Instant::now();
     let files = ci_values_files();
     for file in &files {
-        let values: Value = serde_yaml::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+        let values: Value = pod_template_webhook::yaml::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
         let values = if values.is_null() { json!({}) } else { values };
         let objects = render_ok("ptw", "flyte", Some(file), &[]);
         let ctx = file.file_name().unwrap().to_string_lossy().into_owned();
@@ -815,7 +812,8 @@ fn the_schema_closes_every_level() {
     );
     // Every key of values.yaml is in the schema (and the defaults validate: helm lint does that).
     let values: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(Path::new(CHART).join("values.yaml")).unwrap()).unwrap();
+        pod_template_webhook::yaml::from_str(&std::fs::read_to_string(Path::new(CHART).join("values.yaml")).unwrap())
+            .unwrap();
     fn covered(values: &Value, schema: &Value, path: &str) {
         if let (Some(map), Some(props)) = (values.as_object(), schema.get("properties").and_then(Value::as_object)) {
             for (k, v) in map {

@@ -259,7 +259,7 @@ fn mutate_of_unreadable_input_fails_with_a_clear_message() {
 fn render_merges_the_gpu_template_into_the_pod() {
     let run = run_bin(&["render", "--templates", "examples/templates", "examples/pods/gpu-pod.yaml"], None);
     assert!(run.status.success(), "{}", run.describe());
-    let pod: Value = serde_yaml::from_str(&run.stdout_str()).expect("stdout is YAML");
+    let pod: Value = pod_template_webhook::yaml::from_str(&run.stdout_str()).expect("stdout is YAML");
     assert_eq!(pod["kind"], "Pod");
     assert_eq!(pod["metadata"]["name"], "train");
     let containers = pod["spec"]["containers"].as_array().expect("containers");

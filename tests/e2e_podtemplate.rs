@@ -61,10 +61,7 @@ fn chart_rbac() -> Vec<Value> {
         .expect("run helm");
     assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .filter(|v: &Value| !v.is_null())
-        .collect()
+    pod_template_webhook::yaml::documents(&text).unwrap()
 }
 
 async fn create<K>(api: Api<K>, object: &Value)
@@ -608,7 +605,7 @@ fn render_applies_a_pod_template_manifest() {
     .unwrap();
     let (ok, stdout, stderr) = run_bin(&["render", "--templates", dir.path().to_str().unwrap(), pod.to_str().unwrap()]);
     assert!(ok, "{stdout}{stderr}");
-    let rendered: Value = serde_yaml::from_str(&stdout).unwrap();
+    let rendered: Value = pod_template_webhook::yaml::from_str(&stdout).unwrap();
     assert_eq!(rendered["metadata"]["labels"]["accelerator"], "a100");
     let applied = rendered["metadata"]["annotations"][APPLIED].as_str().unwrap();
     assert!(applied.starts_with("flyte/podtemplate:gpu/gpu@sha256:"), "{applied}");

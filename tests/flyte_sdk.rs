@@ -78,7 +78,7 @@ fn render(templates: &Path, pod: &str) -> Value {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "render failed ({}):\n{stderr}", out.status);
     assert!(!stderr.contains("warning"), "render warned:\n{stderr}");
-    serde_yaml::from_slice(&out.stdout).expect("render prints a YAML pod")
+    pod_template_webhook::yaml::from_str(std::str::from_utf8(&out.stdout).unwrap()).expect("render prints a YAML pod")
 }
 
 /// Removes the applied annotation (it names the ConfigMap and the content hash, which differ

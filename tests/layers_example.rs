@@ -44,7 +44,7 @@ fn render_explain_prints_what_the_readme_shows() {
     assert_eq!(stderr, block_after("and on stderr the conflict"), "stderr of `{command}`");
 
     // And the output says what the example claims.
-    let pod: serde_json::Value = serde_yaml::from_str(&stdout).unwrap();
+    let pod: serde_json::Value = pod_template_webhook::yaml::from_str(&stdout).unwrap();
     let env: Vec<&str> =
         pod["spec"]["containers"][0]["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert_eq!(env, ["TZ", "NVIDIA_DRIVER_CAPABILITIES", "NCCL_P2P_LEVEL", "EPOCHS"]);

@@ -375,7 +375,7 @@ fn containers_added_by_another_webhook_still_get_the_template() {
 fn the_shared_flyte_sample_gets_exactly_the_documented_changes() {
     let review: Value = serde_json::from_str(include_str!("../../examples/reviews/flyte-task-pod.json")).unwrap();
     let pod = review["request"]["object"].clone();
-    let cm: Value = serde_yaml::from_str(include_str!("../../examples/templates/hello-world.yaml")).unwrap();
+    let cm: Value = crate::yaml::from_str(include_str!("../../examples/templates/hello-world.yaml")).unwrap();
     let out = merged(&pod, cm["data"]["hello_world"].as_str().unwrap());
     let mut expected = pod.clone();
     expected["metadata"]["labels"]["lKeyA"] = json!("lValA");

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -11,6 +12,7 @@ use super::{Catalog, Lookup, ParseProblem, StoreStats, TemplateIndex, TemplateSt
 use crate::names::Names;
 use crate::source::SourceObject;
 use crate::template::SourceKind;
+use crate::yaml::{self, Spanned, YamlError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DirError {
@@ -20,6 +22,8 @@ pub enum DirError {
     Io { path: PathBuf, error: std::io::Error },
     #[error("{path}: document {document}: {message}")]
     Manifest { path: PathBuf, document: usize, message: String },
+    #[error("{path}: {error}")]
+    Yaml { path: PathBuf, error: YamlError },
 }
 
 /// One template source manifest (a ConfigMap or a PodTemplate) found in a file.
@@ -32,6 +36,9 @@ pub struct SourceManifest {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub content: ManifestContent,
+    /// 1-based lines in the file, for `validate`: a ConfigMap's data keys (the line of each
+    /// value), a PodTemplate's `metadata` and `template` fields. Empty where unknown.
+    pub lines: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,11 +77,81 @@ pub struct ConfigMapManifest {
 
 #[derive(Deserialize)]
 struct Manifest {
-    kind: Option<String>,
     #[serde(default)]
     metadata: Metadata,
     #[serde(default)]
     data: Option<BTreeMap<String, String>>,
+}
+
+/// Where the parts of a manifest are, read from the text (a [`Value`] has no positions): the
+/// line of each top-level field, and of each key of `data`. Values are skipped unread, so this
+/// fits any kind of manifest.
+#[derive(Default)]
+struct Positions {
+    fields: BTreeMap<String, u64>,
+    data: BTreeMap<String, u64>,
+}
+
+impl Positions {
+    /// `validate` names a ConfigMap key, or a PodTemplate's `metadata` or `template`.
+    fn lines(mut self) -> BTreeMap<String, u64> {
+        for field in ["metadata", "template"] {
+            if let Some(line) = self.fields.remove(field) {
+                self.data.insert(field.to_owned(), line);
+            }
+        }
+        self.data
+    }
+}
+
+impl<'de> Deserialize<'de> for Positions {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(KeyLines { nested: true })
+    }
+}
+
+/// Visits a mapping, noting the line of each key; anything else has no keys.
+struct KeyLines {
+    /// Also look into `data`.
+    nested: bool,
+}
+
+impl<'de> serde::de::Visitor<'de> for KeyLines {
+    type Value = Positions;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any YAML node")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Positions, A::Error> {
+        let mut found = Positions::default();
+        while let Some(key) = map.next_key::<Spanned<String>>()? {
+            if self.nested && key.value == "data" {
+                found.data = map.next_value_seed(KeyLinesSeed)?.fields;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+            found.fields.insert(key.value, key.referenced.line());
+        }
+        Ok(found)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Positions, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Positions::default())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Positions, E> {
+        Ok(Positions::default())
+    }
+    fn visit_unit<E>(self) -> Result<Positions, E> {
+        Ok(Positions::default())
+    }
+}
+
+struct KeyLinesSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyLinesSeed {
+    type Value = Positions;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Positions, D::Error> {
+        d.deserialize_any(KeyLines { nested: false })
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -107,18 +184,19 @@ pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, DirError> {
 /// namespace belongs to the platform namespace.
 pub fn read_manifests(file: &Path, platform_namespace: &str) -> Result<Vec<SourceManifest>, DirError> {
     let text = std::fs::read_to_string(file).map_err(|error| DirError::Io { path: file.to_owned(), error })?;
+    let yaml = |error| DirError::Yaml { path: file.to_owned(), error };
+    let documents: Vec<Value> = yaml::documents(&text).map_err(yaml)?;
+    // Positions are a convenience for messages: a layout they cannot follow only loses lines.
+    let mut positions = yaml::documents::<Positions>(&text).unwrap_or_default().into_iter();
     let mut found = Vec::new();
-    for (i, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+    for (i, value) in documents.into_iter().enumerate() {
+        let lines = positions.next().map(Positions::lines).unwrap_or_default();
         let error = |message: String| DirError::Manifest { path: file.to_owned(), document: i + 1, message };
-        let value = serde_yaml::Value::deserialize(document).map_err(|e| error(e.to_string()))?;
-        if value.is_null() {
-            continue; // an empty document, e.g. after a trailing `---`
-        }
-        let manifest: Manifest = serde_yaml::from_value(value.clone()).map_err(|e| error(e.to_string()))?;
-        let kind = manifest.kind.as_deref().unwrap_or_default();
-        if !matches!(kind, "ConfigMap" | "PodTemplate") {
+        let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+        if !matches!(kind.as_str(), "ConfigMap" | "PodTemplate") {
             continue;
         }
+        let manifest: Manifest = serde_json::from_value(value.clone()).map_err(|e| error(e.to_string()))?;
         let name = manifest
             .metadata
             .name
@@ -127,7 +205,7 @@ pub fn read_manifests(file: &Path, platform_namespace: &str) -> Result<Vec<Sourc
         let content = if kind == "ConfigMap" {
             ManifestContent::ConfigMap(manifest.data.unwrap_or_default())
         } else {
-            ManifestContent::PodTemplate(serde_yaml::from_value(value).map_err(|e| error(e.to_string()))?)
+            ManifestContent::PodTemplate(value)
         };
         found.push(SourceManifest {
             path: file.to_owned(),
@@ -136,6 +214,7 @@ pub fn read_manifests(file: &Path, platform_namespace: &str) -> Result<Vec<Sourc
             name,
             labels: manifest.metadata.labels.unwrap_or_default(),
             content,
+            lines,
         });
     }
     Ok(found)
@@ -211,59 +290,6 @@ impl TemplateStore for DirStore {
     fn stats(&self) -> StoreStats {
         self.index.stats()
     }
-}
-
-/// The lines of YAML document `document` of `text`, numbered from 1, without blank and comment
-/// lines and the `---` separators.
-fn document_lines(text: &str, document: usize) -> impl Iterator<Item = (usize, &str)> {
-    let mut doc = 0;
-    text.lines().enumerate().filter_map(move |(i, line)| {
-        if line.starts_with("---") {
-            if i > 0 {
-                doc += 1;
-            }
-            return None;
-        }
-        let skip = doc != document || line.trim().is_empty() || line.trim_start().starts_with('#');
-        (!skip).then_some((i + 1, line))
-    })
-}
-
-/// The 1-based line of `file` where the top-level field `field` of YAML document `document` is
-/// (for `validate` messages on a PodTemplate: its `template`); `None` when it is not found in
-/// block style.
-pub fn field_line(file: &Path, document: usize, field: &str) -> Option<usize> {
-    let text = std::fs::read_to_string(file).ok()?;
-    let found = document_lines(&text, document)
-        .find(|(_, line)| line.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')));
-    found.map(|(n, _)| n)
-}
-
-/// The 1-based line of `file` where data key `key` of YAML document `document` starts (for
-/// `validate` messages); `None` when the layout is not the usual block style.
-pub fn key_line(file: &Path, document: usize, key: &str) -> Option<usize> {
-    let text = std::fs::read_to_string(file).ok()?;
-    let indent = |l: &str| l.len() - l.trim_start().len();
-    let mut in_data = false;
-    let mut child_indent = None;
-    for (n, line) in document_lines(&text, document) {
-        if indent(line) == 0 {
-            in_data = line.trim_end() == "data:";
-            child_indent = None;
-            continue;
-        }
-        if in_data {
-            let level = *child_indent.get_or_insert(indent(line));
-            let t = line.trim_start();
-            let name = t.strip_prefix('"').and_then(|t| t.strip_prefix(key)).and_then(|t| t.strip_prefix('"'));
-            let name = name
-                .or_else(|| t.strip_prefix('\'').and_then(|t| t.strip_prefix(key)).and_then(|t| t.strip_prefix('\'')));
-            if indent(line) == level && name.or_else(|| t.strip_prefix(key)).is_some_and(|rest| rest.starts_with(':')) {
-                return Some(n);
-            }
-        }
-    }
-    None
 }
 
 #[cfg(test)]
@@ -379,30 +405,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x.yaml"), "kind: ConfigMap\nmetadata: [\n").unwrap();
         let err = DirStore::load(dir.path(), &Names::default()).unwrap_err().to_string();
-        assert!(err.contains("x.yaml: document 1"), "{err}");
+        assert!(err.ends_with("x.yaml: unclosed bracket '[' at line 2, column 11"), "{err}");
         let err = DirStore::load(&dir.path().join("missing"), &Names::default()).unwrap_err().to_string();
         assert!(err.contains("cannot read"), "{err}");
     }
 
     #[test]
-    fn finds_the_line_of_a_key() {
+    fn knows_the_lines_of_data_keys_and_pod_template_fields() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("a.yaml");
-        let text = "kind: ConfigMap\ndata:\n  other: |\n    mine: nested\n  mine: |\n    labels: [\n---\nkind: ConfigMap\ndata:\n  mine: x\n";
+        let label = "labels: {flyte.org/pod-templates: \"true\"}";
+        let text = format!(
+            "kind: ConfigMap\nmetadata: {{name: a, {label}}}\ndata:\n  other: |\n    mine: nested\n  mine: |\n    labels: [\n\
+             ---\n# a comment\nkind: Secret\ndata: [not, a, map]\n---\n\
+             kind: PodTemplate\nmetadata:\n  name: t\n  {label}\ntemplate:\n  spec: {{}}\n"
+        );
         std::fs::write(&file, text).unwrap();
-        assert_eq!(key_line(&file, 0, "mine"), Some(5), "a nested field of another key is not the key");
-        assert_eq!(key_line(&file, 1, "mine"), Some(10), "the key of the right document");
-        assert_eq!(key_line(&file, 0, "absent"), None);
-    }
-
-    #[test]
-    fn finds_the_line_of_a_top_level_field() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("a.yaml");
-        let text = "kind: ConfigMap\ndata:\n  template: x\n---\n# a PodTemplate\nkind: PodTemplate\nmetadata: {name: t}\ntemplate:\n  spec: {}\n";
-        std::fs::write(&file, text).unwrap();
-        assert_eq!(field_line(&file, 1, "template"), Some(8));
-        assert_eq!(field_line(&file, 0, "template"), None, "a nested key is not the field");
-        assert_eq!(field_line(&file, 1, "kind"), Some(6));
+        let found = read_manifests(&file, "flyte").unwrap();
+        let lines: Vec<_> = found.iter().map(|m| m.lines.clone().into_iter().collect::<Vec<_>>()).collect();
+        assert_eq!(
+            lines,
+            [
+                vec![("metadata".to_owned(), 2), ("mine".to_owned(), 6), ("other".to_owned(), 4)],
+                vec![("metadata".to_owned(), 14), ("template".to_owned(), 17)],
+            ],
+            "a nested `mine:` is not the key; the Secret between them does not shift the lines"
+        );
     }
 }
