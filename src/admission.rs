@@ -17,7 +17,7 @@ use crate::store::{EntryState, Lookup, TemplateEntry, TemplateStore};
 use crate::template::PodTemplate;
 
 /// What to do about a problem with a pod's templates: a missing or broken one, a conflict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnProblem {
     /// `allowed: false` with a message.
     Deny,

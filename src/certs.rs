@@ -21,7 +21,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
 
-use crate::tls::{self, CertResolver, LoadedCert};
+use crate::supervise::LogOnChange;
+use crate::tls::{self, CertEvent, CertResolver, LoadedCert};
 
 #[derive(Debug, Clone)]
 pub struct BuiltinConfig {
@@ -49,6 +50,19 @@ pub enum CertError {
     Generate(rcgen::Error),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The pair is served, but the API server cannot trust it until the caBundle is set.
+    #[error("cannot set the caBundle of webhook configuration {configuration}: {error}")]
+    CaBundle { configuration: String, error: kube::Error },
+}
+
+impl CertError {
+    /// The `source` label of `certificate_errors_total`.
+    pub fn source_label(&self) -> &'static str {
+        match self {
+            CertError::CaBundle { .. } => "ca_bundle",
+            _ => "secret",
+        }
+    }
 }
 
 impl From<kube::Error> for CertError {
@@ -132,11 +146,23 @@ impl BuiltinCerts {
 
     /// Runs forever: one pass now, then every `check_every`. `ready` turns true after the first
     /// pass that serves the Secret's pair with the caBundle in place.
-    pub async fn run(mut self, ready: Arc<AtomicBool>, on_loaded: impl Fn(&LoadedCert) + Send + 'static) {
+    /// A failure is logged once per change of its message and counted on every pass.
+    pub async fn run(mut self, ready: Arc<AtomicBool>, on_event: impl Fn(CertEvent<'_>) + Send + 'static) {
+        let mut log = LogOnChange::default();
         loop {
-            match self.reconcile(&on_loaded).await {
-                Ok(()) => ready.store(true, Ordering::Release),
-                Err(e) => tracing::warn!(error = %e, secret = %self.cfg.secret, "builtin certificates: retrying"),
+            match self.reconcile(&|c| on_event(CertEvent::Loaded(c))).await {
+                Ok(()) => {
+                    ready.store(true, Ordering::Release);
+                    if log.succeeded() {
+                        tracing::info!(secret = %self.cfg.secret, "builtin certificates: recovered");
+                    }
+                }
+                Err(e) => {
+                    if log.failed(&e) {
+                        tracing::warn!(error = %e, secret = %self.cfg.secret, "builtin certificates: retrying");
+                    }
+                    on_event(CertEvent::Failed { source: e.source_label() });
+                }
             }
             tokio::time::sleep(self.cfg.check_every).await;
         }
@@ -244,19 +270,22 @@ impl BuiltinCerts {
     }
 
     /// Sets the caBundle of every webhook of the configuration(s), when it differs.
+    /// A configuration that does not exist is no error (the validating one is optional); any
+    /// other failure is.
     async fn patch_ca_bundle(&self, ca_pem: &str) -> Result<(), CertError> {
         let Some(name) = &self.cfg.webhook_configuration else { return Ok(()) };
+        let failed = |error| CertError::CaBundle { configuration: name.clone(), error };
         let mutating: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-        if let Some(config) = mutating.get_opt(name).await? {
+        if let Some(config) = mutating.get_opt(name).await.map_err(failed)? {
             let bundles =
                 config.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()));
-            patch_if_needed(&mutating, name, bundles.collect(), ca_pem).await?;
+            patch_if_needed(&mutating, name, bundles.collect(), ca_pem).await.map_err(failed)?;
         }
         let validating: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
-        if let Ok(Some(config)) = validating.get_opt(name).await {
+        if let Some(config) = validating.get_opt(name).await.map_err(failed)? {
             let bundles =
                 config.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()));
-            patch_if_needed(&validating, name, bundles.collect(), ca_pem).await?;
+            patch_if_needed(&validating, name, bundles.collect(), ca_pem).await.map_err(failed)?;
         }
         Ok(())
     }
@@ -267,7 +296,7 @@ async fn patch_if_needed<K>(
     name: &str,
     bundles: Vec<Option<&[u8]>>,
     ca_pem: &str,
-) -> Result<(), CertError>
+) -> Result<(), kube::Error>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {

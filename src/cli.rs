@@ -1,21 +1,14 @@
-//! The command line (SPEC §6). Every flag is also an environment variable.
+//! The command line (SPEC §6): what it accepts, nothing more. Every flag is also an environment
+//! variable. `commands` runs the offline commands, `serve` builds and runs the server.
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde_json::{json, Value};
 
-use crate::admission::{self, OnProblem, Outcome, Policy};
+use crate::admission::{OnProblem, Policy};
 use crate::names::Names;
-use crate::server::{self, AppState, Limits};
-use crate::store::dir::{self, DirStore};
-use crate::store::{cluster, TemplateStore};
-use crate::{certs, tls, yaml};
+use crate::server::Limits;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -93,20 +86,38 @@ pub struct NameArgs {
     #[arg(long, env = "PTW_PLATFORM_NAMESPACE", default_value_t = default_platform_namespace())]
     pub platform_namespace: String,
     /// A template named by annotation that does not exist: deny the pod, or allow it with a warning.
-    #[arg(long, env = "PTW_ON_MISSING_TEMPLATE", value_enum, default_value_t = OnProblem::Deny)]
-    pub on_missing_template: OnProblem,
+    #[arg(long, env = "PTW_ON_MISSING_TEMPLATE", value_enum, default_value_t = Problem::Deny)]
+    pub on_missing_template: Problem,
     /// A template that applies to the pod and never parsed: deny the pod, or allow it with a
     /// warning (the template is skipped).
-    #[arg(long, env = "PTW_ON_BROKEN_TEMPLATE", value_enum, default_value_t = OnProblem::Deny)]
-    pub on_broken_template: OnProblem,
+    #[arg(long, env = "PTW_ON_BROKEN_TEMPLATE", value_enum, default_value_t = Problem::Deny)]
+    pub on_broken_template: Problem,
     /// Two templates a pod names set one field to different values (the later one wins): warn,
     /// or deny the pod.
-    #[arg(long, env = "PTW_ON_CONFLICT", value_enum, default_value_t = OnProblem::Warn)]
-    pub on_conflict: OnProblem,
+    #[arg(long, env = "PTW_ON_CONFLICT", value_enum, default_value_t = Problem::Warn)]
+    pub on_conflict: Problem,
     /// Template every pod gets first: from the platform namespace, with a template of the same
     /// name in the pod's own namespace on top. Unset: no defaults.
     #[arg(long, env = "PTW_DEFAULT_TEMPLATE")]
     pub default_template: Option<String>,
+}
+
+/// [`OnProblem`] as a flag value (the admission module knows nothing of the command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Problem {
+    /// Deny the pod with a message.
+    Deny,
+    /// Allow the pod with the message as a warning.
+    Warn,
+}
+
+impl From<Problem> for OnProblem {
+    fn from(p: Problem) -> Self {
+        match p {
+            Problem::Deny => OnProblem::Deny,
+            Problem::Warn => OnProblem::Warn,
+        }
+    }
 }
 
 /// `POD_NAMESPACE` (the webhook's own namespace, from the downward API), else `flyte`.
@@ -128,9 +139,9 @@ impl NameArgs {
     pub fn policy(&self) -> Policy {
         Policy {
             names: self.names(),
-            on_missing: self.on_missing_template,
-            on_broken: self.on_broken_template,
-            on_conflict: self.on_conflict,
+            on_missing: self.on_missing_template.into(),
+            on_broken: self.on_broken_template.into(),
+            on_conflict: self.on_conflict.into(),
             default_template: self.default_template.clone().filter(|t| !t.is_empty()),
         }
     }
@@ -208,294 +219,4 @@ pub struct ServeArgs {
     pub noop_handler: bool,
     #[command(flatten)]
     pub names: NameArgs,
-}
-
-/// Parses the command line and runs it.
-pub fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    init_logging(cli.log_format);
-    match cli.command {
-        Command::Serve(args) => tokio::runtime::Runtime::new()?.block_on(serve(args)),
-        Command::Mutate { templates, review } => mutate(&templates, &review),
-        Command::Render { templates, namespace, explain, pod } => render(&templates, &namespace, &pod, explain),
-        Command::Validate { names, paths } => validate(&names.names(), &paths),
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-}
-
-fn read_input(path: &str) -> anyhow::Result<Vec<u8>> {
-    if path == "-" {
-        let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf).context("cannot read stdin")?;
-        Ok(buf)
-    } else {
-        std::fs::read(path).with_context(|| format!("cannot read {path}"))
-    }
-}
-
-fn load_dir(args: &TemplateArgs) -> anyhow::Result<DirStore> {
-    Ok(DirStore::load(&args.templates, &args.names.names())?)
-}
-
-fn mutate(args: &TemplateArgs, review: &str) -> anyhow::Result<()> {
-    let store = load_dir(args)?;
-    let body = read_input(review)?;
-    let req = admission::parse_review(&body)?;
-    let decision = admission::mutate(req, &store, &args.names.policy())?;
-    let mut out = std::io::stdout().lock();
-    out.write_all(&admission::response_body(&decision))?;
-    out.write_all(b"\n")?;
-    Ok(())
-}
-
-fn render(args: &TemplateArgs, namespace: &str, pod_path: &str, explain: bool) -> anyhow::Result<()> {
-    let store = load_dir(args)?;
-    let text = String::from_utf8(read_input(pod_path)?).context("the pod manifest is not UTF-8")?;
-    let mut pod: Value = yaml::from_str(&text).with_context(|| format!("{pod_path}: not a YAML or JSON pod"))?;
-    if pod.get("kind").and_then(Value::as_str) != Some("Pod") {
-        bail!("{pod_path}: expected a manifest of kind Pod");
-    }
-    let namespace = pod.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or(namespace).to_owned();
-    let review = json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "render", "operation": "CREATE", "namespace": namespace,
-            "name": pod.pointer("/metadata/name").cloned().unwrap_or_default(),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "userInfo": {}, "object": pod,
-        }
-    });
-    let policy = args.names.policy();
-    let req = admission::parse_review(&serde_json::to_vec(&review)?)?;
-    let decision = admission::mutate(req, &store, &policy)?;
-    for w in decision.response.warnings.iter().flatten() {
-        eprintln!("warning: {w}");
-    }
-    if decision.outcome == Outcome::Denied {
-        bail!("denied: {}", decision.response.result.message);
-    }
-    let original = pod.clone();
-    if let Some(patch) = &decision.response.patch {
-        let patch: json_patch::Patch = serde_json::from_slice(patch)?;
-        json_patch::patch(&mut pod, &patch).context("the patch does not apply to the pod")?;
-    }
-    print!("{}", yaml::to_string(&pod)?);
-    if explain {
-        print!("{}", explanation(&original, &pod, &namespace, &store, &policy)?);
-    }
-    Ok(())
-}
-
-/// `render --explain`: YAML comments naming, for every JSON path the webhook changed, the layer
-/// that set it — or the webhook itself for the applied annotation.
-fn explanation(
-    original: &Value,
-    rendered: &Value,
-    namespace: &str,
-    store: &DirStore,
-    policy: &Policy,
-) -> anyhow::Result<String> {
-    let requested = admission::Requested::from_pod(original, &policy.names).map_err(|r| anyhow::anyhow!(r.message))?;
-    let plan = admission::plan(namespace, &requested, store, policy).map_err(|r| anyhow::anyhow!(r.message))?;
-    let layers: Vec<_> = plan.layers.iter().map(admission::PlannedLayer::layer).collect();
-    let (merged, changes) = crate::merge::explain(original, &layers);
-    let mut out = String::from("# --explain: JSON path changed <- the layer that set it\n");
-    if plan.layers.is_empty() {
-        out.push_str("# (no template applies to this pod)\n");
-    }
-    let record =
-        format!("/metadata/annotations/{}", policy.names.applied_annotation.replace('~', "~0").replace('/', "~1"));
-    let recorded = rendered.pointer(&record).is_some() && merged.pointer(&record) != rendered.pointer(&record);
-    let mut lines: Vec<(&str, String)> = changes
-        .iter()
-        .map(|c| (c.path.as_str(), plan.layers[c.layer].describe(&policy.names.platform_namespace)))
-        .collect();
-    if recorded {
-        lines.push((&record, "the webhook: the record of the layers applied".to_owned()));
-    }
-    let width = lines.iter().map(|(path, _)| path.len()).max().unwrap_or(0);
-    for (path, by) in lines {
-        out.push_str(&format!("# {path:width$}  <- {by}\n"));
-    }
-    Ok(out)
-}
-
-fn validate(names: &Names, paths: &[PathBuf]) -> anyhow::Result<()> {
-    use crate::template::{SourceKind, TemplateError};
-    let (mut ok, mut errors) = (0usize, Vec::new());
-    for path in paths {
-        for file in dir::manifest_files(path)? {
-            let manifests = match dir::read_manifests(&file, &names.platform_namespace) {
-                Ok(found) => found,
-                Err(e) => {
-                    errors.push(e.to_string());
-                    continue;
-                }
-            };
-            for m in manifests.iter().filter(|m| m.labels.get(&names.source_label).is_some_and(|v| v == "true")) {
-                for (key, parsed) in m.source().parse_all() {
-                    let Err(e) = parsed else {
-                        ok += 1;
-                        continue;
-                    };
-                    let (line, what) = match m.kind() {
-                        SourceKind::ConfigMap => {
-                            (m.lines.get(&key), format!("ConfigMap {}/{} key {key:?}", m.namespace, m.name))
-                        }
-                        SourceKind::PodTemplate => {
-                            let field = match &e {
-                                TemplateError::Field { path, .. } if path.starts_with("metadata") => "metadata",
-                                _ => "template",
-                            };
-                            (m.lines.get(field), format!("PodTemplate {}/{}", m.namespace, m.name))
-                        }
-                    };
-                    let at = line.map(|l| format!(":{l}")).unwrap_or_default();
-                    errors.push(format!("{}{at}: {what}: {e}", file.display()));
-                }
-            }
-        }
-    }
-    for e in &errors {
-        eprintln!("error: {e}");
-    }
-    println!("{ok} template(s) valid, {} error(s)", errors.len());
-    if !errors.is_empty() {
-        std::process::exit(1);
-    }
-    Ok(())
-}
-
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let policy = args.names.policy();
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    let store: Arc<dyn TemplateStore> = match &args.templates {
-        Some(path) => {
-            let store = DirStore::load(path, &policy.names)?;
-            metrics.templates_reloaded(store.problems.len());
-            Arc::new(store)
-        }
-        None => cluster::ClusterStore::start(&policy.names, &args.watch_namespaces, metrics.clone()).await?,
-    };
-    let platform_namespace = policy.names.platform_namespace.clone();
-    let state = AppState::with_metrics(store, policy, metrics.clone());
-
-    let resolver = serving_certificate(&args, &state, platform_namespace).await?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(resolver));
-
-    let limits = Limits {
-        max_body_bytes: args.max_body_bytes,
-        header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds),
-        drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
-        max_concurrent_requests: args.max_concurrent_requests.max(1),
-        request_timeout: Duration::from_secs(args.request_timeout_seconds.max(1)),
-        keep_alive_timeout: Limits::default().keep_alive_timeout,
-    };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let admin = tokio::net::TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.admin_listen))?;
-    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, "serving");
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admin_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    let admin_app = server::admin_router(state.clone());
-    let admin_task =
-        tokio::spawn(async move { axum::serve(admin, admin_app).with_graceful_shutdown(admin_stop).await });
-    let drain_state = state.clone();
-    let shutdown = async move {
-        shutdown_signal().await;
-        drain_state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!("shutting down: readiness is now false");
-        // A second signal means: now.
-        tokio::spawn(async {
-            shutdown_signal().await;
-            tracing::warn!("second signal: exiting at once");
-            std::process::exit(130);
-        });
-    };
-    #[cfg(feature = "noop-handler")]
-    let app = if args.noop_handler { server::noop_router(&limits) } else { server::webhook_router(state, &limits) };
-    #[cfg(not(feature = "noop-handler"))]
-    let app = server::webhook_router(state, &limits);
-    server::serve_tls(listener, acceptor, app, limits, shutdown).await;
-    let _ = stop_tx.send(true);
-    let _ = admin_task.await;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// The certificate the TLS listener serves, kept current: files reloaded on change, the builtin
-/// Secret-backed pair, or a self-signed one for local use.
-async fn serving_certificate(
-    args: &ServeArgs,
-    state: &AppState,
-    platform_namespace: String,
-) -> anyhow::Result<Arc<tls::CertResolver>> {
-    let metrics = &state.metrics;
-    let (cert, files) = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
-            let (loaded, bytes) = tls::load_files(cert, key)?;
-            (loaded, Some((cert.clone(), key.clone(), bytes)))
-        }
-        _ if args.cert_secret.is_some() => (tls::self_signed()?.0, None),
-        _ => {
-            let (loaded, _) = tls::self_signed()?;
-            tracing::warn!("no --tls-cert/--tls-key: serving a generated SELF-SIGNED certificate for localhost; for local use only");
-            (loaded, None)
-        }
-    };
-    metrics.certificate_loaded(cert.not_after);
-    let resolver = tls::CertResolver::new(cert.key);
-    if let Some(secret) = &args.cert_secret {
-        // Until the Secret's pair is served and the caBundle patched, the placeholder
-        // self-signed certificate above is not trusted by anyone: stay unready.
-        state.certificate_ready.store(false, std::sync::atomic::Ordering::Release);
-        let cfg = certs::BuiltinConfig {
-            // The Secret lives in the webhook's own namespace (where the chart grants access to it),
-            // which need not be the platform namespace.
-            namespace: std::env::var("POD_NAMESPACE").ok().filter(|ns| !ns.is_empty()).unwrap_or(platform_namespace),
-            secret: secret.clone(),
-            dns_names: args.cert_dns_names.clone(),
-            webhook_configuration: args.webhook_configuration.clone(),
-            validity: Duration::from_secs(args.cert_validity_seconds.max(60)),
-            check_every: Duration::from_secs(args.cert_check_seconds.max(1)),
-        };
-        let client = kube::Client::try_default().await.context("builtin certificates need the Kubernetes API")?;
-        let m = metrics.clone();
-        let task = certs::BuiltinCerts::new(client, cfg, resolver.clone());
-        tokio::spawn(task.run(state.certificate_ready.clone(), move |c| m.certificate_loaded(c.not_after)));
-    } else if let Some((cert, key, bytes)) = files {
-        let every = Duration::from_secs(args.cert_reload_seconds.max(1));
-        let m = metrics.clone();
-        tokio::spawn(tls::watch_files(cert, key, bytes, resolver.clone(), every, move |c| {
-            m.certificate_loaded(c.not_after)
-        }));
-    }
-    Ok(resolver)
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

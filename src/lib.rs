@@ -8,14 +8,17 @@
 pub mod admission;
 pub mod certs;
 pub mod cli;
+pub mod commands;
 pub mod doc;
 pub mod merge;
 pub mod metrics;
 pub mod names;
 pub mod patch;
+pub mod serve;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod supervise;
 pub mod template;
 pub mod tls;
 pub mod yaml;

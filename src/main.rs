@@ -3,7 +3,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    if let Err(e) = pod_template_webhook::cli::run() {
+    if let Err(e) = pod_template_webhook::commands::run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -4,11 +4,13 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::store::StoreStats;
-
 /// Latency buckets in seconds, sub-millisecond first: admissions take microseconds.
 const BUCKETS: [f64; 14] =
     [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+
+/// Where a certificate check can fail: the files (`--tls-cert`), the builtin mode's Secret, or
+/// the caBundle patch of the webhook configuration.
+pub const CERTIFICATE_ERROR_SOURCES: [&str; 3] = ["files", "secret", "ca_bundle"];
 
 /// Results an admission can end with.
 pub const RESULTS: [&str; 4] = ["mutated", "unchanged", "denied", "error"];
@@ -23,9 +25,36 @@ pub struct Metrics {
     cert_not_after: AtomicI64,
     cert_reload_time: AtomicI64,
     template_reload_time: AtomicI64,
-    /// The template watch: 0 none (directory store), 1 running, 2 down (restarting).
-    template_watch: AtomicI64,
-    template_watch_restarts: AtomicU64,
+    certificate_errors: [AtomicU64; CERTIFICATE_ERROR_SOURCES.len()],
+    template_watch: TaskHealth,
+    certificate_watch: TaskHealth,
+}
+
+/// A supervised task's state: exported only once the process has such a task.
+#[derive(Debug, Default)]
+struct TaskHealth {
+    /// 0 no such task, 1 running, 2 down (restarting).
+    state: AtomicI64,
+    restarts: AtomicU64,
+}
+
+impl TaskHealth {
+    fn set(&self, running: bool) {
+        self.state.store(if running { 1 } else { 2 }, Relaxed);
+        if !running {
+            self.restarts.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, what: &str) {
+        let state = self.state.load(Relaxed);
+        if state == 0 {
+            return;
+        }
+        let (p, up, restarts) = ("pod_template_webhook", i64::from(state == 1), self.restarts.load(Relaxed));
+        let _ = writeln!(out, "# HELP {p}_{name}_up The {what} task is running (0: it stopped and is being restarted).\n# TYPE {p}_{name}_up gauge\n{p}_{name}_up {up}");
+        let _ = writeln!(out, "# HELP {p}_{name}_restarts_total Times the {what} task stopped (ended or panicked) and was restarted.\n# TYPE {p}_{name}_restarts_total counter\n{p}_{name}_restarts_total {restarts}");
+    }
 }
 
 fn now() -> i64 {
@@ -62,14 +91,23 @@ impl Metrics {
 
     /// The template watch task is running (`true`) or has stopped and is being restarted.
     pub fn template_watch(&self, running: bool) {
-        self.template_watch.store(if running { 1 } else { 2 }, Relaxed);
-        if !running {
-            self.template_watch_restarts.fetch_add(1, Relaxed);
+        self.template_watch.set(running);
+    }
+
+    /// The certificate task (file reload or builtin Secret) is running or being restarted.
+    pub fn certificate_watch(&self, running: bool) {
+        self.certificate_watch.set(running);
+    }
+
+    /// A certificate check failed; `source` is one of [`CERTIFICATE_ERROR_SOURCES`].
+    pub fn certificate_error(&self, source: &str) {
+        if let Some(i) = CERTIFICATE_ERROR_SOURCES.iter().position(|s| *s == source) {
+            self.certificate_errors[i].fetch_add(1, Relaxed);
         }
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, store: StoreStats) -> String {
+    /// The Prometheus text exposition; `templates` and `template_errors` come from the store.
+    pub fn render(&self, templates: usize, template_errors: usize) -> String {
         let mut out = String::with_capacity(4096);
         let p = "pod_template_webhook";
         let _ = writeln!(out, "# HELP {p}_admissions_total Admission reviews answered, by result.");
@@ -93,11 +131,11 @@ impl Metrics {
         let _ = writeln!(out, "{p}_admission_duration_seconds_sum {sum}");
         let _ = writeln!(out, "{p}_admission_duration_seconds_count {count}");
         let gauges = [
-            ("templates_loaded", "Template keys serving a template.", store.templates as i64),
+            ("templates_loaded", "Template keys serving a template.", templates as i64),
             (
                 "template_errors",
                 "Template keys that do not parse (never parsed, or serving a stale version).",
-                store.errors as i64,
+                template_errors as i64,
             ),
             (
                 "certificate_not_after_seconds",
@@ -121,13 +159,14 @@ impl Metrics {
         let _ = writeln!(out, "# HELP {p}_template_parse_errors_total Template keys that failed to parse when loaded.");
         let _ = writeln!(out, "# TYPE {p}_template_parse_errors_total counter");
         let _ = writeln!(out, "{p}_template_parse_errors_total {}", self.template_parse_errors.load(Relaxed));
-        let watch = self.template_watch.load(Relaxed);
-        if watch != 0 {
-            let up = i64::from(watch == 1);
-            let _ = writeln!(out, "# HELP {p}_template_watch_up The template watch task is running (0: it stopped and is being restarted).\n# TYPE {p}_template_watch_up gauge\n{p}_template_watch_up {up}");
-            let restarts = self.template_watch_restarts.load(Relaxed);
-            let _ = writeln!(out, "# HELP {p}_template_watch_restarts_total Times the template watch task stopped (ended or panicked) and was restarted.\n# TYPE {p}_template_watch_restarts_total counter\n{p}_template_watch_restarts_total {restarts}");
+        let _ = writeln!(out, "# HELP {p}_certificate_errors_total Certificate checks that failed (the last good pair keeps serving), by source.");
+        let _ = writeln!(out, "# TYPE {p}_certificate_errors_total counter");
+        for (i, source) in CERTIFICATE_ERROR_SOURCES.iter().enumerate() {
+            let n = self.certificate_errors[i].load(Relaxed);
+            let _ = writeln!(out, "{p}_certificate_errors_total{{source=\"{source}\"}} {n}");
         }
+        self.template_watch.render(&mut out, "template_watch", "template watch");
+        self.certificate_watch.render(&mut out, "certificate_watch", "certificate reload");
         let _ = writeln!(out, "# HELP {p}_build_info Build information.\n# TYPE {p}_build_info gauge");
         let _ = writeln!(out, "{p}_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
         out
@@ -143,7 +182,7 @@ mod tests {
         let m = Metrics::default();
         m.admission("mutated", Duration::from_micros(80));
         m.admission("denied", Duration::from_millis(3));
-        let text = m.render(StoreStats { templates: 7, errors: 1 });
+        let text = m.render(7, 1);
         assert!(text.contains("pod_template_webhook_admissions_total{result=\"mutated\"} 1"));
         assert!(text.contains("pod_template_webhook_admissions_total{result=\"denied\"} 1"));
         assert!(text.contains("pod_template_webhook_admission_duration_seconds_bucket{le=\"0.0001\"} 1"));
@@ -156,12 +195,30 @@ mod tests {
     #[test]
     fn the_template_watch_state_is_exported_only_where_there_is_a_watch() {
         let m = Metrics::default();
-        assert!(!m.render(StoreStats::default()).contains("template_watch"), "a directory store has no watch");
+        assert!(!m.render(0, 0).contains("template_watch"), "a directory store has no watch");
         m.template_watch(true);
-        assert!(m.render(StoreStats::default()).contains("pod_template_webhook_template_watch_up 1\n"));
+        assert!(m.render(0, 0).contains("pod_template_webhook_template_watch_up 1\n"));
         m.template_watch(false);
-        let text = m.render(StoreStats::default());
+        let text = m.render(0, 0);
         assert!(text.contains("pod_template_webhook_template_watch_up 0\n"), "{text}");
         assert!(text.contains("pod_template_webhook_template_watch_restarts_total 1\n"), "{text}");
+    }
+
+    #[test]
+    fn certificate_errors_are_counted_by_source_and_the_watch_state_exported() {
+        let m = Metrics::default();
+        m.certificate_error("ca_bundle");
+        m.certificate_error("ca_bundle");
+        m.certificate_error("files");
+        m.certificate_error("nonsense");
+        let text = m.render(0, 0);
+        assert!(text.contains("pod_template_webhook_certificate_errors_total{source=\"ca_bundle\"} 2\n"), "{text}");
+        assert!(text.contains("pod_template_webhook_certificate_errors_total{source=\"files\"} 1\n"), "{text}");
+        assert!(text.contains("pod_template_webhook_certificate_errors_total{source=\"secret\"} 0\n"), "{text}");
+        assert!(!text.contains("certificate_watch"), "no certificate task yet");
+        m.certificate_watch(false);
+        let text = m.render(0, 0);
+        assert!(text.contains("pod_template_webhook_certificate_watch_up 0\n"), "{text}");
+        assert!(text.contains("pod_template_webhook_certificate_watch_restarts_total 1\n"), "{text}");
     }
 }

@@ -263,7 +263,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(state.store.stats());
+    let stats = state.store.stats();
+    let text = state.metrics.render(stats.templates, stats.errors);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

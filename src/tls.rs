@@ -14,6 +14,8 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::supervise::LogOnChange;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The cause is in the message and is not also a `source` (a field named `source` would be),
@@ -30,6 +32,15 @@ pub enum TlsError {
     Pair(String),
     #[error("cannot generate a self-signed certificate: {0}")]
     Generate(String),
+}
+
+/// What a certificate source tells its owner (metrics, readiness).
+#[derive(Clone, Copy)]
+pub enum CertEvent<'a> {
+    /// A new pair is served.
+    Loaded(&'a LoadedCert),
+    /// A check failed; the last good pair keeps serving. `source`: `files`, `secret`, `ca_bundle`.
+    Failed { source: &'static str },
 }
 
 /// A certificate chain and key, with the leaf's expiry for metrics.
@@ -130,27 +141,41 @@ pub async fn watch_files(
     mut last: Vec<u8>,
     resolver: Arc<CertResolver>,
     every: Duration,
-    on_reload: impl Fn(&LoadedCert) + Send + 'static,
+    on_event: impl Fn(CertEvent<'_>) + Send + 'static,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut log = LogOnChange::default();
     loop {
         tick.tick().await;
-        let read = |p: &Path| std::fs::read(p);
-        let (Ok(cert), Ok(key)) = (read(&cert_path), read(&key_path)) else { continue };
-        let both = [cert.as_slice(), key.as_slice()].concat();
-        if both == last {
-            continue;
-        }
-        match load_pem(&cert, &key, &cert_path, &key_path) {
-            Ok(loaded) => {
-                resolver.set(loaded.key.clone());
-                tracing::info!(cert = %cert_path.display(), not_after = loaded.not_after, "serving certificate reloaded");
-                on_reload(&loaded);
-                last = both;
+        let read = |path: &Path| std::fs::read(path).map_err(|error| TlsError::Read { path: path.to_owned(), error });
+        let loaded = read(&cert_path).and_then(|cert| Ok((cert, read(&key_path)?))).and_then(|(cert, key)| {
+            let both = [cert.as_slice(), key.as_slice()].concat();
+            if both == last {
+                return Ok(None);
+            }
+            Ok(Some((load_pem(&cert, &key, &cert_path, &key_path)?, both)))
+        });
+        match loaded {
+            Ok(unchanged_or_new) => {
+                if log.succeeded() {
+                    tracing::info!(cert = %cert_path.display(), "certificate files usable again");
+                }
+                if let Some((loaded, both)) = unchanged_or_new {
+                    resolver.set(loaded.key.clone());
+                    tracing::info!(cert = %cert_path.display(), not_after = loaded.not_after, "serving certificate reloaded");
+                    on_event(CertEvent::Loaded(&loaded));
+                    last = both;
+                }
             }
             // Files are often written one after the other: a mismatch may be half an update.
-            Err(e) => tracing::warn!(error = %e, "new certificate files rejected; the last good pair keeps serving"),
+            // Logged once per change; every failed check is counted.
+            Err(e) => {
+                if log.failed(&e) {
+                    tracing::warn!(error = %e, "certificate files unreadable or invalid; the last good pair keeps serving");
+                }
+                on_event(CertEvent::Failed { source: "files" });
+            }
         }
     }
 }
@@ -201,5 +226,42 @@ mod tests {
         assert!(matches!(&err, TlsError::Pem { .. }), "{err}");
         let combined = format!("{cert}{}", one.signing_key.serialize_pem());
         assert!(load_pem(combined.as_bytes(), combined.as_bytes(), Path::new("c"), Path::new("k")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn unreadable_files_are_counted_until_a_good_pair_appears() {
+        use std::sync::Mutex;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let resolver = CertResolver::new(self_signed().unwrap().0.key);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let seen = events.clone();
+        let watcher = tokio::spawn(watch_files(
+            cert.clone(),
+            key.clone(),
+            Vec::new(),
+            resolver,
+            Duration::from_millis(10),
+            move |e| {
+                seen.lock().unwrap().push(match e {
+                    CertEvent::Loaded(_) => "loaded",
+                    CertEvent::Failed { source } => source,
+                })
+            },
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let failures = events.lock().unwrap().len();
+        assert!(failures >= 3, "every check of missing files counts: {failures}");
+        assert!(events.lock().unwrap().iter().all(|e| *e == "files"));
+
+        // A good pair: loaded once, then quiet.
+        let pair = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        std::fs::write(&cert, pair.cert.pem()).unwrap();
+        std::fs::write(&key, pair.signing_key.serialize_pem()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = events.lock().unwrap().clone();
+        assert_eq!(after.iter().filter(|e| **e == "loaded").count(), 1, "{after:?}");
+        assert_eq!(after.last(), Some(&"loaded"), "no failure after the good pair: {after:?}");
+        watcher.abort();
     }
 }

@@ -161,5 +161,66 @@ fn builtin_certificates_end_to_end() {
         }
         assert_ne!(renewed_leaf, old_leaf);
         eprintln!("renewed after {:?}; {created} pods created meanwhile, none failed", started.elapsed());
+
+        // Replica C may use the Secret but not patch its webhook configuration: each pass fails
+        // with an error naming the configuration, counted as `ca_bundle`, and C never turns ready.
+        let other_webhook = json!({"metadata": {"name": "ptw-other"}, "webhooks": webhook.webhooks});
+        let mut other_webhook: MutatingWebhookConfiguration = serde_json::from_value(other_webhook).unwrap();
+        other_webhook.webhooks.iter_mut().flatten().for_each(|w| w.client_config.ca_bundle = None);
+        Api::<MutatingWebhookConfiguration>::all(admin.clone())
+            .create(&PostParams::default(), &other_webhook)
+            .await
+            .unwrap();
+        let client = limited_client(&api, &admin).await;
+        let cfg = BuiltinConfig { webhook_configuration: Some("ptw-other".into()), ..config(validity) };
+        let mut c =
+            BuiltinCerts::new(client.clone(), cfg.clone(), tls::CertResolver::new(tls::self_signed().unwrap().0.key));
+        let err = c.reconcile(&|_| {}).await.unwrap_err();
+        assert_eq!(err.source_label(), "ca_bundle", "{err}");
+        let message = err.to_string();
+        assert!(message.starts_with("cannot set the caBundle of webhook configuration ptw-other: "), "{message}");
+        assert!(message.contains("forbidden"), "{message}");
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = failures.clone();
+        let ready_c = Arc::new(AtomicBool::new(false));
+        let resolver = tls::CertResolver::new(tls::self_signed().unwrap().0.key);
+        let task = tokio::spawn(BuiltinCerts::new(client, cfg, resolver).run(ready_c.clone(), move |event| {
+            if let tls::CertEvent::Failed { source } = event {
+                seen.lock().unwrap().push(source);
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        task.abort();
+        let failures = failures.lock().unwrap().clone();
+        assert!(failures.len() >= 2, "every pass is counted: {failures:?}");
+        assert!(failures.iter().all(|s| *s == "ca_bundle"), "{failures:?}");
+        assert!(!ready_c.load(Ordering::Acquire), "not ready while the API server cannot trust the pair");
     });
+}
+
+/// A client of ServiceAccount `flyte/limited`, which may read and write Secrets of `flyte` and
+/// read webhook configurations, but not patch them.
+async fn limited_client(api: &support::ApiServer, admin: &kube::Client) -> kube::Client {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "limited"}})).unwrap();
+    Api::<ServiceAccount>::namespaced(admin.clone(), "flyte").create(&PostParams::default(), &sa).await.unwrap();
+    let role: ClusterRole = serde_json::from_value(json!({
+        "metadata": {"name": "ptw-limited"},
+        "rules": [
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "update", "patch"]},
+            {"apiGroups": ["admissionregistration.k8s.io"],
+             "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"], "verbs": ["get"]},
+        ]
+    }))
+    .unwrap();
+    Api::<ClusterRole>::all(admin.clone()).create(&PostParams::default(), &role).await.unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "ptw-limited"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ptw-limited"},
+        "subjects": [{"kind": "ServiceAccount", "name": "limited", "namespace": "flyte"}],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(admin.clone()).create(&PostParams::default(), &binding).await.unwrap();
+    let token = support::service_account_token(admin, "flyte", "limited").await;
+    support::token_client(&api.url, &api.pki.ca_pem, &token).await
 }

@@ -514,17 +514,23 @@ async fn certificate_reloads_on_a_secret_volume_symlink_swap_and_keeps_the_last_
         let (loaded, bytes) =
             tls::load_files(&volume.cert(), &volume.key()).expect("initial pair loads through the symlinks");
         let resolver = CertResolver::new(loaded.key);
-        let reloads = Arc::new(AtomicUsize::new(0));
-        let counter = reloads.clone();
+        let (reloads, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (counter, failures_seen) = (reloads.clone(), failures.clone());
         let watcher = tokio::spawn(tls::watch_files(
             volume.cert(),
             volume.key(),
             bytes,
             resolver.clone(),
             Duration::from_millis(100),
-            move |c| {
-                assert!(c.not_after > 0, "a reloaded certificate has a known expiry");
-                counter.fetch_add(1, Ordering::SeqCst);
+            move |event| match event {
+                tls::CertEvent::Loaded(c) => {
+                    assert!(c.not_after > 0, "a reloaded certificate has a known expiry");
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                tls::CertEvent::Failed { source } => {
+                    assert_eq!(source, "files");
+                    failures_seen.fetch_add(1, Ordering::SeqCst);
+                }
             },
         ));
         let server = start_server(resolver, Limits::default()).await;
@@ -555,6 +561,7 @@ async fn certificate_reloads_on_a_secret_volume_symlink_swap_and_keeps_the_last_
             ("mismatched key", third.cert_pem.as_bytes(), fourth.key_pem.as_bytes()),
         ];
         for (what, cert, key) in broken {
+            let failed_before = failures.load(Ordering::SeqCst);
             volume.publish(cert, key);
             // Ten polling periods: every handshake meanwhile still gets the last good pair.
             let until = Instant::now() + Duration::from_millis(1000);
@@ -570,6 +577,7 @@ async fn certificate_reloads_on_a_secret_volume_symlink_swap_and_keeps_the_last_
             }
             assert!(handshakes >= 3, "{what}: only {handshakes} handshakes in 1 s");
             assert_eq!(reloads.load(Ordering::SeqCst), 1, "{what}: a broken pair is not a reload");
+            assert!(failures.load(Ordering::SeqCst) >= failed_before + 5, "{what}: each failed check is counted");
         }
 
         // The watcher survived the broken files: a good pair is picked up again.

@@ -7,7 +7,6 @@ use std::collections::HashSet;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::stream::BoxStream;
@@ -24,6 +23,7 @@ use serde::de::DeserializeOwned;
 use super::{Catalog, Lookup, ParseProblem, StoreStats, TemplateIndex, TemplateStore};
 use crate::metrics::Metrics;
 use crate::names::Names;
+use crate::supervise::{supervise, Supervision};
 use crate::template::SourceKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -257,66 +257,6 @@ async fn watch(
     }
 }
 
-/// How a task is kept running (DEVELOPERS: every spawned task is supervised).
-#[derive(Debug, Clone, Copy)]
-pub struct Supervision {
-    /// The wait before the first restart; doubled after each stop, up to `max_backoff`.
-    pub first_backoff: Duration,
-    pub max_backoff: Duration,
-    /// A run that lasted this long was healthy: the count of stops starts again.
-    pub healthy_after: Duration,
-    /// Stops in a row (none of them after a healthy run) before giving up.
-    pub give_up_after: u32,
-}
-
-impl Default for Supervision {
-    fn default() -> Self {
-        Supervision {
-            first_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(30),
-            healthy_after: Duration::from_secs(120),
-            give_up_after: 8,
-        }
-    }
-}
-
-/// Runs `run()` as a task and starts it again with backoff whenever it ends or panics, telling
-/// `on_state` when it runs (`true`) and when it stopped (`false`). After too many stops in a row,
-/// calls `give_up` (in the server: exit non-zero, and the kubelet restarts the pod).
-pub async fn supervise<F, Fut>(
-    name: &'static str,
-    mut run: F,
-    policy: Supervision,
-    mut on_state: impl FnMut(bool),
-    give_up: impl FnOnce(),
-) where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (mut stops, mut backoff) = (0u32, policy.first_backoff);
-    loop {
-        on_state(true);
-        let started = tokio::time::Instant::now();
-        let why = match tokio::spawn(run()).await {
-            Ok(()) => "ended".to_owned(),
-            Err(e) => format!("panicked: {e}"),
-        };
-        on_state(false);
-        if started.elapsed() >= policy.healthy_after {
-            (stops, backoff) = (0, policy.first_backoff);
-        }
-        stops += 1;
-        if stops >= policy.give_up_after {
-            tracing::error!(task = name, stops, why, "task keeps stopping; giving up");
-            give_up();
-            return;
-        }
-        tracing::error!(task = name, stops, why, ?backoff, "task stopped; restarting");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(policy.max_backoff);
-    }
-}
-
 /// Logs, counts and publishes an Event on the source object (ConfigMap or PodTemplate) for each
 /// template that did not parse.
 fn report(
@@ -369,57 +309,5 @@ mod tests {
         let chain = format!("{:#}", anyhow::Error::from(err));
         assert_eq!(chain.matches("expected value").count(), 1, "{chain}");
         assert!(chain.starts_with("cannot build a Kubernetes client"), "{chain}");
-    }
-
-    fn quick() -> Supervision {
-        Supervision {
-            first_backoff: Duration::from_millis(5),
-            max_backoff: Duration::from_millis(20),
-            healthy_after: Duration::from_secs(60),
-            give_up_after: 4,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_task_that_panics_is_restarted_and_said_to_be_down_meanwhile() {
-        use std::sync::atomic::AtomicUsize;
-        use std::sync::Mutex;
-        let runs = Arc::new(AtomicUsize::new(0));
-        let states = Arc::new(Mutex::new(Vec::new()));
-        let (r, s) = (runs.clone(), states.clone());
-        let run = move || {
-            let n = r.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n < 2 {
-                    panic!("watch bug #{n}");
-                }
-                std::future::pending::<()>().await // the third run stays up
-            }
-        };
-        let task =
-            tokio::spawn(supervise("test", run, quick(), move |up| s.lock().unwrap().push(up), || panic!("gave up")));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while runs.load(Ordering::SeqCst) < 3 {
-            assert!(tokio::time::Instant::now() < deadline, "not restarted");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(*states.lock().unwrap(), [true, false, true, false, true], "down after each panic, up on each run");
-        assert!(!task.is_finished(), "still supervising");
-        task.abort();
-    }
-
-    #[tokio::test]
-    async fn a_task_that_keeps_stopping_is_given_up() {
-        let stops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let s = stops.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let on_state = move |up: bool| {
-            if !up {
-                s.fetch_add(1, Ordering::SeqCst);
-            }
-        };
-        supervise("test", || async {}, quick(), on_state, move || tx.send(()).unwrap()).await;
-        rx.await.expect("give_up was called");
-        assert_eq!(stops.load(Ordering::SeqCst), 4, "gives up after give_up_after stops in a row");
     }
 }

@@ -1,0 +1,177 @@
+//! `serve`: builds the server from its flags and runs it until a signal — the template store,
+//! the serving certificate, the listeners, the drain.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::cli::ServeArgs;
+use crate::metrics::Metrics;
+use crate::server::{self, AppState, Limits};
+use crate::store::dir::DirStore;
+use crate::store::{cluster, TemplateStore};
+use crate::supervise::{supervise, Supervision};
+use crate::tls::CertEvent;
+use crate::{certs, tls};
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let policy = args.names.policy();
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let store: Arc<dyn TemplateStore> = match &args.templates {
+        Some(path) => {
+            let store = DirStore::load(path, &policy.names)?;
+            metrics.templates_reloaded(store.problems.len());
+            Arc::new(store)
+        }
+        None => cluster::ClusterStore::start(&policy.names, &args.watch_namespaces, metrics.clone()).await?,
+    };
+    let platform_namespace = policy.names.platform_namespace.clone();
+    let state = AppState::with_metrics(store, policy, metrics.clone());
+
+    let resolver = serving_certificate(&args, &state, platform_namespace).await?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(resolver));
+
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds),
+        drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
+        max_concurrent_requests: args.max_concurrent_requests.max(1),
+        request_timeout: Duration::from_secs(args.request_timeout_seconds.max(1)),
+        keep_alive_timeout: Limits::default().keep_alive_timeout,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.admin_listen))?;
+    tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, "serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin_stop = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let admin_app = server::admin_router(state.clone());
+    let admin_task =
+        tokio::spawn(async move { axum::serve(admin, admin_app).with_graceful_shutdown(admin_stop).await });
+    let drain_state = state.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        drain_state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("shutting down: readiness is now false");
+        // A second signal means: now.
+        tokio::spawn(async {
+            shutdown_signal().await;
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(130);
+        });
+    };
+    #[cfg(feature = "noop-handler")]
+    let app = if args.noop_handler { server::noop_router(&limits) } else { server::webhook_router(state, &limits) };
+    #[cfg(not(feature = "noop-handler"))]
+    let app = server::webhook_router(state, &limits);
+    server::serve_tls(listener, acceptor, app, limits, shutdown).await;
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The certificate the TLS listener serves, kept current: files reloaded on change, the builtin
+/// Secret-backed pair, or a self-signed one for local use.
+async fn serving_certificate(
+    args: &ServeArgs,
+    state: &AppState,
+    platform_namespace: String,
+) -> anyhow::Result<Arc<tls::CertResolver>> {
+    let metrics = state.metrics.clone();
+    let (cert, files) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let (loaded, bytes) = tls::load_files(cert, key)?;
+            (loaded, Some((cert.clone(), key.clone(), bytes)))
+        }
+        _ if args.cert_secret.is_some() => (tls::self_signed()?.0, None),
+        _ => {
+            let (loaded, _) = tls::self_signed()?;
+            tracing::warn!("no --tls-cert/--tls-key: serving a generated SELF-SIGNED certificate for localhost; for local use only");
+            (loaded, None)
+        }
+    };
+    metrics.certificate_loaded(cert.not_after);
+    let resolver = tls::CertResolver::new(cert.key);
+    if let Some(secret) = &args.cert_secret {
+        // Until the Secret's pair is served and the caBundle patched, the placeholder
+        // self-signed certificate above is not trusted by anyone: stay unready.
+        state.certificate_ready.store(false, std::sync::atomic::Ordering::Release);
+        let cfg = certs::BuiltinConfig {
+            // The Secret lives in the webhook's own namespace (where the chart grants access to it),
+            // which need not be the platform namespace.
+            namespace: std::env::var("POD_NAMESPACE").ok().filter(|ns| !ns.is_empty()).unwrap_or(platform_namespace),
+            secret: secret.clone(),
+            dns_names: args.cert_dns_names.clone(),
+            webhook_configuration: args.webhook_configuration.clone(),
+            validity: Duration::from_secs(args.cert_validity_seconds.max(60)),
+            check_every: Duration::from_secs(args.cert_check_seconds.max(1)),
+        };
+        let client = kube::Client::try_default().await.context("builtin certificates need the Kubernetes API")?;
+        let (ready, resolver) = (state.certificate_ready.clone(), resolver.clone());
+        let run = move || {
+            let events = certificate_events(&metrics);
+            certs::BuiltinCerts::new(client.clone(), cfg.clone(), resolver.clone()).run(ready.clone(), events)
+        };
+        // Readiness returns when a restarted task has served the Secret's pair again.
+        spawn_certificate_task(run, state, false);
+    } else if let Some((cert, key, bytes)) = files {
+        let every = Duration::from_secs(args.cert_reload_seconds.max(1));
+        let resolver = resolver.clone();
+        let run = move || {
+            let events = certificate_events(&metrics);
+            tls::watch_files(cert.clone(), key.clone(), bytes.clone(), resolver.clone(), every, events)
+        };
+        spawn_certificate_task(run, state, true);
+    }
+    Ok(resolver)
+}
+
+/// A certificate task's events as metrics.
+fn certificate_events(metrics: &Arc<Metrics>) -> impl Fn(CertEvent<'_>) + Send + 'static {
+    let metrics = metrics.clone();
+    move |event| match event {
+        CertEvent::Loaded(c) => metrics.certificate_loaded(c.not_after),
+        CertEvent::Failed { source } => metrics.certificate_error(source),
+    }
+}
+
+/// Supervises the task keeping the serving certificate current: while it is down, readiness is
+/// false and `certificate_watch_up` 0; `up_is_ready`: a running task means ready (files), or the
+/// task says so itself (builtin, after its first pass).
+fn spawn_certificate_task<F, Fut>(run: F, state: &AppState, up_is_ready: bool)
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (metrics, ready) = (state.metrics.clone(), state.certificate_ready.clone());
+    let on_state = move |running: bool| {
+        metrics.certificate_watch(running);
+        if !running || up_is_ready {
+            ready.store(running, std::sync::atomic::Ordering::Release);
+        }
+    };
+    let give_up = || {
+        tracing::error!("the certificate task keeps stopping; exiting so that the kubelet restarts the process");
+        std::process::exit(1);
+    };
+    tokio::spawn(supervise("certificate", run, Supervision::default(), on_state, give_up));
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
