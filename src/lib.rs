@@ -9,6 +9,7 @@ pub mod admission;
 pub mod certs;
 pub mod cli;
 pub mod doc;
+pub mod export;
 pub mod merge;
 pub mod metrics;
 pub mod names;
