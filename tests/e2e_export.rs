@@ -250,6 +250,7 @@ async fn compare_directory(dir: &str) {
     webhooks.delete("pod-template-webhook", &DeleteParams::default()).await.unwrap();
     wait_admission(&c, &probes, false).await;
     let mutated = through_webhook.iter().filter(|p| p["metadata"]["annotations"][APPLIED].is_string()).count();
+    eprintln!("{dir}: {} policies, {} pods, {mutated} mutated by the webhook", policies.len(), pods.len());
     assert!(
         mutated >= probes.len() * 3,
         "{dir}: only {mutated} pods got a template: the comparison would prove little"
@@ -298,4 +299,90 @@ fn exported_policies_make_the_same_pods_as_the_webhook() {
         env.runtime.block_on(compare_directory(dir));
         eprintln!("{dir}: compared in {:?}", started.elapsed());
     }
+}
+
+/// A temporary template directory holding `manifests`.
+fn template_dir(manifests: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("templates.yaml"), manifests).unwrap();
+    dir
+}
+
+fn config_map(namespace: &str, name: &str, data: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{flyte.org/pod-templates: \"true\"}}}}\ndata:\n{data}\n---\n"
+    )
+}
+
+fn exported_names(yaml: &str) -> Vec<String> {
+    documents(yaml)
+        .iter()
+        .filter(|o| o["kind"] == "MutatingAdmissionPolicy")
+        .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_broken_template_is_named_and_the_others_are_still_exported() {
+    let dir = template_dir(&config_map(
+        "flyte",
+        "cm",
+        "  fine: 'labels: {a: b}'\n  typo: 'podSpec: {containers: [{name: primary, evn: []}]}'",
+    ));
+    let (code, yaml, stderr) = export_policy(&["--templates", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("template flyte/typo (ConfigMap flyte/cm key \"typo\"): not exported: does not parse: podSpec.containers[0].evn: unknown field"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("flyte/fine"), "{stderr}");
+    assert_eq!(exported_names(&yaml), ["pod-template.flyte.fine"]);
+}
+
+#[test]
+fn a_shadowed_template_is_refused_naming_the_one_that_wins() {
+    let manifests = config_map("flyte", "b-second", "  t: 'labels: {from: b}'")
+        + &config_map("flyte", "a-first", "  t: 'labels: {from: a}'");
+    let dir = template_dir(&manifests);
+    let (code, yaml, stderr) = export_policy(&["--templates", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("template flyte/t (ConfigMap flyte/b-second key \"t\"): not exported: never applied by the webhook: ConfigMap flyte/a-first key \"t\""),
+        "{stderr}"
+    );
+    let policies: Vec<Value> =
+        documents(&yaml).into_iter().filter(|o| o["kind"] == "MutatingAdmissionPolicy").collect();
+    assert_eq!(policies.len(), 1);
+    assert!(policies[0]["metadata"]["annotations"][APPLIED].as_str().unwrap().starts_with("flyte/a-first/t@sha256:"));
+}
+
+#[test]
+fn with_a_default_template_nothing_is_exported() {
+    let (code, yaml, stderr) = export_policy(&["--templates", "examples/layers", "--default-template", "defaults"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(yaml, "", "no policy at all");
+    for template in ["flyte/defaults", "ml-team/defaults", "flyte/gpu", "flyte/a100"] {
+        assert!(
+            stderr.contains(&format!("template {template} (")) && stderr.contains("--default-template \"defaults\""),
+            "{template}: {stderr}"
+        );
+    }
+    assert!(stderr.contains("4 template(s) not exported"), "{stderr}");
+}
+
+#[test]
+fn templates_can_be_chosen_by_name_or_namespace_and_name() {
+    let (code, yaml, stderr) = export_policy(&["--templates", "examples/layers", "ml-team/defaults", "gpu"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(exported_names(&yaml), ["pod-template.ml-team.defaults", "pod-template.flyte.gpu"]);
+    // The platform's `defaults` is not printed, yet its namespace rule still knows ml-team's.
+    let (_, all, _) = export_policy(&["--templates", "examples/layers", "flyte/defaults"]);
+    let binding = documents(&all).into_iter().find(|o| o["kind"] == "MutatingAdmissionPolicyBinding").unwrap();
+    assert_eq!(
+        binding["spec"]["matchResources"]["namespaceSelector"],
+        json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["ml-team"]}]})
+    );
+    let (code, _, stderr) = export_policy(&["--templates", "examples/layers", "nope"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("no template \"nope\" in examples/layers"), "{stderr}");
 }
