@@ -98,11 +98,13 @@ fn shapes(template: &str, index: usize) -> Vec<Value> {
                        {"name": name("named"), "image": image, "resources": {"limits": {"cpu": "2"}},
                         "volumeMounts": [{"name": "own", "mountPath": "/scratch"}]},
                        {"name": "no-image", "image": image},
+                       // Named like a template init container: that one is then not added.
+                       {"name": "fetch", "image": image},
                    ],
                    "volumes": [{"name": "own", "emptyDir": {}}]}}),
-        // Chooses its primary container by annotation.
+        // Chooses its primary container by annotation; a blank template annotation leaves the label.
         json!({"metadata": {"name": name("chosen"), "labels": {"flyte.org/environment": template},
-                            "annotations": {"kubectl.kubernetes.io/default-container": "second"}},
+                            "annotations": {"kubectl.kubernetes.io/default-container": "second", "flyte.org/pod-template": " "}},
                "spec": {"containers": [{"name": "first", "image": image}, {"name": "second", "image": image}]}}),
     ]
 }
