@@ -74,16 +74,15 @@ pub fn export_all(
     names: &Names,
     default_template: Option<&str>,
 ) -> Vec<(TemplateSource, Result<Exported, Refusal>)> {
+    let default_template = default_template.filter(|d| !d.is_empty());
     found
         .iter()
         .map(|f| {
-            let exported = match &f.state {
-                FoundState::Broken(e) => Err(Refusal::Broken(e.clone())),
-                FoundState::Shadowed { by } => Err(Refusal::Shadowed { by: by.describe() }),
-                FoundState::Ready(_) if default_template.is_some_and(|d| !d.is_empty()) => {
-                    Err(Refusal::DefaultTemplate(default_template.unwrap_or_default().to_owned()))
-                }
-                FoundState::Ready(template) => {
+            let exported = match (&f.state, default_template) {
+                (FoundState::Broken(e), _) => Err(Refusal::Broken(e.clone())),
+                (FoundState::Shadowed { by }, _) => Err(Refusal::Shadowed { by: by.describe() }),
+                (FoundState::Ready(_), Some(default)) => Err(Refusal::DefaultTemplate(default.to_owned())),
+                (FoundState::Ready(template), None) => {
                     let own_templates = own_namespaces(found, &f.source, names);
                     export(template, &f.source, names, &own_templates)
                 }
@@ -191,14 +190,11 @@ pub fn object_name(source: &TemplateSource) -> String {
 /// The pods that name exactly this template (SPEC §8 layer 3): the annotation if it is not
 /// blank (a list of one name, spaces trimmed), else the environment label.
 fn names_this_template(key: &str, names: &Names) -> String {
-    let annotation = map_entry("object.metadata.annotations", &names.template_annotation);
-    let label = map_entry("object.metadata.labels", &names.environment_label);
-    let (has_annotation, annotation_value) = annotation;
-    let (has_label, label_value) = label;
+    let (has_annotation, annotation) = map_entry("object.metadata.annotations", &names.template_annotation);
+    let (has_label, label) = map_entry("object.metadata.labels", &names.environment_label);
     let key = cel_string(key);
     format!(
-        "{has_annotation} && {annotation_value}.trim() != \"\" ? {annotation_value}.trim() == {key} : \
-         {has_label} && {label_value} == {key}"
+        "{has_annotation} && {annotation}.trim() != \"\" ? {annotation}.trim() == {key} : {has_label} && {label} == {key}"
     )
 }
 
