@@ -380,7 +380,7 @@ fn export_policy(args: &TemplateArgs, wanted: &[String]) -> anyhow::Result<()> {
         match result {
             Ok(e) => {
                 for object in [&e.policy, &e.binding] {
-                    write!(out, "---\n{}", serde_yaml::to_string(object)?)?;
+                    write!(out, "---\n{}", yaml::to_string(object)?)?;
                 }
             }
             Err(refusal) => {

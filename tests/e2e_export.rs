@@ -63,8 +63,7 @@ fn export_policy(args: &[&str]) -> (i32, String, String) {
 
 /// The objects of a multi-document YAML text.
 fn documents(yaml: &str) -> Vec<Value> {
-    use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(yaml).map(|d| Value::deserialize(d).unwrap()).filter(|v| !v.is_null()).collect()
+    pod_template_webhook::yaml::documents(yaml).unwrap_or_else(|e| panic!("export-policy printed no YAML: {e}\n{yaml}"))
 }
 
 /// Pods of several shapes that name `template`: by label, by annotation (spaces around it), with
