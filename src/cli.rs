@@ -56,6 +56,14 @@ pub enum Command {
         explain: bool,
         pod: String,
     },
+    /// Print each template as a MutatingAdmissionPolicy and its binding (YAML), for the API server
+    /// to apply in-tree; exits non-zero naming each template that is broken or cannot be exported.
+    ExportPolicy {
+        #[command(flatten)]
+        templates: TemplateArgs,
+        /// Templates to export, `NAME` (in every namespace) or `NAMESPACE/NAME`; default: all.
+        names: Vec<String>,
+    },
     /// Check template ConfigMaps and PodTemplates; exits non-zero naming file, line, object (and
     /// ConfigMap key) of each error.
     Validate {

@@ -12,6 +12,7 @@ use crate::admission::{self, Outcome, Policy};
 use crate::cli::{Cli, Command, LogFormat, TemplateArgs};
 use crate::names::Names;
 use crate::store::dir::{self, DirStore};
+use crate::store::TemplateStore;
 use crate::yaml;
 
 /// Parses the command line and runs it.
@@ -23,6 +24,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Mutate { templates, review } => mutate(&templates, &review),
         Command::Render { templates, namespace, explain, pod } => render(&templates, &namespace, &pod, explain),
         Command::Validate { names, paths } => validate(&names.names(), &paths),
+        Command::ExportPolicy { templates, names } => export_policy(&templates, &names),
     }
 }
 
@@ -132,6 +134,69 @@ fn explanation(
         out.push_str(&format!("# {path:width$}  <- {by}\n"));
     }
     Ok(out)
+}
+
+fn export_policy(args: &TemplateArgs, wanted: &[String]) -> anyhow::Result<()> {
+    use crate::export::{export_all, Found, FoundState};
+    use crate::store::EntryState;
+    let names = args.names.names();
+    let store = load_dir(args)?;
+    let mut found = Vec::new();
+    for m in dir::read_template_sources(&args.templates, &names)? {
+        for entry in m.source().entries() {
+            let source = crate::template::TemplateSource {
+                kind: m.kind(),
+                namespace: m.namespace.clone(),
+                object: m.name.clone(),
+                key: entry.name.to_owned(),
+                version: entry.content_hash(),
+            };
+            let served = store.lookup(&m.namespace, entry.name).entry.context("a loaded template is in the store")?;
+            let state = match &served.state {
+                _ if served.source != source => FoundState::Shadowed { by: served.source.clone() },
+                EntryState::Ready(t) | EntryState::Stale { template: t, .. } => FoundState::Ready(t.clone()),
+                EntryState::Broken(e) => FoundState::Broken(e.clone()),
+            };
+            found.push(Found { source, state });
+        }
+    }
+    let names_it =
+        |w: &String, f: &Found| *w == f.source.key || *w == format!("{}/{}", f.source.namespace, f.source.key);
+    let selected = |f: &Found| wanted.is_empty() || wanted.iter().any(|w| names_it(w, f));
+    if let Some(w) = wanted.iter().find(|w| !found.iter().any(|f| names_it(w, f))) {
+        bail!("no template {w:?} in {}", args.templates.display());
+    }
+    // Every template stays in view for the namespace rules; only the selected ones are printed.
+    let exported = export_all(&found, &names, args.names.default_template.as_deref());
+    let mut refused = 0;
+    let mut out = std::io::stdout().lock();
+    for ((source, result), f) in exported.iter().zip(&found) {
+        if !selected(f) {
+            continue;
+        }
+        match result {
+            Ok(e) => {
+                for object in [&e.policy, &e.binding] {
+                    write!(out, "---\n{}", yaml::to_string(object)?)?;
+                }
+            }
+            Err(refusal) => {
+                refused += 1;
+                eprintln!(
+                    "error: template {}/{} ({}): not exported: {refusal}",
+                    source.namespace,
+                    source.key,
+                    source.describe()
+                );
+            }
+        }
+    }
+    out.flush()?;
+    if refused > 0 {
+        eprintln!("{refused} template(s) not exported; keep them on the webhook");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn validate(names: &Names, paths: &[PathBuf]) -> anyhow::Result<()> {

@@ -91,7 +91,7 @@ pub(crate) enum Ctx {
 }
 
 impl Ctx {
-    fn child(self, key: &str) -> Ctx {
+    pub(crate) fn child(self, key: &str) -> Ctx {
         match (self, key) {
             (Ctx::Container, "livenessProbe" | "readinessProbe" | "startupProbe") => Ctx::Probe,
             _ => Ctx::Other,
@@ -142,7 +142,7 @@ fn default_pull_policy(image: &str) -> &'static str {
 }
 
 /// How entries of a list are matched (§4 "Keyed lists").
-enum ListRule {
+pub(crate) enum ListRule {
     /// The pod's entry with the same key stays; the template's other entries are added first.
     Keyed(fn(&Node<'_>) -> Option<String>),
     /// The pod's list, if not empty, is kept as a whole.
@@ -151,7 +151,7 @@ enum ListRule {
     Union,
 }
 
-fn list_rule(key: &str) -> ListRule {
+pub(crate) fn list_rule(key: &str) -> ListRule {
     match key {
         "env" | "volumes" | "imagePullSecrets" | "resourceClaims" | "schedulingGates" => {
             ListRule::Keyed(|v| v.str_field("name"))

@@ -1676,3 +1676,19 @@ impl TemplateStore for LazyStore {
         self.0.lock().unwrap().as_ref().map(|s| s.stats()).unwrap_or_default()
     }
 }
+
+#[test]
+fn exported_environments_leave_the_webhook_objectselector() {
+    let selector = |sets: &[&str]| {
+        let objects = render_ok("ptw", "flyte", None, sets);
+        one(&objects, "MutatingWebhookConfiguration")["webhooks"][0]["objectSelector"].clone()
+    };
+    let exists = json!({"key": "flyte.org/environment", "operator": "Exists"});
+    assert_eq!(selector(&[]), json!({"matchExpressions": [exists]}));
+    assert_eq!(
+        selector(&["webhook.excludeEnvironments={gpu,hello_world}"]),
+        json!({"matchExpressions": [exists, {"key": "flyte.org/environment", "operator": "NotIn", "values": ["gpu", "hello_world"]}]})
+    );
+    let err = render("ptw", "flyte", None, &["webhook.excludeEnvironments={not a label value}"]).unwrap_err();
+    assert!(err.contains("excludeEnvironments"), "{err}");
+}
