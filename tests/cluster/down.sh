@@ -25,20 +25,9 @@ DIR="$(cd "$1" && pwd)"
 CD="$DIR/containerd"
 
 # stop NAME [SECONDS]: TERM, then KILL after SECONDS (default 10), by the pid in DIR/NAME.pid.
-stop() {
-	local pidf="$DIR/$1.pid" pid i
-	[[ -f "$pidf" ]] || return 0
-	pid="$(cat "$pidf")"
-	if kill -0 "$pid" 2>/dev/null; then
-		kill -TERM "$pid" 2>/dev/null
-		for ((i = 0; i < ${2:-10} * 10; i++)); do
-			kill -0 "$pid" 2>/dev/null || break
-			sleep 0.1
-		done
-		kill -0 "$pid" 2>/dev/null && { log "$1 ($pid) ignored TERM: KILL"; kill -KILL "$pid" 2>/dev/null; sleep 0.2; }
-	fi
-	rm -f "$pidf"
-}
+# shellcheck source=tests/tools/pidfile.sh
+. "$HERE/../tools/pidfile.sh"
+stop() { stop_pidfile "$DIR/$1.pid" "$1" "${2:-10}"; }
 
 # The pids of the processes in cgroup trees named kubepods* (containers the kubelet started).
 pod_cgroups() { find /sys/fs/cgroup/*/kubepods* /sys/fs/cgroup/kubepods* -depth -type d 2>/dev/null; }

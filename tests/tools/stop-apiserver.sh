@@ -9,23 +9,9 @@ set -euo pipefail
 }
 DIR="$1"
 
-stop() {
-	local pidf="$DIR/$1.pid" pid _
-	[[ -f "$pidf" ]] || return 0
-	pid="$(cat "$pidf")"
-	if kill -0 "$pid" 2>/dev/null; then
-		kill -TERM "$pid" 2>/dev/null || true
-		for _ in $(seq 1 50); do
-			kill -0 "$pid" 2>/dev/null || break
-			sleep 0.2
-		done
-		if kill -0 "$pid" 2>/dev/null; then
-			echo "[stop-apiserver] $1 ($pid) did not exit on TERM, sending KILL" >&2
-			kill -KILL "$pid" 2>/dev/null || true
-		fi
-	fi
-	rm -f "$pidf"
-}
+# shellcheck source=tests/tools/pidfile.sh
+. "$(dirname "${BASH_SOURCE[0]}")/pidfile.sh"
+stop() { stop_pidfile "$DIR/$1.pid" "$1"; }
 
 # apiserver first, so it does not log etcd connection errors while shutting down
 stop kube-apiserver
