@@ -1,8 +1,13 @@
-//! Prometheus metrics, kept in atomics so the admission path takes no lock.
+//! Prometheus metrics, kept in atomics so the admission path takes no lock (the per-template
+//! counters take a read lock, and the write side only for a name seen the first time).
+
+mod templates;
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use templates::TemplateAdmissions;
 
 /// Latency buckets in seconds, sub-millisecond first: admissions take microseconds.
 const BUCKETS: [f64; 14] =
@@ -28,6 +33,8 @@ pub struct Metrics {
     certificate_errors: [AtomicU64; CERTIFICATE_ERROR_SOURCES.len()],
     template_watch: TaskHealth,
     certificate_watch: TaskHealth,
+    /// Admissions by template name and result.
+    pub templates: TemplateAdmissions,
 }
 
 /// A supervised task's state: exported only once the process has such a task.
@@ -106,8 +113,9 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition; `templates` and `template_errors` come from the store.
-    pub fn render(&self, templates: usize, template_errors: usize) -> String {
+    /// The Prometheus text exposition; `templates`, `template_errors` and `stale_templates` (the
+    /// errors serving a last good version) come from the store.
+    pub fn render(&self, templates: usize, template_errors: usize, stale_templates: usize) -> String {
         let mut out = String::with_capacity(4096);
         let p = "pod_template_webhook";
         let _ = writeln!(out, "# HELP {p}_admissions_total Admission reviews answered, by result.");
@@ -136,6 +144,11 @@ impl Metrics {
                 "template_errors",
                 "Template keys that do not parse (never parsed, or serving a stale version).",
                 template_errors as i64,
+            ),
+            (
+                "templates_stale",
+                "Template keys serving their last good version (the current one does not parse).",
+                stale_templates as i64,
             ),
             (
                 "certificate_not_after_seconds",
@@ -167,6 +180,7 @@ impl Metrics {
         }
         self.template_watch.render(&mut out, "template_watch", "template watch");
         self.certificate_watch.render(&mut out, "certificate_watch", "certificate reload");
+        self.templates.render(&mut out, p);
         let _ = writeln!(out, "# HELP {p}_build_info Build information.\n# TYPE {p}_build_info gauge");
         let _ = writeln!(out, "{p}_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
         out
@@ -182,24 +196,25 @@ mod tests {
         let m = Metrics::default();
         m.admission("mutated", Duration::from_micros(80));
         m.admission("denied", Duration::from_millis(3));
-        let text = m.render(7, 1);
+        let text = m.render(7, 3, 1);
         assert!(text.contains("pod_template_webhook_admissions_total{result=\"mutated\"} 1"));
         assert!(text.contains("pod_template_webhook_admissions_total{result=\"denied\"} 1"));
         assert!(text.contains("pod_template_webhook_admission_duration_seconds_bucket{le=\"0.0001\"} 1"));
         assert!(text.contains("pod_template_webhook_admission_duration_seconds_bucket{le=\"0.005\"} 2"));
         assert!(text.contains("pod_template_webhook_admission_duration_seconds_count 2"));
         assert!(text.contains("pod_template_webhook_templates_loaded 7"));
-        assert!(text.contains("pod_template_webhook_template_errors 1"));
+        assert!(text.contains("pod_template_webhook_template_errors 3"));
+        assert!(text.contains("pod_template_webhook_templates_stale 1"));
     }
 
     #[test]
     fn the_template_watch_state_is_exported_only_where_there_is_a_watch() {
         let m = Metrics::default();
-        assert!(!m.render(0, 0).contains("template_watch"), "a directory store has no watch");
+        assert!(!m.render(0, 0, 0).contains("template_watch"), "a directory store has no watch");
         m.template_watch(true);
-        assert!(m.render(0, 0).contains("pod_template_webhook_template_watch_up 1\n"));
+        assert!(m.render(0, 0, 0).contains("pod_template_webhook_template_watch_up 1\n"));
         m.template_watch(false);
-        let text = m.render(0, 0);
+        let text = m.render(0, 0, 0);
         assert!(text.contains("pod_template_webhook_template_watch_up 0\n"), "{text}");
         assert!(text.contains("pod_template_webhook_template_watch_restarts_total 1\n"), "{text}");
     }
@@ -211,13 +226,13 @@ mod tests {
         m.certificate_error("ca_bundle");
         m.certificate_error("files");
         m.certificate_error("nonsense");
-        let text = m.render(0, 0);
+        let text = m.render(0, 0, 0);
         assert!(text.contains("pod_template_webhook_certificate_errors_total{source=\"ca_bundle\"} 2\n"), "{text}");
         assert!(text.contains("pod_template_webhook_certificate_errors_total{source=\"files\"} 1\n"), "{text}");
         assert!(text.contains("pod_template_webhook_certificate_errors_total{source=\"secret\"} 0\n"), "{text}");
         assert!(!text.contains("certificate_watch"), "no certificate task yet");
         m.certificate_watch(false);
-        let text = m.render(0, 0);
+        let text = m.render(0, 0, 0);
         assert!(text.contains("pod_template_webhook_certificate_watch_up 0\n"), "{text}");
         assert!(text.contains("pod_template_webhook_certificate_watch_restarts_total 1\n"), "{text}");
     }

@@ -178,6 +178,10 @@ async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
             let body = admission::response_body(&decision);
             let took = started.elapsed();
             state.metrics.admission(decision.outcome.as_str(), took);
+            if let Some(names) = &decision.template {
+                let exists = |name: &str| state.store.lookup(&decision.namespace, name).entry.is_some();
+                state.metrics.templates.count(names, decision.outcome.as_str(), exists);
+            }
             log_decision(&decision, took);
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
@@ -264,7 +268,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let stats = state.store.stats();
-    let text = state.metrics.render(stats.templates, stats.errors);
+    let text = state.metrics.render(stats.templates, stats.errors, stats.stale);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -219,11 +219,19 @@ fn every_ci_permutation_renders_a_safe_webhook() {
             assert_eq!(pdb["spec"]["selector"], one(&objects, "Deployment")["spec"]["selector"], "{ctx}");
         }
         // Optional objects are off by default.
-        for (kind, key) in [("NetworkPolicy", "networkPolicy.enabled"), ("ServiceMonitor", "serviceMonitor.enabled")] {
+        for (kind, key) in [
+            ("NetworkPolicy", "networkPolicy.enabled"),
+            ("ServiceMonitor", "serviceMonitor.enabled"),
+            ("PrometheusRule", "metrics.prometheusRule.enabled"),
+        ] {
             let on = value_of(&values, key).as_bool().unwrap();
             assert_eq!(of_kind(&objects, kind).len(), usize::from(on), "{ctx}: {kind}");
         }
-        let examples = of_kind(&objects, "ConfigMap");
+        let (dashboards, examples): (Vec<&Value>, Vec<&Value>) = of_kind(&objects, "ConfigMap")
+            .into_iter()
+            .partition(|cm| cm["metadata"]["name"].as_str().unwrap().ends_with("-dashboard"));
+        let dashboard_on = value_of(&values, "metrics.dashboard.enabled").as_bool().unwrap();
+        assert_eq!(dashboards.len(), usize::from(dashboard_on), "{ctx}: dashboard");
         assert_eq!(
             examples.len(),
             usize::from(value_of(&values, "exampleTemplates.enabled").as_bool().unwrap()),
@@ -743,6 +751,111 @@ fn existing_secret_without_a_ca_bundle_fails_with_a_clear_message() {
     assert!(err.contains("issuerRef needs a name"), "{err}");
 }
 
+/// The alert rules and the dashboard: off by default; with `ci/monitoring-values.yaml` a
+/// PrometheusRule with every alert (severity, runbook, the release's selector, thresholds from
+/// values) and the dashboard ConfigMap the Grafana sidecar loads. Their PromQL is checked by
+/// promtool and against a running server in `tests/monitoring.rs`.
+#[test]
+fn alert_rules_and_dashboard_are_opt_in_and_render_valid_objects() {
+    let defaults = render_ok("ptw", "flyte", None, &[]);
+    assert!(of_kind(&defaults, "PrometheusRule").is_empty());
+    assert!(of_kind(&defaults, "ConfigMap").is_empty());
+
+    let file = Path::new(CHART).join("ci/monitoring-values.yaml");
+    let objects = render_ok("ptw", "flyte", Some(&file), &[]);
+    let rule = one(&objects, "PrometheusRule");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(rule["metadata"]["namespace"], "flyte");
+    assert_eq!(rule["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    let groups = rule["spec"]["groups"].as_array().unwrap();
+    let rules: Vec<&Value> = groups.iter().flat_map(|g| g["rules"].as_array().unwrap()).collect();
+    let names: BTreeSet<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
+    let expected = [
+        "PodTemplateWebhookCertificateExpiresSoon",
+        "PodTemplateWebhookDenialRateHigh",
+        "PodTemplateWebhookDown",
+        "PodTemplateWebhookErrorRateHigh",
+        "PodTemplateWebhookLatencyHigh",
+        "PodTemplateWebhookNoReadyReplica",
+        "PodTemplateWebhookTargetDown",
+        "PodTemplateWebhookTemplateErrors",
+        "PodTemplateWebhookTemplateWatchDown",
+    ];
+    assert_eq!(names, BTreeSet::from(expected));
+    let runbook = value_of(&json!({}), "metrics.prometheusRule.runbookUrl");
+    let duration = |d: &str| {
+        !d.is_empty() && d.trim_end_matches(|c: char| c.is_ascii_alphabetic()).chars().all(|c| c.is_ascii_digit())
+    };
+    for r in &rules {
+        let name = r["alert"].as_str().unwrap();
+        let expr = r["expr"].as_str().unwrap();
+        assert!(expr.contains("namespace=\"flyte\""), "{name}: {expr}");
+        assert!(
+            expr.contains("job=\"ptw-pod-template-webhook\"")
+                || expr.contains("deployment=\"ptw-pod-template-webhook\""),
+            "{name}: {expr}"
+        );
+        assert!(duration(r["for"].as_str().unwrap()), "{name}: for {}", r["for"]);
+        assert!(["warning", "critical"].contains(&r["labels"]["severity"].as_str().unwrap()), "{name}");
+        assert_eq!(r["labels"]["team"], "platform", "{name}: metrics.prometheusRule.alertLabels");
+        assert!(!r["annotations"]["summary"].as_str().unwrap().is_empty(), "{name}");
+        assert!(!r["annotations"]["description"].as_str().unwrap().is_empty(), "{name}");
+        let url = r["annotations"]["runbook_url"].as_str().unwrap();
+        assert_eq!(url, format!("{}#{}", runbook.as_str().unwrap(), name.to_lowercase()), "{name}");
+    }
+    let latency = rules.iter().find(|r| r["alert"] == "PodTemplateWebhookLatencyHigh").unwrap();
+    assert!(latency["expr"].as_str().unwrap().ends_with("> 0.25"), "the ci file's threshold: {}", latency["expr"]);
+    // Scraped some other way: metrics.selector replaces the job and namespace matchers.
+    let custom =
+        render_ok("ptw", "flyte", None, &["metrics.prometheusRule.enabled=true", "metrics.selector=app=\"ptw\""]);
+    for r in one(&custom, "PrometheusRule")["spec"]["groups"][0]["rules"].as_array().unwrap() {
+        let expr = r["expr"].as_str().unwrap();
+        assert!(!expr.contains("job="), "{expr}");
+        assert!(expr.contains("{app=\"ptw\"") || expr.contains("deployment="), "{expr}");
+    }
+
+    let cm = one(&objects, "ConfigMap");
+    assert_eq!(cm["metadata"]["name"], "ptw-pod-template-webhook-dashboard");
+    assert_eq!(cm["metadata"]["namespace"], "monitoring", "metrics.dashboard.namespace");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1", "the label kube-prometheus-stack's sidecar loads");
+    assert_eq!(cm["metadata"]["annotations"]["grafana_folder"], "Platform");
+    let data = cm["data"].as_object().unwrap();
+    assert_eq!(data.len(), 1);
+    let dashboard: Value = serde_json::from_str(data["pod-template-webhook.json"].as_str().unwrap()).unwrap();
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(CHART).join("dashboards/pod-template-webhook.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dashboard, file, "the ConfigMap carries the dashboard file unchanged");
+    assert_eq!(dashboard["uid"], "pod-template-webhook");
+    let panels = dashboard["panels"].as_array().unwrap();
+    let titles: BTreeSet<&str> = panels.iter().map(|p| p["title"].as_str().unwrap()).collect();
+    assert_eq!(titles.len(), panels.len(), "panel titles are unique");
+    for wanted in [
+        "Admissions by result",
+        "Admissions by template and result",
+        "Admission latency",
+        "Certificate days left",
+        "Template watch",
+        "Replicas ready",
+        "Templates loaded, broken, stale",
+    ] {
+        assert!(titles.contains(wanted), "no panel {wanted:?}: {titles:?}");
+    }
+    // Each panel has a query and a place on the grid, and none overlaps another.
+    let mut cells = BTreeSet::new();
+    for p in panels {
+        assert!(!p["targets"].as_array().unwrap().is_empty(), "{}", p["title"]);
+        let g = &p["gridPos"];
+        let (x, y, w, h) =
+            (g["x"].as_u64().unwrap(), g["y"].as_u64().unwrap(), g["w"].as_u64().unwrap(), g["h"].as_u64().unwrap());
+        assert!(x + w <= 24, "{}", p["title"]);
+        for cell in (x..x + w).flat_map(|cx| (y..y + h).map(move |cy| (cx, cy))) {
+            assert!(cells.insert(cell), "{} overlaps another panel", p["title"]);
+        }
+    }
+}
+
 #[test]
 fn the_schema_rejects_typos_and_bad_values() {
     let cases: &[(&[&str], &str)] = &[
@@ -759,6 +872,11 @@ fn the_schema_rejects_typos_and_bad_values() {
         (&["validatingWebhook.enable=true"], "enable"),
         (&["validatingWebhook.failurePolicy=Maybe"], "failurePolicy"),
         (&["validatingWebhook.timeoutSeconds=3"], "timeoutSeconds"),
+        (&["metrics.prometheusRule.enable=true"], "enable"),
+        (&["metrics.prometheusRule.thresholds.denialRatio=2"], "denialRatio"),
+        (&["metrics.prometheusRule.thresholds.downFor=soon"], "downFor"),
+        (&["metrics.prometheusRule.thresholds.latencyP99=1"], "latencyP99"),
+        (&["metrics.dashboard.label=x"], "label"),
     ];
     for (sets, needle) in cases {
         let err = render("ptw", "flyte", None, sets).expect_err(&format!("{sets:?} was accepted"));

@@ -373,7 +373,7 @@ mod tests {
             "PodTemplate team/broken: template.spec.containers[0].evn: unknown field"
         );
         assert!(store.lookup("flyte", "unlabelled").entry.is_none());
-        assert_eq!(store.stats(), StoreStats { templates: 2, errors: 1 });
+        assert_eq!(store.stats(), StoreStats { templates: 2, errors: 1, stale: 0 });
     }
 
     #[test]

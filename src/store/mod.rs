@@ -32,6 +32,8 @@ pub struct StoreStats {
     pub templates: usize,
     /// Keys that never parsed, plus keys serving a stale version.
     pub errors: usize,
+    /// Of those errors, the keys serving a stale (last good) version.
+    pub stale: usize,
 }
 
 /// One template (a ConfigMap data key, or a PodTemplate object), as loaded.
@@ -228,6 +230,7 @@ impl Catalog {
                     EntryState::Stale { .. } => {
                         stats.templates += 1;
                         stats.errors += 1;
+                        stats.stale += 1;
                     }
                     EntryState::Broken(_) => stats.errors += 1,
                 }
@@ -355,7 +358,7 @@ mod tests {
         let idx = c.index();
         assert!(matches!(idx.lookup("flyte", "good").entry.unwrap().state, EntryState::Ready(_)));
         assert!(matches!(idx.lookup("flyte", "bad").entry.unwrap().state, EntryState::Broken(_)));
-        assert_eq!(idx.stats(), StoreStats { templates: 1, errors: 1 });
+        assert_eq!(idx.stats(), StoreStats { templates: 1, errors: 1, stale: 0 });
     }
 
     #[test]
@@ -369,6 +372,7 @@ mod tests {
         let EntryState::Stale { template, broken_version, .. } = &entry.state else { panic!("{entry:?}") };
         assert_eq!(template.labels["v"], "one");
         assert_eq!(broken_version, "2");
+        assert_eq!(c.index().stats(), StoreStats { templates: 1, errors: 1, stale: 1 });
         // Still broken at a later version: still the same good version.
         c.apply("flyte", "cm", Some("3"), &data(&[("t", "labels: [")]));
         assert_eq!(c.index().lookup("flyte", "t").entry.unwrap().source.version, "1");
@@ -429,7 +433,7 @@ mod tests {
         assert_eq!((t.primary_container_name.as_str(), t.primary_container_name_set), ("main", true));
         assert_eq!(t.labels["v"], "pt");
         assert!(idx.lookup("team-b", "gpu").entry.is_none(), "same namespace rules as ConfigMaps");
-        assert_eq!(idx.stats(), StoreStats { templates: 1, errors: 0 });
+        assert_eq!(idx.stats(), StoreStats { templates: 1, errors: 0, stale: 0 });
         assert!(c.remove_source(SourceKind::PodTemplate, "team-a", "gpu"));
         assert!(!c.remove("team-a", "gpu"), "a ConfigMap of that name is another object");
         assert!(c.index().lookup("team-a", "gpu").entry.is_none());

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2016 # bash -c '...' scripts below expand their own "$1"...
-# Build the test tool binaries (kube-apiserver, etcd, helm, and for the single-node
+# Build the test tool binaries (kube-apiserver, etcd, helm, promtool, and for the single-node
 # cluster kubelet, kube-proxy, kube-controller-manager, kube-scheduler, kubectl) from Go
 # modules fetched via the Go module proxy, into a cache directory outside git:
 #
-#   ${PTW_TOOLS_DIR:-$HOME/.cache/pod-template-webhook/tools}/bin/{kube-apiserver,etcd,helm,kubelet,...}
+#   ${PTW_TOOLS_DIR:-$HOME/.cache/pod-template-webhook/tools}/bin/{kube-apiserver,etcd,helm,promtool,kubelet,...}
 #
 # Idempotent: a binary is rebuilt only if it is missing or its stamp file
 # (pinned version + Go version + ldflags + go.sum hash) differs.
 #
-# Usage: tests/tools/build.sh [kube-apiserver|etcd|helm|node ...]   (default: all)
+# Usage: tests/tools/build.sh [kube-apiserver|etcd|helm|promtool|node ...]   (default: all)
 #        (node = kubelet kube-proxy kube-controller-manager kube-scheduler kubectl)
 # Env:   PTW_TOOLS_DIR  cache root (default ~/.cache/pod-template-webhook/tools)
 #        PTW_FORCE=1    rebuild even if up to date
 #
 # Pinned versions: kube-apiserver and etcd are pinned by the go.mod files in
-# tests/tools/apiserver and tests/tools/etcd; helm by HELM_VERSION below.
+# tests/tools/apiserver and tests/tools/etcd; helm by HELM_VERSION and promtool by
+# PROMETHEUS_VERSION below.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,6 +24,8 @@ TOOLS_DIR="${PTW_TOOLS_DIR:-$HOME/.cache/pod-template-webhook/tools}"
 BIN_DIR="$TOOLS_DIR/bin"
 STAMP_DIR="$TOOLS_DIR/stamps"
 HELM_VERSION="v3.22.0"
+# Prometheus v3.16.0: its Go module is tagged v0.<major*100+minor>.<patch>.
+PROMETHEUS_VERSION="v0.316.0"
 
 export CGO_ENABLED=0
 # Never let a stray GOFLAGS (e.g. -mod=mod) rewrite the committed go.mod/go.sum;
@@ -110,14 +113,29 @@ build_helm() {
 		_ "$v" "$ld" "$BIN_DIR/helm.tmp"
 }
 
+# promtool (check and unit-test the chart's alert rules, parse the dashboard's queries).
+build_promtool() {
+	local v="$PROMETHEUS_VERSION" minor="${PROMETHEUS_VERSION#v0.}"
+	minor="${minor%%.*}"
+	local semver="$((minor / 100)).$((minor % 100)).${PROMETHEUS_VERSION##*.}"
+	local ld="-s -w -X github.com/prometheus/common/version.Version=$semver"
+	local key
+	key="github.com/prometheus/prometheus@$v $GOVER ld=$(printf '%s' "$ld" | sha256sum | cut -c1-8)"
+	# Like helm: no replace directives, so `go install pkg@version` (checksums from sum.golang.org).
+	build_one promtool "$key" \
+		bash -c 'tmp="$(mktemp -d)"; trap "rm -rf \"$tmp\"" EXIT; cd "$tmp" && GOFLAGS= GOBIN="$tmp" go install -trimpath -ldflags "$2" "github.com/prometheus/prometheus/cmd/promtool@$1" && mv "$tmp/promtool" "$3"' \
+		_ "$v" "$ld" "$BIN_DIR/promtool.tmp"
+}
+
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(kube-apiserver etcd helm node)
+[[ ${#targets[@]} -gt 0 ]] || targets=(kube-apiserver etcd helm promtool node)
 total=$SECONDS
 for t in "${targets[@]}"; do
 	case "$t" in
 	kube-apiserver | apiserver) build_apiserver ;;
 	etcd) build_etcd ;;
 	helm) build_helm ;;
+	promtool) build_promtool ;;
 	kubelet | kube-proxy | kube-controller-manager | kube-scheduler | kubectl) build_kube "$t" ;;
 	node) for n in kubelet kube-proxy kube-controller-manager kube-scheduler kubectl; do build_kube "$n"; done ;;
 	*)
