@@ -1,6 +1,4 @@
 // glibc malloc was a third of the admission path's instructions (docs/performance.md).
-// Built without transparent huge pages (the `no_thp` feature): with them, RSS was 8-11 MB higher
-// for the same live memory (19 vs 11 MB idle; README, Monitoring).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
