@@ -49,17 +49,15 @@ struct Output {
     stderr: String,
 }
 
-/// Runs a tool under coreutils `timeout`: every wait in these tests is bounded.
-fn run(program: &Path, args: &[&str], dir: &Path) -> Output {
-    let out = Command::new("timeout")
-        .arg("120")
-        .arg(program)
-        .args(args)
-        .current_dir(dir)
-        .env_remove("KUBECONFIG")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program:?}: {e}"));
+/// `program` under coreutils `timeout`: every wait in these tests is bounded.
+fn bounded(program: &Path) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.arg("120").arg(program).env_remove("KUBECONFIG").stdin(Stdio::null());
+    cmd
+}
+
+fn run(mut cmd: Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     Output {
         ok: out.status.success(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -68,7 +66,9 @@ fn run(program: &Path, args: &[&str], dir: &Path) -> Output {
 }
 
 fn promtool(args: &[&str], dir: &Path) -> Output {
-    run(&support::tool("promtool"), args, dir)
+    let mut cmd = bounded(&support::tool("promtool"));
+    cmd.args(args).current_dir(dir);
+    run(cmd)
 }
 
 /// The chart's PrometheusRule (`helm template` with the rules on, plus `sets`).
@@ -80,15 +80,14 @@ fn rendered_rules(sets: &[&str]) -> Value {
     for s in sets {
         args.extend(["--set", s]);
     }
-    let mut cmd = Command::new(support::tool("helm"));
+    let mut cmd = bounded(&support::tool("helm"));
     cmd.args(&args)
         .env("HELM_CONFIG_HOME", home.path().join("config"))
         .env("HELM_CACHE_HOME", home.path().join("cache"))
-        .env("HELM_DATA_HOME", home.path().join("data"))
-        .env_remove("KUBECONFIG");
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
-    let rule: Value = serde_yaml::from_slice(&out.stdout).unwrap();
+        .env("HELM_DATA_HOME", home.path().join("data"));
+    let out = run(cmd);
+    assert!(out.ok, "helm template: {}", out.stderr);
+    let rule: Value = serde_yaml::from_str(&out.stdout).unwrap();
     assert_eq!(rule["kind"], "PrometheusRule");
     rule
 }
@@ -124,7 +123,11 @@ fn alert_rules_pass_promtool_check_and_unit_tests_for_every_alert() {
     let started = Instant::now();
     let test = promtool_test_rules(&rule);
     assert!(test.ok, "promtool test rules:\n{}{}", test.stdout, test.stderr);
-    eprintln!("promtool test rules: {} in {:?}", test.stdout.trim(), started.elapsed());
+    eprintln!(
+        "promtool test rules: {} in {:?}",
+        test.stdout.split_whitespace().collect::<Vec<_>>().join(" "),
+        started.elapsed()
+    );
 
     // Every alert has a case where it fires and one where it stays quiet.
     let tests: Value = serde_yaml::from_str(&std::fs::read_to_string(ALERT_TESTS).unwrap()).unwrap();
