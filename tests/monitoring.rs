@@ -87,7 +87,7 @@ fn rendered_rules(sets: &[&str]) -> Value {
         .env("HELM_DATA_HOME", home.path().join("data"));
     let out = run(cmd);
     assert!(out.ok, "helm template: {}", out.stderr);
-    let rule: Value = serde_yaml::from_str(&out.stdout).unwrap();
+    let [rule]: [Value; 1] = pod_template_webhook::yaml::documents(&out.stdout).unwrap().try_into().unwrap();
     assert_eq!(rule["kind"], "PrometheusRule");
     rule
 }
@@ -130,7 +130,7 @@ fn alert_rules_pass_promtool_check_and_unit_tests_for_every_alert() {
     );
 
     // Every alert has a case where it fires and one where it stays quiet.
-    let tests: Value = serde_yaml::from_str(&std::fs::read_to_string(ALERT_TESTS).unwrap()).unwrap();
+    let tests: Value = pod_template_webhook::yaml::from_str(&std::fs::read_to_string(ALERT_TESTS).unwrap()).unwrap();
     let cases: Vec<&Value> =
         tests["tests"].as_array().unwrap().iter().flat_map(|t| t["alert_rule_test"].as_array().unwrap()).collect();
     let names: BTreeSet<&str> = alerts(&rule).iter().map(|a| a["alert"].as_str().unwrap()).collect();
