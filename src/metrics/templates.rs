@@ -63,17 +63,21 @@ impl TemplateAdmissions {
             for (result, count) in RESULTS.iter().zip(counts) {
                 let count = count.load(Relaxed);
                 if count > 0 {
-                    // Template names are ConfigMap keys or object names: no `"` or `\` to escape.
+                    let name = escape_label_value(name);
                     let _ = writeln!(out, "{family}{{template=\"{name}\",result=\"{result}\"}} {count}");
                 }
             }
         }
     }
+}
 
-    /// Names with a series of their own.
-    pub fn names(&self) -> usize {
-        self.by_name.read().unwrap_or_else(|e| e.into_inner()).len()
+/// A label value in the text exposition: API-server names never need it, but keys of ConfigMaps
+/// read from files are not validated.
+fn escape_label_value(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return value.into();
     }
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n").into()
 }
 
 #[cfg(test)]
@@ -106,7 +110,13 @@ mod tests {
                 "p_template_admissions_total{template=\"other\",result=\"denied\"} 1",
             ]
         );
-        assert_eq!(t.names(), 2);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let t = TemplateAdmissions::default();
+        t.count("a\"b\\c", "mutated", |_| true);
+        assert_eq!(rendered(&t), ["p_template_admissions_total{template=\"a\\\"b\\\\c\",result=\"mutated\"} 1"]);
     }
 
     #[test]
