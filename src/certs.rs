@@ -270,8 +270,8 @@ impl BuiltinCerts {
     }
 
     /// Sets the caBundle of every webhook of the configuration(s), when it differs.
-    /// A configuration that does not exist is no error (the validating one is optional); any
-    /// other failure is.
+    /// A configuration that does not exist is no error (the validating one is optional, and
+    /// forbidden when the chart does not enable it); any other failure is.
     async fn patch_ca_bundle(&self, ca_pem: &str) -> Result<(), CertError> {
         let Some(name) = &self.cfg.webhook_configuration else { return Ok(()) };
         let failed = |error| CertError::CaBundle { configuration: name.clone(), error };
@@ -282,7 +282,13 @@ impl BuiltinCerts {
             patch_if_needed(&mutating, name, bundles.collect(), ca_pem).await.map_err(failed)?;
         }
         let validating: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
-        if let Some(config) = validating.get_opt(name).await.map_err(failed)? {
+        // The chart grants access to the validating configuration only when it enables it:
+        // forbidden means there is none of ours.
+        let config = match validating.get_opt(name).await {
+            Err(kube::Error::Api(e)) if e.code == 403 => None,
+            other => other.map_err(failed)?,
+        };
+        if let Some(config) = config {
             let bundles =
                 config.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()));
             patch_if_needed(&validating, name, bundles.collect(), ca_pem).await.map_err(failed)?;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, PostParams};
 use kube::ResourceExt;
 use pod_template_webhook::admission::Policy;
@@ -195,21 +196,45 @@ fn builtin_certificates_end_to_end() {
         assert!(failures.len() >= 2, "every pass is counted: {failures:?}");
         assert!(failures.iter().all(|s| *s == "ca_bundle"), "{failures:?}");
         assert!(!ready_c.load(Ordering::Acquire), "not ready while the API server cannot trust the pair");
+
+        // Allowed to patch its configuration (and still forbidden any validating one, which then
+        // is none of ours): the pass succeeds and the caBundle is the Secret's CA.
+        let role: ClusterRole = serde_json::from_value(json!({
+            "metadata": {"name": "ptw-limited-patch"},
+            "rules": [{"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+                       "resourceNames": ["ptw-other"], "verbs": ["patch"]}]
+        }))
+        .unwrap();
+        Api::<ClusterRole>::all(admin.clone()).create(&PostParams::default(), &role).await.unwrap();
+        let binding: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": "ptw-limited-patch"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ptw-limited-patch"},
+            "subjects": [{"kind": "ServiceAccount", "name": "limited", "namespace": "flyte"}],
+        }))
+        .unwrap();
+        Api::<ClusterRoleBinding>::all(admin.clone()).create(&PostParams::default(), &binding).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = c.reconcile(&|_| {}).await {
+            assert!(Instant::now() < deadline, "still failing once allowed: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await; // the authorizer's cache
+        }
+        let other = Api::<MutatingWebhookConfiguration>::all(admin.clone()).get("ptw-other").await.unwrap();
+        let bundle = other.webhooks.unwrap()[0].client_config.ca_bundle.clone().expect("caBundle set");
+        assert_eq!(bundle.0, ca.as_bytes());
     });
 }
 
 /// A client of ServiceAccount `flyte/limited`, which may read and write Secrets of `flyte` and
-/// read webhook configurations, but not patch them.
+/// read mutating webhook configurations, but not patch them.
 async fn limited_client(api: &support::ApiServer, admin: &kube::Client) -> kube::Client {
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "limited"}})).unwrap();
     Api::<ServiceAccount>::namespaced(admin.clone(), "flyte").create(&PostParams::default(), &sa).await.unwrap();
     let role: ClusterRole = serde_json::from_value(json!({
         "metadata": {"name": "ptw-limited"},
         "rules": [
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "update", "patch"]},
-            {"apiGroups": ["admissionregistration.k8s.io"],
-             "resources": ["mutatingwebhookconfigurations", "validatingwebhookconfigurations"], "verbs": ["get"]},
+            // As the chart without its validating webhook: no access to validating configurations.
+            {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "verbs": ["get"]},
         ]
     }))
     .unwrap();
