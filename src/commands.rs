@@ -144,13 +144,7 @@ fn export_policy(args: &TemplateArgs, wanted: &[String]) -> anyhow::Result<()> {
     let mut found = Vec::new();
     for m in dir::read_template_sources(&args.templates, &names)? {
         for entry in m.source().entries() {
-            let source = crate::template::TemplateSource {
-                kind: m.kind(),
-                namespace: m.namespace.clone(),
-                object: m.name.clone(),
-                key: entry.name.to_owned(),
-                version: entry.content_hash(),
-            };
+            let source = entry.source(m.kind(), &m.namespace, &m.name, None);
             let served = store.lookup(&m.namespace, entry.name).entry.context("a loaded template is in the store")?;
             let state = match &served.state {
                 _ if served.source != source => FoundState::Shadowed { by: served.source.clone() },

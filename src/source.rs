@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::merge::{self, Ctx};
-use crate::template::{validate_pod_spec, PodTemplate, SourceKind, TemplateError, DEFAULT_PRIMARY_CONTAINER_NAME};
+use crate::template::{
+    validate_pod_spec, PodTemplate, SourceKind, TemplateError, TemplateSource, DEFAULT_PRIMARY_CONTAINER_NAME,
+};
 
 /// The annotation of a PodTemplate object that names its primary container (SPEC §8).
 pub const PRIMARY_CONTAINER_ANNOTATION: &str = "flyte.org/primary-container-name";
@@ -71,6 +73,18 @@ impl SourceEntry<'_> {
         match self.content {
             Content::Text(text) => PodTemplate::parse(text),
             Content::PodTemplate(object) => parse_pod_template_object(object),
+        }
+    }
+
+    /// Where this entry comes from: object `object` of `kind` in `namespace`, at `version` (the
+    /// object's resourceVersion), else at the hash of its content (a template read from a file).
+    pub fn source(&self, kind: SourceKind, namespace: &str, object: &str, version: Option<&str>) -> TemplateSource {
+        TemplateSource {
+            kind,
+            namespace: namespace.to_owned(),
+            object: object.to_owned(),
+            key: self.name.to_owned(),
+            version: version.map_or_else(|| self.content_hash(), str::to_owned),
         }
     }
 

@@ -199,20 +199,9 @@ fn builtin_certificates_end_to_end() {
 
         // Allowed to patch its configuration (and still forbidden any validating one, which then
         // is none of ours): the pass succeeds and the caBundle is the Secret's CA.
-        let role: ClusterRole = serde_json::from_value(json!({
-            "metadata": {"name": "ptw-limited-patch"},
-            "rules": [{"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
-                       "resourceNames": ["ptw-other"], "verbs": ["patch"]}]
-        }))
-        .unwrap();
-        Api::<ClusterRole>::all(admin.clone()).create(&PostParams::default(), &role).await.unwrap();
-        let binding: ClusterRoleBinding = serde_json::from_value(json!({
-            "metadata": {"name": "ptw-limited-patch"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ptw-limited-patch"},
-            "subjects": [{"kind": "ServiceAccount", "name": "limited", "namespace": "flyte"}],
-        }))
-        .unwrap();
-        Api::<ClusterRoleBinding>::all(admin.clone()).create(&PostParams::default(), &binding).await.unwrap();
+        let patch = json!([{"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+                             "resourceNames": ["ptw-other"], "verbs": ["patch"]}]);
+        grant_limited(&admin, "ptw-limited-patch", patch).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         while let Err(e) = c.reconcile(&|_| {}).await {
             assert!(Instant::now() < deadline, "still failing once allowed: {e}");
@@ -229,23 +218,24 @@ fn builtin_certificates_end_to_end() {
 async fn limited_client(api: &support::ApiServer, admin: &kube::Client) -> kube::Client {
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "limited"}})).unwrap();
     Api::<ServiceAccount>::namespaced(admin.clone(), "flyte").create(&PostParams::default(), &sa).await.unwrap();
-    let role: ClusterRole = serde_json::from_value(json!({
-        "metadata": {"name": "ptw-limited"},
-        "rules": [
+    grant_limited(admin, "ptw-limited", json!([
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "update", "patch"]},
             // As the chart without its validating webhook: no access to validating configurations.
             {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "verbs": ["get"]},
-        ]
-    }))
-    .unwrap();
+        ])).await;
+    let token = support::service_account_token(admin, "flyte", "limited").await;
+    support::token_client(&api.url, &api.pki.ca_pem, &token).await
+}
+
+/// Binds ClusterRole `name` with `rules` to ServiceAccount `flyte/limited`.
+async fn grant_limited(admin: &kube::Client, name: &str, rules: serde_json::Value) {
+    let role: ClusterRole = serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules})).unwrap();
     Api::<ClusterRole>::all(admin.clone()).create(&PostParams::default(), &role).await.unwrap();
     let binding: ClusterRoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "ptw-limited"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ptw-limited"},
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
         "subjects": [{"kind": "ServiceAccount", "name": "limited", "namespace": "flyte"}],
     }))
     .unwrap();
     Api::<ClusterRoleBinding>::all(admin.clone()).create(&PostParams::default(), &binding).await.unwrap();
-    let token = support::service_account_token(admin, "flyte", "limited").await;
-    support::token_client(&api.url, &api.pki.ca_pem, &token).await
 }

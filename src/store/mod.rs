@@ -154,13 +154,7 @@ impl Catalog {
         let mut entries = BTreeMap::new();
         for item in object.entries() {
             let key = item.name;
-            let source = TemplateSource {
-                kind,
-                namespace: namespace.to_owned(),
-                object: name.to_owned(),
-                key: key.to_owned(),
-                version: version.map_or_else(|| item.content_hash(), str::to_owned),
-            };
+            let source = item.source(kind, namespace, name, version);
             // A resync or an edit of another key must not parse this one again.
             let seen = |old: &&Arc<TemplateEntry>| match &old.state {
                 EntryState::Stale { broken_version, .. } => *broken_version == source.version,
