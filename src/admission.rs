@@ -11,6 +11,8 @@ use serde_json::Value;
 use std::sync::Arc;
 
 use crate::doc::{Document, Node};
+use crate::environment::BadList;
+pub use crate::environment::Requested;
 use crate::merge::{compose, merge, Conflict, Layer, Role};
 use crate::names::Names;
 use crate::store::{EntryState, Lookup, TemplateEntry, TemplateStore};
@@ -270,9 +272,12 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
         decision.namespace = meta_field("namespace").unwrap_or(Cow::Borrowed("default")).into_owned();
     }
     let meta_map_str = |field: &str, key: &str| meta.as_ref()?.get(field)?.str_field(key);
-    let requested = Requested::read(meta_map_str, &policy.names);
-    decision.template = requested.as_ref().ok().and_then(Requested::names);
-    let plan = match requested.and_then(|r| plan(&decision.namespace, &r, store, policy)) {
+    let requested = match Requested::read(meta_map_str, &policy.names) {
+        Ok(requested) => requested,
+        Err(bad) => return Ok(Refusal::from(bad).apply(decision)),
+    };
+    decision.template = Some(requested.names().join(",")).filter(|n| !n.is_empty());
+    let plan = match plan(&decision.namespace, &requested, store, policy) {
         Ok(plan) => plan,
         Err(refusal) => return Ok(refusal.apply(decision)),
     };
@@ -295,7 +300,7 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
         }
     }
     warnings.extend(merge(&mut pod, &composition.template));
-    let applied = plan.layers.iter().map(|l| l.entry.source.to_string()).collect::<Vec<_>>().join(",");
+    let applied = applied_record(&plan.layers, &requested, &policy.names);
     if let Some(root) = pod.as_object_mut() {
         let annotations = root.object_entry("metadata").object_entry("annotations");
         annotations
@@ -318,57 +323,6 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
         decision.response.with_patch(patch);
     }
     Ok(decision)
-}
-
-/// The templates a pod asks for by name (SPEC §8 layer 3).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Requested {
-    /// The template annotation: a comma-separated list, applied left to right.
-    Annotation(Vec<String>),
-    /// The environment label: one name, and no template for it is no error.
-    Label(String),
-    Nothing,
-}
-
-impl Requested {
-    /// Reads the pod's annotation, else its label (`get(field, key)` reads `metadata.<field>.<key>`).
-    fn read(get: impl Fn(&str, &str) -> Option<String>, names: &Names) -> Result<Self, Refusal> {
-        let non_empty = |field: &str, key: &str| get(field, key).filter(|v| !v.trim().is_empty());
-        if let Some(list) = non_empty("annotations", &names.template_annotation) {
-            let items: Vec<String> = list.split(',').map(|s| s.trim().to_owned()).collect();
-            let problem = if items.iter().any(String::is_empty) {
-                Some("an empty item".to_owned())
-            } else {
-                items.iter().enumerate().find(|(i, n)| items[..*i].contains(n)).map(|(_, n)| format!("{n:?} twice"))
-            };
-            if let Some(problem) = problem {
-                let message = format!(
-                    "annotation {} = {list:?} lists {problem}: give each template once, separated by commas",
-                    names.template_annotation
-                );
-                return Err(Refusal::new(OnProblem::Deny, 400, "BadRequest", message));
-            }
-            return Ok(Requested::Annotation(items));
-        }
-        Ok(match non_empty("labels", &names.environment_label) {
-            Some(name) => Requested::Label(name),
-            None => Requested::Nothing,
-        })
-    }
-
-    /// The same, from a pod as a value (`render`).
-    pub fn from_pod(pod: &Value, names: &Names) -> Result<Self, Refusal> {
-        let get = |field: &str, key: &str| pod.get("metadata")?.get(field)?.get(key)?.as_str().map(str::to_owned);
-        Self::read(get, names)
-    }
-
-    fn names(&self) -> Option<String> {
-        match self {
-            Requested::Annotation(list) => Some(list.join(",")),
-            Requested::Label(name) => Some(name.clone()),
-            Requested::Nothing => None,
-        }
-    }
 }
 
 /// A layer found in the store, lowest first.
@@ -426,13 +380,9 @@ pub fn plan(
         }
     }
     // Messages only: formatted when a refusal or warning needs them, not on every admission.
-    let (names, how, required): (&[String], fn(&Names) -> String, bool) = match requested {
-        Requested::Annotation(list) => (list, |n| format!("annotation {}", n.template_annotation), true),
-        Requested::Label(name) => (std::slice::from_ref(name), |n| format!("label {}", n.environment_label), false),
-        Requested::Nothing => (&[], |_| String::new(), false),
-    };
-    let how = || how(&policy.names);
-    for name in names {
+    let how = || requested.rule(&policy.names);
+    let required = requested.required();
+    for name in requested.names() {
         let Lookup { entry, searched } = store.lookup(namespace, name);
         match entry {
             Some(entry) => {
@@ -490,6 +440,17 @@ impl Plan {
             OnProblem::Deny => Err(refusal),
         }
     }
+}
+
+/// The applied record (annotation and `auditAnnotations`): every layer lowest first, and the rule
+/// that chose the environment when the pod does not name it itself (SPEC §9).
+fn applied_record(layers: &[PlannedLayer], requested: &Requested, names: &Names) -> String {
+    let mut record = layers.iter().map(|l| l.entry.source.to_string()).collect::<Vec<_>>().join(",");
+    if let Some(rule) = requested.recorded_rule(names) {
+        record.push_str("; ");
+        record.push_str(&rule);
+    }
+    record
 }
 
 fn describe_conflict(c: &Conflict, layers: &[PlannedLayer]) -> String {
@@ -561,6 +522,12 @@ pub struct Refusal {
     pub code: u16,
     pub reason: &'static str,
     pub message: String,
+}
+
+impl From<BadList> for Refusal {
+    fn from(bad: BadList) -> Self {
+        Refusal::new(OnProblem::Deny, 400, "BadRequest", bad.to_string())
+    }
 }
 
 impl Refusal {

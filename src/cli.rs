@@ -89,6 +89,17 @@ pub struct NameArgs {
     /// Annotation written on mutated pods naming what was applied.
     #[arg(long, env = "PTW_APPLIED_ANNOTATION", default_value = "flyte.org/pod-template-applied")]
     pub applied_annotation: String,
+    /// Label on the pods Flyte's executor creates (SPEC §9); with --managed-value it marks the pods
+    /// whose environment may come from their task-name label.
+    #[arg(long, env = "PTW_MANAGED_LABEL", default_value = "flyte.org/managed")]
+    pub managed_label: String,
+    /// Value of --managed-label on a managed pod.
+    #[arg(long, env = "PTW_MANAGED_VALUE", default_value = "true")]
+    pub managed_value: String,
+    /// Label of a managed pod holding `<environment>.<function>`: its part before the first `.` is
+    /// the environment when the pod names none. Empty: off.
+    #[arg(long, env = "PTW_TASK_NAME_LABEL", default_value = "task-name")]
+    pub task_name_label: String,
     /// Namespace of cluster-wide templates [env PTW_PLATFORM_NAMESPACE, else POD_NAMESPACE, else
     /// `flyte`]. The chart sets it when the webhook runs in its own namespace.
     #[arg(long, env = "PTW_PLATFORM_NAMESPACE", default_value_t = default_platform_namespace())]
@@ -141,6 +152,9 @@ impl NameArgs {
             source_label: self.source_label.clone(),
             applied_annotation: self.applied_annotation.clone(),
             platform_namespace: self.platform_namespace.clone(),
+            managed_label: self.managed_label.clone(),
+            managed_value: self.managed_value.clone(),
+            task_name_label: self.task_name_label.clone(),
         }
     }
 

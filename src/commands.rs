@@ -111,11 +111,18 @@ fn explanation(
     store: &DirStore,
     policy: &Policy,
 ) -> anyhow::Result<String> {
-    let requested = admission::Requested::from_pod(original, &policy.names).map_err(|r| anyhow::anyhow!(r.message))?;
+    let requested = admission::Requested::from_pod(original, &policy.names)?;
     let plan = admission::plan(namespace, &requested, store, policy).map_err(|r| anyhow::anyhow!(r.message))?;
     let layers: Vec<_> = plan.layers.iter().map(admission::PlannedLayer::layer).collect();
     let (merged, changes) = crate::merge::explain(original, &layers);
     let mut out = String::from("# --explain: JSON path changed <- the layer that set it\n");
+    out.push_str(&match &requested {
+        admission::Requested::Nothing => "# no template named by the pod (annotation, label or task-name)\n".to_owned(),
+        admission::Requested::Annotation(list) => {
+            format!("# templates from {}: {}\n", requested.rule(&policy.names), list.join(", "))
+        }
+        _ => format!("# environment from {}: {}\n", requested.rule(&policy.names), requested.names().join(", ")),
+    });
     if plan.layers.is_empty() {
         out.push_str("# (no template applies to this pod)\n");
     }
@@ -170,7 +177,7 @@ fn export_policy(args: &TemplateArgs, wanted: &[String]) -> anyhow::Result<()> {
         }
         match result {
             Ok(e) => {
-                for object in [&e.policy, &e.binding] {
+                for object in std::iter::once(&e.policy).chain(&e.bindings) {
                     write!(out, "---\n{}", yaml::to_string(object)?)?;
                 }
             }

@@ -44,11 +44,13 @@ pub enum FoundState {
     },
 }
 
-/// A policy and its binding, ready for `kubectl apply`.
+/// A policy and its bindings, ready for `kubectl apply`: one binding per selection of the chart's
+/// webhook configuration (the environment label; managed pods with a task-name label and no
+/// environment label), so that each pod is bound once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Exported {
     pub policy: Value,
-    pub binding: Value,
+    pub bindings: Vec<Value>,
 }
 
 /// Why a template is not exported.
@@ -151,20 +153,40 @@ pub fn export(
             })).collect::<Vec<_>>(),
         }
     });
-    let binding = json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingAdmissionPolicyBinding",
-        "metadata": {"name": name, "labels": {MANAGED_BY.0: MANAGED_BY.1}},
-        "spec": {
-            "policyName": name,
-            "matchResources": {
-                "namespaceSelector": namespace_selector,
-                // The webhook's objectSelector (the chart's): only pods with the environment label.
-                "objectSelector": {"matchExpressions": [{"key": names.environment_label, "operator": "Exists"}]},
-            },
-        }
-    });
-    Ok(Exported { policy, binding })
+    let bindings = object_selectors(names)
+        .into_iter()
+        .map(|(suffix, object_selector)| {
+            json!({
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingAdmissionPolicyBinding",
+                "metadata": {"name": format!("{name}{suffix}"), "labels": {MANAGED_BY.0: MANAGED_BY.1}},
+                "spec": {
+                    "policyName": name,
+                    "matchResources": {"namespaceSelector": namespace_selector, "objectSelector": object_selector},
+                }
+            })
+        })
+        .collect();
+    Ok(Exported { policy, bindings })
+}
+
+/// The chart's objectSelectors (binding name suffix, selector), exclusive so that a pod is bound
+/// once: pods with the environment label; managed pods with a task-name label and none (SPEC §9,
+/// unless the task-name rule is off).
+pub fn object_selectors(names: &Names) -> Vec<(&'static str, Value)> {
+    let mut selectors =
+        vec![("", json!({"matchExpressions": [{"key": names.environment_label, "operator": "Exists"}]}))];
+    if !names.task_name_label.is_empty() {
+        selectors.push((
+            ".task-name",
+            json!({"matchExpressions": [
+                {"key": names.environment_label, "operator": "DoesNotExist"},
+                {"key": names.managed_label, "operator": "In", "values": [names.managed_value]},
+                {"key": names.task_name_label, "operator": "Exists"},
+            ]}),
+        ));
+    }
+    selectors
 }
 
 /// Set by the API server on every namespace: the only way a selector can name one.
@@ -187,14 +209,26 @@ pub fn object_name(source: &TemplateSource) -> String {
     format!("pod-template.{}.{label}", source.namespace)
 }
 
-/// The pods that name exactly this template (SPEC §8 layer 3): the annotation if it is not
-/// blank (a list of one name, spaces trimmed), else the environment label.
+/// The pods that name exactly this template (`environment::Requested`, SPEC §8 layer 3, §9): the
+/// annotation if it is not blank (a list of one name, spaces trimmed), else the environment label
+/// if it is not blank, else for a managed pod its task-name label up to the first `.`.
 fn names_this_template(key: &str, names: &Names) -> String {
     let (has_annotation, annotation) = map_entry("object.metadata.annotations", &names.template_annotation);
     let (has_label, label) = map_entry("object.metadata.labels", &names.environment_label);
-    let key = cel_string(key);
+    let key_cel = cel_string(key);
+    let by_task_name = if names.task_name_label.is_empty() || key.contains('.') {
+        // Rule 3 off, or a name it can never choose (the environment ends at the first dot).
+        "false".to_owned()
+    } else {
+        let (has_managed, managed) = map_entry("object.metadata.labels", &names.managed_label);
+        let (has_task, task) = map_entry("object.metadata.labels", &names.task_name_label);
+        let managed_value = cel_string(&names.managed_value);
+        let prefix = cel_string(&format!("{key}."));
+        format!("{has_managed} && {managed} == {managed_value} && {has_task} && {task}.startsWith({prefix})")
+    };
     format!(
-        "{has_annotation} && {annotation}.trim() != \"\" ? {annotation}.trim() == {key} : {has_label} && {label} == {key}"
+        "{has_annotation} && {annotation}.trim() != \"\" ? {annotation}.trim() == {key_cel} : \
+         {has_label} && {label}.trim() != \"\" ? {label} == {key_cel} : {by_task_name}"
     )
 }
 

@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cli;
 pub mod commands;
 pub mod doc;
+pub mod environment;
 pub mod export;
 pub mod merge;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! The configurable names of SPEC §2, shared by the store and the admission logic.
+//! The configurable names of SPEC §2 and §9, shared by the store and the admission logic.
 
 /// Label and annotation names, and the platform namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +13,11 @@ pub struct Names {
     pub applied_annotation: String,
     /// Namespace whose templates every pod may use.
     pub platform_namespace: String,
+    /// Label (with [`Names::managed_value`]) on the pods Flyte's executor creates (§9).
+    pub managed_label: String,
+    pub managed_value: String,
+    /// Label of a managed pod holding `<environment>.<function>`; empty turns §9 rule 3 off.
+    pub task_name_label: String,
 }
 
 impl Default for Names {
@@ -23,6 +28,9 @@ impl Default for Names {
             source_label: "flyte.org/pod-templates".into(),
             applied_annotation: "flyte.org/pod-template-applied".into(),
             platform_namespace: "flyte".into(),
+            managed_label: "flyte.org/managed".into(),
+            managed_value: "true".into(),
+            task_name_label: "task-name".into(),
         }
     }
 }

@@ -269,20 +269,37 @@ fn every_ci_permutation_renders_a_safe_webhook() {
 fn check_webhook(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
     let config = one(objects, "MutatingWebhookConfiguration");
     let webhooks = config["webhooks"].as_array().unwrap();
-    assert_eq!(webhooks.len(), 1, "{ctx}");
-    let w = &webhooks[0];
+    let label = value_of(values, "config.environmentLabel");
+    let task_name = value_of(values, "config.taskNameLabel");
+    let by_label = json!({"matchExpressions": [{"key": label, "operator": "Exists"}]});
+    let mut selectors = vec![by_label];
+    // SPEC §9: managed pods with a task-name label and no environment label, exclusive with the
+    // first entry (each pod sent once); no second entry when the rule is off.
+    if task_name != "" {
+        selectors.push(json!({"matchExpressions": [
+            {"key": label, "operator": "DoesNotExist"},
+            {"key": value_of(values, "config.managedLabel"), "operator": "In", "values": [value_of(values, "config.managedValue")]},
+            {"key": task_name, "operator": "Exists"},
+        ]}));
+    }
+    assert_eq!(webhooks.len(), selectors.len(), "{ctx}: one entry per selection");
+    for (w, selector) in webhooks.iter().zip(&selectors) {
+        assert_eq!(&w["objectSelector"], selector, "{ctx}: {}", w["name"]);
+        check_webhook_entry(objects, values, w, ns, ctx);
+    }
+    let names: Vec<&str> = webhooks.iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert!(names.len() == 1 || names[0] != names[1], "{ctx}: entry names are unique: {names:?}");
+    check_validating_webhook(objects, values, ctx);
+}
+
+/// What every entry of the MutatingWebhookConfiguration has alike.
+fn check_webhook_entry(objects: &[Value], values: &Value, w: &Value, ns: &str, ctx: &str) {
     let rules = w["rules"].as_array().unwrap();
     assert_eq!(rules.len(), 1, "{ctx}: {rules:?}");
     assert_eq!(strs(&rules[0]["operations"]), ["CREATE"], "{ctx}");
     assert_eq!(strs(&rules[0]["resources"]), ["pods"], "{ctx}");
     assert_eq!(strs(&rules[0]["apiGroups"]), [""], "{ctx}");
     assert_eq!(strs(&rules[0]["apiVersions"]), ["v1"], "{ctx}");
-    let label = value_of(values, "config.environmentLabel");
-    assert_eq!(
-        w["objectSelector"],
-        json!({"matchExpressions": [{"key": label, "operator": "Exists"}]}),
-        "{ctx}: objectSelector Exists on the environment label"
-    );
     if value_of(values, "webhook.namespaceSelector").as_object().is_none_or(|m| m.is_empty()) {
         let exprs = w["namespaceSelector"]["matchExpressions"].as_array().unwrap();
         assert_eq!(exprs.len(), 1, "{ctx}");
@@ -331,7 +348,6 @@ fn check_webhook(objects: &[Value], values: &Value, ns: &str, ctx: &str) {
             assert_eq!(port["targetPort"], "https", "{ctx}");
         }
     }
-    check_validating_webhook(objects, values, ctx);
 }
 
 /// `https://host:port/any/path` -> `https://host:port/validate` (the chart's url-mode rule).
@@ -1796,17 +1812,55 @@ impl TemplateStore for LazyStore {
 }
 
 #[test]
-fn exported_environments_leave_the_webhook_objectselector() {
-    let selector = |sets: &[&str]| {
+fn exported_environments_leave_both_selections() {
+    let webhooks = |sets: &[&str]| {
         let objects = render_ok("ptw", "flyte", None, sets);
-        one(&objects, "MutatingWebhookConfiguration")["webhooks"][0]["objectSelector"].clone()
+        one(&objects, "MutatingWebhookConfiguration")["webhooks"].as_array().unwrap().clone()
     };
     let exists = json!({"key": "flyte.org/environment", "operator": "Exists"});
-    assert_eq!(selector(&[]), json!({"matchExpressions": [exists]}));
+    let plain = webhooks(&[]);
+    assert_eq!(plain[0]["objectSelector"], json!({"matchExpressions": [exists]}));
+    assert!(plain.iter().all(|w| w.get("matchConditions").is_none()), "no condition without exclusions");
+    let excluding = webhooks(&["webhook.excludeEnvironments={gpu,hello_world}"]);
     assert_eq!(
-        selector(&["webhook.excludeEnvironments={gpu,hello_world}"]),
+        excluding[0]["objectSelector"],
         json!({"matchExpressions": [exists, {"key": "flyte.org/environment", "operator": "NotIn", "values": ["gpu", "hello_world"]}]})
+    );
+    // The task-name selection cannot select on part of a label value: a CEL matchCondition does.
+    assert_eq!(excluding[1]["name"], "task-name.pod-templates.flyte.org");
+    assert_eq!(
+        excluding[1]["matchConditions"],
+        json!([{"name": "environment-not-exported", "expression":
+            r#"!has(object.metadata.labels) || !("task-name" in object.metadata.labels) || !["gpu","hello_world"].exists(e, object.metadata.labels["task-name"].startsWith(e + "."))"#}])
     );
     let err = render("ptw", "flyte", None, &["webhook.excludeEnvironments={not a label value}"]).unwrap_err();
     assert!(err.contains("excludeEnvironments"), "{err}");
+}
+
+#[test]
+fn the_task_name_selection_follows_its_names_and_turns_off() {
+    let sets = [
+        "config.managedLabel=example.com/managed-by",
+        "config.managedValue=executor",
+        "config.taskNameLabel=example.com/task",
+    ];
+    let objects = render_ok("ptw", "flyte", None, &sets);
+    let w = &one(&objects, "MutatingWebhookConfiguration")["webhooks"][1];
+    assert_eq!(
+        w["objectSelector"]["matchExpressions"],
+        json!([
+            {"key": "flyte.org/environment", "operator": "DoesNotExist"},
+            {"key": "example.com/managed-by", "operator": "In", "values": ["executor"]},
+            {"key": "example.com/task", "operator": "Exists"},
+        ])
+    );
+    let env = env_of(&one(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]);
+    assert_eq!(env["PTW_MANAGED_LABEL"], "example.com/managed-by");
+    assert_eq!(env["PTW_MANAGED_VALUE"], "executor");
+    assert_eq!(env["PTW_TASK_NAME_LABEL"], "example.com/task");
+    // Off: one entry, and the webhook is told so (an empty task-name label).
+    let objects = render_ok("ptw", "flyte", None, &["config.taskNameLabel="]);
+    assert_eq!(one(&objects, "MutatingWebhookConfiguration")["webhooks"].as_array().unwrap().len(), 1);
+    let env = env_of(&one(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]);
+    assert_eq!(env["PTW_TASK_NAME_LABEL"], "");
 }

@@ -29,7 +29,6 @@ use serde_json::{json, Value};
 use support::ApiServer;
 
 const PLATFORM: &str = "flyte";
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/pod-template-webhook");
 const APPLIED: &str = "flyte.org/pod-template-applied";
 
 struct Env {
@@ -49,19 +48,10 @@ fn env() -> &'static Env {
 /// `helm template` of the chart's ServiceAccount and RBAC, default values, release namespace
 /// `flyte`: the objects a `helm install` would create.
 fn chart_rbac() -> Vec<Value> {
-    let home = tempfile::Builder::new().prefix("ptw-helm-home-").tempdir().unwrap();
-    let out = std::process::Command::new(support::tool("helm"))
-        .args(["template", "ptw", CHART, "--namespace", PLATFORM])
-        .args(["--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"])
-        .env("HELM_CONFIG_HOME", home.path().join("config"))
-        .env("HELM_CACHE_HOME", home.path().join("cache"))
-        .env("HELM_DATA_HOME", home.path().join("data"))
-        .env_remove("KUBECONFIG")
-        .output()
-        .expect("run helm");
-    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8(out.stdout).unwrap();
-    pod_template_webhook::yaml::documents(&text).unwrap()
+    support::helm_template(
+        PLATFORM,
+        &["--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"],
+    )
 }
 
 async fn create<K>(api: Api<K>, object: &Value)

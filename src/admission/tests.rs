@@ -434,3 +434,48 @@ fn reinvocation_with_layers_changes_nothing() {
     let second = decide(&again, &layered(), &with_defaults());
     assert_eq!(second.outcome, Outcome::Unchanged, "{:?}", second.response);
 }
+
+/// The sample as Flyte 2's executor makes it (SPEC §9): no environment label, the environment in
+/// the managed pod's task-name label.
+fn flyte_managed(task_name: &str) -> Value {
+    review(|r| {
+        let labels = r["request"]["object"]["metadata"]["labels"].as_object_mut().unwrap();
+        labels.remove("flyte.org/environment");
+        labels.insert("flyte.org/managed".into(), json!("true"));
+        labels.insert("task-name".into(), json!(task_name));
+    })
+}
+
+#[test]
+fn a_managed_pod_gets_its_task_names_environment_and_the_record_says_so() {
+    let r = flyte_managed("hello_world.train");
+    let d = decide(&r, &hello(), &Policy::default());
+    assert_eq!(d.outcome, Outcome::Mutated);
+    assert_eq!(d.template.as_deref(), Some("hello_world"));
+    let record = "flyte/platform/hello_world@7; environment from task-name hello_world.train";
+    assert_eq!(d.response.audit_annotations["applied"], record);
+    let pod = patched(&r, &d);
+    assert_eq!(pod["metadata"]["annotations"]["flyte.org/pod-template-applied"], record);
+    assert_eq!(pod["spec"]["containers"][0]["env"][0], json!({"name": "hello", "value": "world"}));
+    // Idempotent: the record is information, and applying again changes nothing.
+    let again = review(|again| again["request"]["object"] = pod.clone());
+    assert!(decide(&again, &hello(), &Policy::default()).response.patch.is_none());
+}
+
+#[test]
+fn a_managed_pod_without_a_template_is_left_alone_but_a_broken_one_is_denied() {
+    let d = decide(&flyte_managed("nothing-here.train"), &hello(), &Policy::default());
+    assert_eq!((d.outcome, d.response.allowed, &d.response.warnings), (Outcome::Unchanged, true, &None));
+    let broken = index(&[("flyte", "platform", "etl", "podspec: {}")]);
+    let d = decide(&flyte_managed("etl.load"), &broken, &Policy::default());
+    assert_eq!(d.outcome, Outcome::Denied);
+    assert!(d.response.result.message.contains("named by task-name etl.load"), "{}", d.response.result.message);
+}
+
+#[test]
+fn the_task_name_rule_can_be_turned_off() {
+    let mut policy = Policy::default();
+    policy.names.task_name_label = String::new();
+    let d = decide(&flyte_managed("hello_world.train"), &hello(), &policy);
+    assert_eq!(d.outcome, Outcome::Unchanged);
+}

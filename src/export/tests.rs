@@ -39,7 +39,7 @@ fn namespace_rules_are_made_explicit() {
     ];
     let exported = export_all(&found, &names, None);
     let selector =
-        |i: usize| exported[i].1.as_ref().unwrap().binding["spec"]["matchResources"]["namespaceSelector"].clone();
+        |i: usize| exported[i].1.as_ref().unwrap().bindings[0]["spec"]["matchResources"]["namespaceSelector"].clone();
     assert_eq!(
         selector(0),
         json!({"matchExpressions": [{"key": NAMESPACE_NAME_LABEL, "operator": "NotIn", "values": ["team-a", "team-b"]}]}),
@@ -48,7 +48,7 @@ fn namespace_rules_are_made_explicit() {
     assert_eq!(selector(1), json!({"matchLabels": {NAMESPACE_NAME_LABEL: "team-b"}}));
     assert_eq!(selector(3), json!({"matchLabels": {NAMESPACE_NAME_LABEL: "team-a"}}));
     let alone = export_all(&[ready("flyte", "only", "{}")], &names, None);
-    assert_eq!(alone[0].1.as_ref().unwrap().binding["spec"]["matchResources"]["namespaceSelector"], json!({}));
+    assert_eq!(alone[0].1.as_ref().unwrap().bindings[0]["spec"]["matchResources"]["namespaceSelector"], json!({}));
 }
 
 #[test]
@@ -65,12 +65,47 @@ fn the_configured_names_are_used() {
     assert!(condition.contains(r#"object.metadata.annotations["example.com/template"].trim() == "t""#), "{condition}");
     assert!(condition.contains(r#"object.metadata.labels["example.com/env"] == "t""#), "{condition}");
     assert_eq!(
-        e.binding["spec"]["matchResources"]["objectSelector"],
+        e.bindings[0]["spec"]["matchResources"]["objectSelector"],
         json!({"matchExpressions": [{"key": "example.com/env", "operator": "Exists"}]})
+    );
+    assert_eq!(
+        e.bindings[1]["spec"]["matchResources"]["objectSelector"]["matchExpressions"][0],
+        json!({"key": "example.com/env", "operator": "DoesNotExist"}),
+        "the task-name binding excludes the pods of the first: each pod is bound once"
     );
     let record = e.policy["spec"]["mutations"].as_array().unwrap().last().unwrap()["jsonPatch"]["expression"].clone();
     assert!(record.as_str().unwrap().contains("/metadata/annotations/example.com~1applied"), "{record}");
     assert_eq!(e.policy["metadata"]["annotations"]["example.com/applied"], "platform/cm/t@sha256:0");
+}
+
+#[test]
+fn the_task_name_rule_is_expressed_with_its_own_binding() {
+    let e = export(&PodTemplate::parse("{}").unwrap(), &source("flyte", "ml-gpu"), &Names::default(), &[]).unwrap();
+    let condition = e.policy["spec"]["matchConditions"][0]["expression"].as_str().unwrap();
+    assert!(
+        condition.ends_with(
+            r#"object.metadata.labels["flyte.org/managed"] == "true" && (has(object.metadata.labels) && "task-name" in object.metadata.labels) && object.metadata.labels["task-name"].startsWith("ml-gpu.")"#
+        ),
+        "{condition}"
+    );
+    let names: Vec<_> = e.bindings.iter().map(|b| b["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pod-template.flyte.ml-gpu", "pod-template.flyte.ml-gpu.task-name"]);
+    assert_eq!(
+        e.bindings[1]["spec"]["matchResources"]["objectSelector"],
+        json!({"matchExpressions": [
+            {"key": "flyte.org/environment", "operator": "DoesNotExist"},
+            {"key": "flyte.org/managed", "operator": "In", "values": ["true"]},
+            {"key": "task-name", "operator": "Exists"},
+        ]})
+    );
+    // A key with a dot is never an environment of rule 3; rule 3 off: one binding, no clause.
+    let dotted = export(&PodTemplate::parse("{}").unwrap(), &source("flyte", "gpu.a100"), &Names::default(), &[]);
+    let condition = dotted.unwrap().policy["spec"]["matchConditions"][0]["expression"].as_str().unwrap().to_owned();
+    assert!(condition.ends_with(": false") && !condition.contains("task-name"), "{condition}");
+    let off = Names { task_name_label: String::new(), ..Names::default() };
+    let e = export(&PodTemplate::parse("{}").unwrap(), &source("flyte", "ml-gpu"), &off, &[]).unwrap();
+    assert_eq!(e.bindings.len(), 1);
+    assert!(e.policy["spec"]["matchConditions"][0]["expression"].as_str().unwrap().ends_with(": false"));
 }
 
 #[test]

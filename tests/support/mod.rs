@@ -3,6 +3,8 @@
 //! certificates made with rcgen.
 #![allow(dead_code)]
 
+pub mod flyte;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -299,7 +301,7 @@ pub async fn serve_webhook(state: std::sync::Arc<pod_template_webhook::server::A
     use axum::body::Body;
     use axum::http::Request;
     use http_body_util::BodyExt;
-    use pod_template_webhook::{server, tls};
+    use pod_template_webhook::server;
     let reviews: Webhook = Webhook { port: 0, reviews: Default::default() };
     let seen = reviews.reviews.clone();
     let app = server::webhook_router(state, &server::Limits::default()).layer(axum::middleware::from_fn(
@@ -315,13 +317,59 @@ pub async fn serve_webhook(state: std::sync::Arc<pod_template_webhook::server::A
             }
         },
     ));
+    let port = serve_router(app, pki).await;
+    Webhook { port, ..reviews }
+}
+
+/// Serves `app` over TLS on loopback with a server certificate from `pki`; returns the port.
+pub async fn serve_router(app: axum::Router, pki: &TestPki) -> u16 {
+    use pod_template_webhook::{server, tls};
     let leaf = pki.server();
     let cert = tls::load_pem(leaf.cert_pem.as_bytes(), leaf.key_pem.as_bytes(), "c".as_ref(), "k".as_ref()).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(tls::CertResolver::new(cert.key)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(server::serve_tls(listener, acceptor, app, server::Limits::default(), std::future::pending()));
-    Webhook { port, ..reviews }
+    port
+}
+
+/// `helm template ptw charts/pod-template-webhook --namespace NAMESPACE ARGS...` (helm's own
+/// directories in a temporary home), parsed into its objects.
+pub fn helm_template(namespace: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let home = tempfile::Builder::new().prefix("ptw-helm-home-").tempdir().unwrap();
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/pod-template-webhook");
+    let out = Command::new(tool("helm"))
+        .args(["template", "ptw"])
+        .arg(chart)
+        .args(["--namespace", namespace])
+        .args(args)
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .env_remove("KUBECONFIG")
+        .output()
+        .expect("run helm");
+    assert!(out.status.success(), "helm template: {}", String::from_utf8_lossy(&out.stderr));
+    pod_template_webhook::yaml::documents(&String::from_utf8(out.stdout).unwrap()).unwrap()
+}
+
+/// The chart's own MutatingWebhookConfiguration (`helm template` with `sets`), every entry's
+/// clientConfig pointed at a webhook on loopback; nothing else changed.
+pub fn chart_mutating_webhook(
+    port: u16,
+    ca_pem: &str,
+    sets: &[&str],
+) -> k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration {
+    let mut args = vec!["--show-only", "templates/mutatingwebhookconfiguration.yaml"];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let mut config = helm_template("flyte", &args).pop().expect("the chart renders a MutatingWebhookConfiguration");
+    let client = serde_json::json!({"url": format!("https://127.0.0.1:{port}/mutate"), "caBundle": b64(ca_pem)});
+    for webhook in config["webhooks"].as_array_mut().expect("webhooks") {
+        webhook["clientConfig"] = client.clone();
+    }
+    serde_json::from_value(config).unwrap()
 }
 
 fn kubeconfig_yaml(url: &str, ca: &str, cert: &str, key: &str) -> String {

@@ -119,6 +119,38 @@ matchExpressions:
 {{- end }}
 {{- end -}}
 
+{{/*
+The mutating webhook entries (SPEC §9), as a YAML list of {name, matchExpressions, matchConditions}:
+their objectSelectors are exclusive, so that each pod is sent once.
+1. pods with the environment label (the explicit name);
+2. unless config.taskNameLabel is empty: pods WITHOUT the environment label that Flyte manages
+   (config.managedLabel = config.managedValue) and that carry a task-name label.
+webhook.excludeEnvironments: a NotIn on the label for 1; a matchCondition on the task-name's part
+before the first "." for 2 (environment names have no dot, so `startsWith(env + ".")` is exact).
+*/}}
+{{- define "ptw.webhookEntries" -}}
+{{- $c := .Values.config }}
+{{- $excluded := .Values.webhook.excludeEnvironments }}
+{{- $byLabel := list (dict "key" $c.environmentLabel "operator" "Exists") }}
+{{- with $excluded }}
+{{- $byLabel = append $byLabel (dict "key" $c.environmentLabel "operator" "NotIn" "values" .) }}
+{{- end }}
+- name: {{ .Values.webhook.name | quote }}
+  matchExpressions: {{ toJson $byLabel }}
+{{- if $c.taskNameLabel }}
+{{- $byTask := list (dict "key" $c.environmentLabel "operator" "DoesNotExist") (dict "key" $c.managedLabel "operator" "In" "values" (list $c.managedValue)) (dict "key" $c.taskNameLabel "operator" "Exists") }}
+- name: {{ printf "task-name.%s" .Values.webhook.name | quote }}
+  matchExpressions: {{ toJson $byTask }}
+  {{- with $excluded }}
+  {{- $labels := "object.metadata.labels" }}
+  {{- $task := printf "%s[%s]" $labels (toJson $c.taskNameLabel) }}
+  matchConditions:
+    - name: environment-not-exported
+      expression: {{ printf "!has(%s) || !(%s in %s) || !%s.exists(e, %s.startsWith(e + \".\"))" $labels (toJson $c.taskNameLabel) $labels (toJson .) $task | quote }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
 {{/* Secret with the serving certificate in builtin and certManager modes. */}}
 {{- define "ptw.certSecretName" -}}
 {{- default (printf "%s-tls" (include "ptw.fullname" .)) .Values.certs.secretName -}}
