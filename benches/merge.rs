@@ -19,6 +19,9 @@
 //! - `layers`  the flyte full path with one layer (`hello_world`) and with three (a platform
 //!   default, a namespace default, `hello_world`; SPEC §8), in one run; the summary
 //!   prints the ratio (goal: within 2x).
+//! - `environment` the flyte full path with the template chosen by the environment label, the
+//!   same with SPEC §9's task-name rule off, and the pod as Flyte 2 creates it (no label;
+//!   `flyte.org/managed` + `task-name: hello_world.train`), in one run; the summary prints ratios.
 //!
 //! Before the benchmarks, each input's size, patch operation count and patch size are printed
 //! (with the operation count `json_patch::diff` would give, for comparison), after checking that
@@ -354,6 +357,7 @@ fn benches(c: &mut Criterion) {
     g.finish();
 
     bench_layers(c, &flyte);
+    bench_environment(c, &flyte, &store);
 
     let mut g = c.benchmark_group("scaling");
     for n in SCALING {
@@ -391,6 +395,27 @@ fn bench_layers(c: &mut Criterion, flyte: &[u8]) {
     let mut g = c.benchmark_group("layers");
     g.bench_function("full_path_1_layer", |b| b.iter(|| full_path(black_box(flyte), &store, &one)));
     g.bench_function("full_path_3_layers", |b| b.iter(|| full_path(black_box(flyte), &store, &three)));
+    g.finish();
+}
+
+/// What choosing the environment costs (SPEC §9): by label with the task-name rule on and off, and
+/// by task-name, on the same pod and template.
+fn bench_environment(c: &mut Criterion, flyte: &[u8], store: &TemplateIndex) {
+    let mut review: Value = serde_json::from_slice(flyte).unwrap();
+    let labels = review["request"]["object"]["metadata"]["labels"].as_object_mut().unwrap();
+    let environment = labels.remove("flyte.org/environment").unwrap();
+    labels.insert("flyte.org/managed".into(), "true".into());
+    labels.insert("task-name".into(), format!("{}.train", environment.as_str().unwrap()).into());
+    let managed = serde_json::to_vec(&review).unwrap();
+    let on = Policy::default();
+    let mut off = Policy::default();
+    off.names.task_name_label = String::new();
+    let decision = admission::mutate(admission::parse_review(&managed).unwrap(), store, &on).unwrap();
+    assert!(decision.applied.as_deref().is_some_and(|a| a.ends_with("task-name hello_world.train")), "{decision:?}");
+    let mut g = c.benchmark_group("environment");
+    g.bench_function("by_label", |b| b.iter(|| full_path(black_box(flyte), store, &on)));
+    g.bench_function("by_label_rule3_off", |b| b.iter(|| full_path(black_box(flyte), store, &off)));
+    g.bench_function("by_task_name", |b| b.iter(|| full_path(black_box(&managed), store, &on)));
     g.finish();
 }
 
@@ -437,6 +462,17 @@ fn summary() {
             one / 1e3,
             three / 1e3,
             three / one
+        );
+    }
+    let environment = |f: &str| estimate(&["environment", f]);
+    if let (Some(label), Some(off), Some(task)) =
+        (environment("by_label"), environment("by_label_rule3_off"), environment("by_task_name"))
+    {
+        eprintln!(
+            "environment: by label {:.2} us (rule 3 off: x{:.3}), by task-name x{:.3}",
+            label / 1e3,
+            off / label,
+            task / label
         );
     }
     let stages: Vec<String> = ["1_parse_review", "2_merge", "3_diff", "4_mutate", "5_response_body"]

@@ -447,7 +447,6 @@ impl Plan {
 fn applied_record(layers: &[PlannedLayer], requested: &Requested, names: &Names) -> String {
     let mut record = layers.iter().map(|l| l.entry.source.to_string()).collect::<Vec<_>>().join(",");
     if let Some(rule) = requested.recorded_rule(names) {
-        record.push_str("; ");
         record.push_str(&rule);
     }
     record

@@ -98,11 +98,19 @@ impl Requested {
         }
     }
 
-    /// What the applied record adds: only the implicit rule, since the explicit ones are on the
-    /// pod verbatim (`environment from task-name ml-gpu.train`).
+    /// What the applied record adds after the layers: only the implicit rule, since the explicit
+    /// ones are on the pod verbatim (`; environment from task-name ml-gpu.train`).
     pub fn recorded_rule(&self, names: &Names) -> Option<String> {
-        matches!(self, Requested::TaskName { .. }).then(|| format!("environment from {}", self.rule(names)))
+        match self {
+            Requested::TaskName { task_name, .. } => Some(format!("{}{task_name}", recorded_task_name_prefix(names))),
+            _ => None,
+        }
     }
+}
+
+/// The applied record's suffix for §9 rule 3, before the task name: `; environment from task-name `.
+pub fn recorded_task_name_prefix(names: &Names) -> String {
+    format!("; environment from {} ", names.task_name_label)
 }
 
 /// §9 rule 3 on a task-name label value: the part before the first `.`; none without a `.` (a
@@ -141,7 +149,7 @@ mod tests {
         assert_eq!(got, task("ml-gpu", "ml-gpu.train"));
         assert_eq!(got.names(), ["ml-gpu"]);
         assert!(!got.required(), "an environment without a template is no error");
-        assert_eq!(got.recorded_rule(&names).unwrap(), "environment from task-name ml-gpu.train");
+        assert_eq!(got.recorded_rule(&names).unwrap(), "; environment from task-name ml-gpu.train");
         // snake_case environments, functions with dots of their own (nested names): the first dot.
         let got = read(&[MANAGED, ("task-name", "etl_batch.load.inner")], &[], &names).unwrap();
         assert_eq!(got.names(), ["etl_batch"]);

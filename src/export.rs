@@ -213,23 +213,58 @@ pub fn object_name(source: &TemplateSource) -> String {
 /// annotation if it is not blank (a list of one name, spaces trimmed), else the environment label
 /// if it is not blank, else for a managed pod its task-name label up to the first `.`.
 fn names_this_template(key: &str, names: &Names) -> String {
-    let (has_annotation, annotation) = map_entry("object.metadata.annotations", &names.template_annotation);
-    let (has_label, label) = map_entry("object.metadata.labels", &names.environment_label);
+    let rules = Rules::new(names);
     let key_cel = cel_string(key);
-    let by_task_name = if names.task_name_label.is_empty() || key.contains('.') {
-        // Rule 3 off, or a name it can never choose (the environment ends at the first dot).
-        "false".to_owned()
-    } else {
-        let (has_managed, managed) = map_entry("object.metadata.labels", &names.managed_label);
-        let (has_task, task) = map_entry("object.metadata.labels", &names.task_name_label);
-        let managed_value = cel_string(&names.managed_value);
-        let prefix = cel_string(&format!("{key}."));
-        format!("{has_managed} && {managed} == {managed_value} && {has_task} && {task}.startsWith({prefix})")
+    let by_task_name = match &rules.task_name {
+        // A name rule 3 never chooses: the environment ends at the first dot.
+        Some((managed, task)) if !key.contains('.') => {
+            format!("{managed} && {task}.startsWith({})", cel_string(&format!("{key}.")))
+        }
+        _ => "false".to_owned(),
     };
-    format!(
-        "{has_annotation} && {annotation}.trim() != \"\" ? {annotation}.trim() == {key_cel} : \
-         {has_label} && {label}.trim() != \"\" ? {label} == {key_cel} : {by_task_name}"
-    )
+    let Rules { annotated, annotation, labelled, label, .. } = rules;
+    format!("{annotated} ? {annotation}.trim() == {key_cel} : {labelled} ? {label} == {key_cel} : {by_task_name}")
+}
+
+/// `environment::Requested::read` in CEL, on `object`: each rule's condition and value.
+struct Rules {
+    /// The template annotation is there and not blank; its value.
+    annotated: String,
+    annotation: String,
+    /// The environment label is there and not blank; its value.
+    labelled: String,
+    label: String,
+    /// Unless rule 3 is off: the pod is managed and has a task-name label; that label's value.
+    task_name: Option<(String, String)>,
+}
+
+impl Rules {
+    fn new(names: &Names) -> Self {
+        let labels = "object.metadata.labels";
+        let (has_annotation, annotation) = map_entry("object.metadata.annotations", &names.template_annotation);
+        let (has_label, label) = map_entry(labels, &names.environment_label);
+        let task_name = (!names.task_name_label.is_empty()).then(|| {
+            let (has_managed, managed) = map_entry(labels, &names.managed_label);
+            let (has_task, task) = map_entry(labels, &names.task_name_label);
+            let value = cel_string(&names.managed_value);
+            (format!("{has_managed} && {managed} == {value} && {has_task}"), task)
+        });
+        Rules {
+            annotated: format!("{has_annotation} && {annotation}.trim() != \"\""),
+            annotation,
+            labelled: format!("{has_label} && {label}.trim() != \"\""),
+            label,
+            task_name,
+        }
+    }
+
+    /// The applied record's rule suffix as a CEL string expression: for a pod whose environment
+    /// came from its task-name (SPEC §9), what `environment::Requested::recorded_rule` writes.
+    fn recorded(&self, names: &Names) -> Option<String> {
+        let (_, task) = self.task_name.as_ref()?;
+        let prefix = cel_string(&crate::environment::recorded_task_name_prefix(names));
+        Some(format!("({} || {} ? \"\" : {prefix} + {task})", self.annotated, self.labelled))
+    }
 }
 
 /// `(is it there, its value)` for a key of a map field of the pod's metadata.
@@ -338,7 +373,10 @@ impl Gen {
         }
         // Information, overwritten like the webhook does, after everything else.
         let annotation = Pointer::fixed("/metadata/annotations").child(&names.applied_annotation);
-        let record = cel_string(applied);
+        let mut record = cel_string(applied);
+        if let Some(rule) = Rules::new(names).recorded(names) {
+            record = format!("{record} + {rule}");
+        }
         mutations.push(format!(
             "has(object.metadata.annotations) ? [{}] : [{}]",
             add(&annotation, &record),

@@ -105,6 +105,10 @@ fn shapes(template: &str, index: usize) -> Vec<Value> {
         json!({"metadata": {"name": name("chosen"), "labels": {"flyte.org/environment": template},
                             "annotations": {"kubectl.kubernetes.io/default-container": "second", "flyte.org/pod-template": " "}},
                "spec": {"containers": [{"name": "first", "image": image}, {"name": "second", "image": image}]}}),
+        // A Flyte 2 task pod (SPEC §9): no environment label, the environment in its task-name.
+        json!({"metadata": {"name": name("flyte"), "labels": {"flyte.org/managed": "true", "task-name": format!("{template}.train")},
+                            "annotations": {"primary_container_name": name("flyte")}},
+               "spec": {"containers": [{"name": name("flyte"), "image": image, "args": ["pyflyte-execute"]}]}}),
     ]
 }
 
@@ -215,7 +219,8 @@ async fn compare_directory(dir: &str) {
         .filter(|o| o["kind"] == "MutatingAdmissionPolicyBinding")
         .map(|o| serde_json::from_value(o.clone()).unwrap())
         .collect();
-    assert!(!policies.is_empty() && policies.len() == bindings.len(), "{dir}: {yaml}");
+    // Two bindings a policy: the chart's two selections (environment label; managed task pods).
+    assert!(!policies.is_empty() && 2 * policies.len() == bindings.len(), "{dir}: {yaml}");
 
     let names = Names::default();
     let store = DirStore::load(Path::new(dir), &names).unwrap();
@@ -244,11 +249,12 @@ async fn compare_directory(dir: &str) {
     let state = AppState::new(Arc::new(store), Policy { names, ..Policy::default() });
     let webhook = support::serve_webhook(state, &env().pki).await;
     let webhooks = Api::<MutatingWebhookConfiguration>::all(c.clone());
-    let config = support::mutating_webhook(webhook.port, &env().pki.ca_pem);
+    let config = support::chart_mutating_webhook(webhook.port, &env().pki.ca_pem, &[]);
+    let config_name = config.metadata.name.clone().unwrap();
     webhooks.create(&PostParams::default(), &config).await.unwrap();
     wait_admission(&c, &probes, true).await;
     let through_webhook = create_all(&c, &pods).await;
-    webhooks.delete("pod-template-webhook", &DeleteParams::default()).await.unwrap();
+    webhooks.delete(&config_name, &DeleteParams::default()).await.unwrap();
     wait_admission(&c, &probes, false).await;
     let mutated = through_webhook.iter().filter(|p| p["metadata"]["annotations"][APPLIED].is_string()).count();
     eprintln!("{dir}: {} policies, {} pods, {mutated} mutated by the webhook", policies.len(), pods.len());
@@ -281,7 +287,7 @@ async fn compare_directory(dir: &str) {
     assert!(reviews_after > reviews_before, "{dir}: the webhook was not called");
     compare(&format!("{dir}: the policy, then the webhook"), &through_webhook, &through_both);
 
-    webhooks.delete("pod-template-webhook", &DeleteParams::default()).await.unwrap();
+    webhooks.delete(&config_name, &DeleteParams::default()).await.unwrap();
     for b in &bindings {
         binding_api.delete(b.metadata.name.as_deref().unwrap(), &DeleteParams::default()).await.unwrap();
     }

@@ -7,11 +7,14 @@
 //! `tests/flyte_sdk/requirements.txt`). Without Python 3 and its venv module the tests fail,
 //! never skip: `.ci/run` installs them.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use serde_json::{json, Value};
+use support::flyte::output_or_panic;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pod-template-webhook");
 const CRATE_DIR: &str = env!("CARGO_MANIFEST_DIR");
@@ -29,27 +32,17 @@ fn pinned(package: &str) -> String {
     line.unwrap_or_else(|| panic!("tests/flyte_sdk/requirements.txt pins no {package}"))
 }
 
-fn output_or_panic(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{what} failed ({}):\n{stderr}", out.status);
-    String::from_utf8(out.stdout).expect("UTF-8 output")
-}
-
 /// The SDK's templates, made once per test binary: a directory holding the ConfigMap manifest
 /// `sdk-pod-templates.json`, and the versions the script reported.
 fn sdk() -> &'static (tempfile::TempDir, Value) {
     static SDK: OnceLock<(tempfile::TempDir, Value)> = OnceLock::new();
     SDK.get_or_init(|| {
         let started = std::time::Instant::now();
-        let python = output_or_panic(
-            Command::new("bash").arg(crate_path("tests/flyte_sdk/venv.sh")),
-            "tests/flyte_sdk/venv.sh (the Flyte SDK virtualenv; needs python3 with venv, see .ci/run)",
-        );
+        let python = support::flyte::python();
         eprintln!("flyte SDK virtualenv ready in {:?}", started.elapsed());
         let dir = tempfile::tempdir().unwrap();
         let report = output_or_panic(
-            Command::new(python.trim()).arg(crate_path("tests/flyte_sdk/make_templates.py")).arg(dir.path()),
+            Command::new(python).arg(crate_path("tests/flyte_sdk/make_templates.py")).arg(dir.path()),
             "tests/flyte_sdk/make_templates.py",
         );
         let versions: Value = serde_json::from_str(&report).expect("make_templates.py prints its versions as JSON");
@@ -200,4 +193,43 @@ fn sdk_doubles_render_as_integers() {
     // Nothing else: an empty metadata adds no labels or annotations.
     assert_eq!(rendered["metadata"]["labels"], json!({"flyte.org/environment": "grace"}));
     assert_eq!(rendered["metadata"]["annotations"], json!({}));
+}
+
+/// `examples/flyte/pod.yaml` (the README's "With Flyte 2" example) is the pod the generator makes
+/// for `ml-gpu.train` from the pinned SDK: the example stays what Flyte really creates.
+#[test]
+fn the_readme_flyte_pod_is_the_generated_one() {
+    let text = std::fs::read_to_string(crate_path("examples/flyte/pod.yaml")).unwrap();
+    let example: Value = pod_template_webhook::yaml::from_str(&text).unwrap();
+    let generated = support::flyte::task_pod("ml-gpu", "train");
+    assert_eq!(example, generated.pod, "regenerate examples/flyte/pod.yaml from make_pods.py's ml-gpu.train");
+}
+
+/// The generator's pods are what SPEC §9 says Flyte creates: managed, a task-name label that is
+/// `SanitizeLabelValue(<environment>.<function>)`, no environment label; the container task's one
+/// container named like the pod, the k8sPod task's primary named by `primary_container_name`.
+#[test]
+fn generated_flyte_pods_have_the_executors_shape() {
+    let pods = support::flyte::task_pods();
+    assert!(pods.len() >= 6, "{}", pods.len());
+    for p in pods {
+        let labels = &p.pod["metadata"]["labels"];
+        let what = &p.task_name;
+        assert_eq!(labels["flyte.org/managed"], "true", "{what}");
+        assert_eq!(labels["task-name"], p.task_name_label.as_str(), "{what}");
+        assert!(labels.get("flyte.org/environment").is_none(), "{what}: Flyte 2 sets no environment label");
+        assert_eq!(p.task_name, format!("{}.{}", p.environment, p.function), "{what}: the SDK's task name");
+        assert!(p.task_name_label.len() <= 63, "{what}");
+        assert_eq!(labels.get("inject-flyte-secrets").is_some(), p.secrets, "{what}");
+        let containers = p.pod["spec"]["containers"].as_array().unwrap();
+        let primary = p.pod["metadata"]["annotations"]["primary_container_name"].as_str().unwrap();
+        assert!(containers.iter().any(|c| c["name"] == primary), "{what}: the annotation names a container");
+        if p.target == "container" {
+            assert_eq!((containers.len(), primary), (1, p.pod["metadata"]["name"].as_str().unwrap()), "{what}");
+        }
+    }
+    // A task name Flyte cut at 63 characters, with and without its dot.
+    assert!(pods.iter().any(|p| p.task_name.len() > 63 && p.task_name_label.contains('.')));
+    assert!(pods.iter().any(|p| p.task_name.len() > 63 && !p.task_name_label.contains('.')));
+    assert!(pods.iter().any(|p| p.target == "k8sPod"));
 }

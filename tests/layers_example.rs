@@ -62,3 +62,33 @@ fn render_explain_prints_what_the_readme_shows() {
         ]
     );
 }
+
+/// The README's "With Flyte 2" example: `render --explain` on the pod Flyte creates prints the
+/// explanation the README shows, and the template reached the pod through its task-name.
+#[test]
+fn the_flyte_example_renders_as_the_readme_shows() {
+    let command = block_after("```sh\npod-template-webhook render --templates examples/flyte").trim();
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_pod-template-webhook"))
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let explanation = &stdout[stdout.find("# --explain").expect("an explanation")..];
+    assert_eq!(explanation, block_after("ends with (the whole pod before it)"), "stdout of `{command}`");
+
+    let pod: serde_json::Value =
+        pod_template_webhook::yaml::from_str(&stdout[..stdout.len() - explanation.len()]).unwrap();
+    let env: Vec<(&str, &str)> = pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+        .collect();
+    assert_eq!(env, [("TZ", "UTC"), ("NCCL_DEBUG", "WARN"), ("HF_HOME", "/hf")], "the task's HF_HOME wins");
+    let applied = pod["metadata"]["annotations"]["flyte.org/pod-template-applied"].as_str().unwrap();
+    assert!(applied.ends_with("; environment from task-name ml-gpu.train"), "{applied}");
+}
