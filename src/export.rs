@@ -528,15 +528,12 @@ impl Gen {
                     add(&at.path, &lit(&Value::Array(entries.to_vec())))
                 )
             }
-            ListRule::Keyed(key_of) => {
-                let Some(key_cel) = entry_key_cel(key) else {
-                    self.problems.push(format!("{}: no CEL form of the key of list {key:?}", at.path.fixed));
-                    return "[]".into();
-                };
+            ListRule::Keyed(entry_key) => {
+                let key_cel = entry_key.cel();
                 let mut seen = BTreeSet::new();
                 entries
                     .iter()
-                    .filter_map(|b| match key_of(&Node::Value(Cow::Borrowed(b))) {
+                    .filter_map(|b| match entry_key.of(&Node::Value(Cow::Borrowed(b))) {
                         Some(k) if seen.insert(k.clone()) => {
                             Some((format!("!{}.exists(x, {key_cel} == {})", at.cel, cel_string(&k)), b))
                         }
@@ -614,23 +611,6 @@ const CEL_RESERVED: &[&str] = &[
     "void",
     "while",
 ];
-
-/// CEL: the key the merge matches entries of keyed list `list` by (keep in step with
-/// `merge::list_rule`; a keyed list missing here is refused, never merged wrongly).
-fn entry_key_cel(list: &str) -> Option<&'static str> {
-    Some(match list {
-        "env" | "volumes" | "imagePullSecrets" | "resourceClaims" | "schedulingGates" => {
-            "(has(x.name) ? x.name : \"\\u0000\")"
-        }
-        "volumeMounts" => "(has(x.mountPath) ? x.mountPath : \"\\u0000\")",
-        "volumeDevices" => "(has(x.devicePath) ? x.devicePath : \"\\u0000\")",
-        "hostAliases" => "(has(x.ip) ? x.ip : \"\\u0000\")",
-        "ports" => {
-            "(has(x.containerPort) ? string(x.containerPort) + \"/\" + (has(x.protocol) ? x.protocol : \"TCP\") : \"\\u0000\")"
-        }
-        _ => return None,
-    })
-}
 
 /// CEL for `merge::default_pull_policy` of the image expression `image`.
 fn default_pull_policy(image: &str) -> String {

@@ -17,8 +17,10 @@ use crate::template::PodTemplate;
 
 mod compose;
 mod explain;
+pub(crate) mod rules;
 pub use compose::{compose, Composition, Conflict, Layer, Role};
 pub use explain::{explain, Change};
+pub(crate) use rules::{list_rule, ListRule};
 
 /// Annotations that name a pod's primary container, most specific first (§4).
 pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
@@ -141,34 +143,6 @@ fn default_pull_policy(image: &str) -> &'static str {
     }
 }
 
-/// How entries of a list are matched (§4 "Keyed lists").
-pub(crate) enum ListRule {
-    /// The pod's entry with the same key stays; the template's other entries are added first.
-    Keyed(fn(&Node<'_>) -> Option<String>),
-    /// The pod's list, if not empty, is kept as a whole.
-    Atomic,
-    /// Union without duplicates, template entries first.
-    Union,
-}
-
-pub(crate) fn list_rule(key: &str) -> ListRule {
-    match key {
-        "env" | "volumes" | "imagePullSecrets" | "resourceClaims" | "schedulingGates" => {
-            ListRule::Keyed(|v| v.str_field("name"))
-        }
-        "volumeMounts" => ListRule::Keyed(|v| v.str_field("mountPath")),
-        "volumeDevices" => ListRule::Keyed(|v| v.str_field("devicePath")),
-        "hostAliases" => ListRule::Keyed(|v| v.str_field("ip")),
-        "ports" => ListRule::Keyed(|v| {
-            let port = v.field("containerPort")?.to_value();
-            let protocol = v.str_field("protocol").unwrap_or_else(|| "TCP".to_owned());
-            Some(format!("{port}/{protocol}"))
-        }),
-        "command" | "args" => ListRule::Atomic,
-        _ => ListRule::Union,
-    }
-}
-
 /// Fills `owner[key]` from the template's `base`, the pod's value winning.
 fn fill_field<'a>(owner: &mut Object<'a>, key: &'a str, base: &'a Value, ctx: Ctx) {
     let replace = match owner.get(key) {
@@ -215,10 +189,10 @@ fn merge_list<'a>(overlay: &mut Vec<Node<'a>>, base: &'a [Value], rule: ListRule
     let added: Vec<&'a Value> = match rule {
         ListRule::Atomic if overlay.is_empty() => base.iter().collect(),
         ListRule::Atomic => return,
-        ListRule::Keyed(key_of) => {
-            let mut seen: HashSet<String> = overlay.iter().filter_map(key_of).collect();
+        ListRule::Keyed(key) => {
+            let mut seen: HashSet<String> = overlay.iter().filter_map(|o| key.of(o)).collect();
             base.iter()
-                .filter(|b| match key_of(&Node::Value(Cow::Borrowed(b))) {
+                .filter(|b| match key.of(&Node::Value(Cow::Borrowed(b))) {
                     Some(k) => seen.insert(k),
                     None => !contains(b),
                 })

@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value};
 
+use super::rules::CONTAINER_KEY;
 use super::{list_rule, ListRule};
 use crate::doc::Node;
 use crate::template::{PodTemplate, DEFAULT_PRIMARY_CONTAINER_NAME};
@@ -219,10 +220,11 @@ impl Composer {
                 }
                 return;
             }
-            ListRule::Keyed(key_of) => Some(key_of),
+            ListRule::Keyed(entry_key) => Some(entry_key),
             ListRule::Union => None,
         };
-        let key_of = |v: &Value| keyed.and_then(|key_of| key_of(&Node::Value(Cow::Borrowed(v))));
+        let fields = keyed.map(|k| k.fields()).unwrap_or_default();
+        let key_of = |v: &Value| keyed.and_then(|entry_key| entry_key.of(&Node::Value(Cow::Borrowed(v))));
         let overlay_keys: Vec<Option<String>> = overlay.iter().map(key_of).collect();
         let mut kept: Vec<Value> = Vec::with_capacity(base.len() + overlay.len());
         for b in base.drain(..) {
@@ -235,7 +237,7 @@ impl Composer {
             match overlay_keys.iter().position(|o| o.as_deref() == Some(k.as_str())) {
                 None => kept.push(b),
                 Some(i) if self.tracking => {
-                    self.push(|p| push_entry(p, key, &k));
+                    self.push(|p| push_entry(p, &fields, &k));
                     self.conflict_if(b != overlay[i]);
                     self.pop();
                 }
@@ -244,7 +246,7 @@ impl Composer {
         }
         if self.tracking {
             for k in overlay_keys.iter().flatten() {
-                self.push(|p| push_entry(p, key, k));
+                self.push(|p| push_entry(p, &fields, k));
                 self.took(false);
                 self.pop();
             }
@@ -257,7 +259,7 @@ impl Composer {
     fn containers(&mut self, base: &mut Vec<Value>, overlay: &Value) {
         for oc in overlay.as_array().into_iter().flatten() {
             let name = oc.get("name").and_then(Value::as_str).unwrap_or_default();
-            self.push(|p| push_entry(p, "containers", name));
+            self.push(|p| push_entry(p, &CONTAINER_KEY.fields(), name));
             match (base.iter_mut().find(|b| b.get("name").and_then(Value::as_str) == Some(name)), oc) {
                 (Some(Value::Object(b)), Value::Object(o)) => self.object(b, o),
                 _ => {
@@ -282,16 +284,9 @@ fn push_key(path: &mut String, key: &str) {
     }
 }
 
-/// Appends `[field=key]` for an entry of a keyed list.
-fn push_entry(path: &mut String, list: &str, key: &str) {
-    let field = match list {
-        "volumeMounts" => "mountPath",
-        "volumeDevices" => "devicePath",
-        "hostAliases" => "ip",
-        "ports" => "containerPort/protocol",
-        _ => "name",
-    };
-    let _ = write!(path, "[{field}={key}]");
+/// Appends `[fields=key]` for an entry of a keyed list (`fields`: `EntryKey::fields`).
+fn push_entry(path: &mut String, fields: &str, key: &str) {
+    let _ = write!(path, "[{fields}={key}]");
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use std::borrow::Cow;
 
 use serde_json::Value;
 
+use super::rules::{EntryKey, CONTAINER_KEY};
 use super::{compose, list_rule, merge_pod, Layer, ListRule};
 use crate::doc::Node;
 
@@ -90,7 +91,7 @@ fn escape(key: &str) -> String {
 enum Step {
     Key(String),
     /// An entry of a keyed list (containers by name, env by name, …).
-    Entry(fn(&Node<'_>) -> Option<String>, String),
+    Entry(EntryKey, String),
     /// An entry of a union list, by its value.
     Member(Value),
 }
@@ -98,12 +99,12 @@ enum Step {
 /// How an entry of the list under `field` is found again.
 fn element(field: &str, item: &Value) -> Step {
     let keyed = match list_rule(field) {
-        _ if is_container_list(field) => Some(name_of as fn(&Node<'_>) -> Option<String>),
-        ListRule::Keyed(key_of) => Some(key_of),
+        _ if is_container_list(field) => Some(CONTAINER_KEY),
+        ListRule::Keyed(entry_key) => Some(entry_key),
         _ => None,
     };
-    match keyed.and_then(|key_of| Some((key_of, key_of(&Node::Value(Cow::Borrowed(item)))?))) {
-        Some((key_of, key)) => Step::Entry(key_of, key),
+    match keyed.and_then(|entry_key| Some((entry_key, entry_key.of(&Node::Value(Cow::Borrowed(item)))?))) {
+        Some((entry_key, key)) => Step::Entry(entry_key, key),
         None => Step::Member(item.clone()),
     }
 }
@@ -148,18 +149,14 @@ fn is_container_list(field: &str) -> bool {
     matches!(field, "containers" | "initContainers" | "ephemeralContainers")
 }
 
-fn name_of(node: &Node<'_>) -> Option<String> {
-    node.str_field("name")
-}
-
 fn resolve<'v>(root: &'v Value, steps: &[Step]) -> Option<&'v Value> {
     let mut at = root;
     for step in steps {
         at = match (step, at) {
             (Step::Key(key), Value::Object(map)) => map.get(key)?,
-            (Step::Entry(key_of, key), Value::Array(items)) => {
-                items.iter().find(|item| key_of(&Node::Value(Cow::Borrowed(item))).as_deref() == Some(key.as_str()))?
-            }
+            (Step::Entry(entry_key, key), Value::Array(items)) => items
+                .iter()
+                .find(|item| entry_key.of(&Node::Value(Cow::Borrowed(item))).as_deref() == Some(key.as_str()))?,
             (Step::Member(value), Value::Array(items)) => items.iter().find(|item| *item == value)?,
             _ => return None,
         };

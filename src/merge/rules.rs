@@ -1,0 +1,209 @@
+//! The list rules of SPEC §4 as one table: which lists merge by key and by which fields, which are
+//! atomic; every other list is a union. The merge, the conflict report of `compose`, `explain`
+//! and `export-policy`'s CEL all read it, so a row added here is merged, reported and exported
+//! alike (the `cfg(test)` row below proves it in each of them).
+
+use std::borrow::Cow;
+
+use crate::doc::Node;
+
+/// A field of a keyed-list entry that is part of the entry's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyField {
+    pub name: &'static str,
+    /// A number (`containerPort`), compared as its JSON text; otherwise a string.
+    pub number: bool,
+    /// What the API server fills in when the field is unset (`protocol: TCP`); `None`: an entry
+    /// without the field has no key and is compared whole.
+    pub default: Option<&'static str>,
+}
+
+const fn text(name: &'static str) -> KeyField {
+    KeyField { name, number: false, default: None }
+}
+
+const NAME: &[KeyField] = &[text("name")];
+
+/// Keyed lists and the fields of their key, in key order.
+pub const KEYED: &[(&str, &[KeyField])] = &[
+    ("env", NAME),
+    ("volumes", NAME),
+    ("imagePullSecrets", NAME),
+    ("resourceClaims", NAME),
+    ("schedulingGates", NAME),
+    ("volumeMounts", &[text("mountPath")]),
+    ("volumeDevices", &[text("devicePath")]),
+    ("hostAliases", &[text("ip")]),
+    (
+        "ports",
+        &[
+            KeyField { name: "containerPort", number: true, default: None },
+            KeyField { name: "protocol", number: false, default: Some("TCP") },
+        ],
+    ),
+    // Not a PodSpec list: the tests' proof that a row here is all a new keyed list needs.
+    #[cfg(test)]
+    ("testKeyedList", &[text("id")]),
+];
+
+/// Containers (and init containers) are matched by name.
+pub const CONTAINER_KEY: EntryKey = EntryKey(NAME);
+
+/// Lists the template gives only to a pod that has none (`command`, `args`).
+pub const ATOMIC: &[&str] = &["command", "args"];
+
+/// How entries of a list are matched (§4 "Keyed lists").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListRule {
+    /// The pod's entry with the same key stays; the template's other entries are added first.
+    Keyed(EntryKey),
+    /// The pod's list, if not empty, is kept as a whole.
+    Atomic,
+    /// Union without duplicates, template entries first.
+    Union,
+}
+
+/// The rule for the list under `key`.
+pub fn list_rule(key: &str) -> ListRule {
+    if let Some((_, fields)) = KEYED.iter().find(|(list, _)| *list == key) {
+        return ListRule::Keyed(EntryKey(fields));
+    }
+    match ATOMIC.contains(&key) {
+        true => ListRule::Atomic,
+        false => ListRule::Union,
+    }
+}
+
+/// The key of the entries of one keyed list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryKey(&'static [KeyField]);
+
+impl EntryKey {
+    /// The key of `entry` (its fields' values joined by `/`), or `None` when a field without a
+    /// default is missing (or a string field is not a string).
+    pub fn of(&self, entry: &Node<'_>) -> Option<String> {
+        let mut parts = Vec::with_capacity(self.0.len());
+        for f in self.0 {
+            let value = match (entry.field(f.name), f.default) {
+                (Some(v), _) if f.number => v.to_value().to_string(),
+                (Some(v), _) => v.as_str()?.into_owned(),
+                (None, Some(default)) => default.to_owned(),
+                (None, None) => return None,
+            };
+            parts.push(value);
+        }
+        Some(parts.join("/"))
+    }
+
+    /// The key's field names joined by `/`, for paths in messages (`[containerPort/protocol=80/TCP]`).
+    pub fn fields(&self) -> Cow<'static, str> {
+        match self.0 {
+            [one] => Cow::Borrowed(one.name),
+            many => Cow::Owned(many.iter().map(|f| f.name).collect::<Vec<_>>().join("/")),
+        }
+    }
+
+    /// The key as a CEL string expression on the entry `x`, `"\u0000"` (no key a real entry has)
+    /// when a field without a default is missing: the same key as [`EntryKey::of`].
+    pub fn cel(&self) -> String {
+        let required: Vec<String> =
+            self.0.iter().filter(|f| f.default.is_none()).map(|f| format!("has(x.{})", f.name)).collect();
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|f| {
+                let value = if f.number { format!("string(x.{})", f.name) } else { format!("x.{}", f.name) };
+                match f.default {
+                    Some(default) => format!("(has(x.{}) ? {value} : {})", f.name, serde_json::json!(default)),
+                    None => value,
+                }
+            })
+            .collect();
+        format!("({} ? {} : \"\\u0000\")", required.join(" && "), parts.join(" + \"/\" + "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    fn key_of(list: &str, entry: Value) -> Option<String> {
+        let ListRule::Keyed(key) = list_rule(list) else { panic!("{list} is keyed") };
+        key.of(&Node::Value(Cow::Owned(entry)))
+    }
+
+    #[test]
+    fn keys_join_their_fields_with_defaults() {
+        assert_eq!(key_of("env", json!({"name": "A", "value": "x"})).as_deref(), Some("A"));
+        assert_eq!(key_of("ports", json!({"containerPort": 80})).as_deref(), Some("80/TCP"));
+        assert_eq!(key_of("ports", json!({"containerPort": 53, "protocol": "UDP"})).as_deref(), Some("53/UDP"));
+        assert_eq!(key_of("ports", json!({"protocol": "UDP"})), None, "no port: compared whole");
+        assert_eq!(key_of("env", json!({"name": 5})), None, "a name that is not a string");
+        assert_eq!(list_rule("command"), ListRule::Atomic);
+        assert_eq!(list_rule("tolerations"), ListRule::Union);
+    }
+
+    #[test]
+    fn the_cel_key_is_the_same_key() {
+        let ListRule::Keyed(ports) = list_rule("ports") else { unreachable!() };
+        assert_eq!(
+            ports.cel(),
+            r#"(has(x.containerPort) ? string(x.containerPort) + "/" + (has(x.protocol) ? x.protocol : "TCP") : "\u0000")"#
+        );
+        assert_eq!(ports.fields(), "containerPort/protocol");
+        let ListRule::Keyed(env) = list_rule("env") else { unreachable!() };
+        assert_eq!(env.cel(), r#"(has(x.name) ? x.name : "\u0000")"#);
+    }
+}
+
+/// The `cfg(test)` row of [`KEYED`], `testKeyedList` keyed by `id`, through every reader of the
+/// table: a keyed list needs that row and nothing else. (Templates are built directly: the
+/// parser validates podSpec against the real PodSpec, which has no such list.)
+#[cfg(test)]
+mod a_new_row {
+    use serde_json::{json, Map, Value};
+
+    use crate::merge::{compose, explain, merge_pod, Layer, Role};
+    use crate::template::PodTemplate;
+
+    fn template(entries: Value) -> PodTemplate {
+        let pod_spec: Map<String, Value> = [("testKeyedList".to_owned(), entries)].into_iter().collect();
+        PodTemplate { pod_spec, ..PodTemplate::parse("{}").unwrap() }
+    }
+
+    #[test]
+    fn is_merged_by_its_key() {
+        let pod =
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [], "testKeyedList": [{"id": "a", "v": "pod"}]}});
+        let t = template(json!([{"id": "a", "v": "template"}, {"id": "b", "v": "template"}]));
+        let merged = merge_pod(&pod, &t).pod;
+        assert_eq!(merged["spec"]["testKeyedList"], json!([{"id": "b", "v": "template"}, {"id": "a", "v": "pod"}]));
+        let (_, changes) = explain(&pod, &[Layer { role: Role::Named, template: &t }]);
+        assert_eq!(changes.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(), ["/spec/testKeyedList/0"]);
+    }
+
+    #[test]
+    fn is_reported_in_conflicts() {
+        let (lower, higher) = (template(json!([{"id": "a", "v": 1}])), template(json!([{"id": "a", "v": 2}])));
+        let layers = [Layer { role: Role::Named, template: &lower }, Layer { role: Role::Named, template: &higher }];
+        let paths: Vec<String> = compose(&layers).conflicts.into_iter().map(|c| c.path).collect();
+        assert_eq!(paths, ["spec.testKeyedList[id=a]"]);
+    }
+
+    #[test]
+    fn is_exported_with_its_key_in_cel() {
+        let source = crate::template::TemplateSource {
+            kind: crate::template::SourceKind::ConfigMap,
+            namespace: "flyte".into(),
+            object: "cm".into(),
+            key: "t".into(),
+            version: "1".into(),
+        };
+        let t = template(json!([{"id": "a", "v": 1}]));
+        let exported = crate::export::export(&t, &source, &crate::names::Names::default(), &[]).unwrap();
+        let text = exported.policy.to_string();
+        assert!(text.contains(r#"(has(x.id) ? x.id : \"\\u0000\") == \"a\""#), "{text}");
+    }
+}
