@@ -59,6 +59,8 @@ pub enum Outcome {
     Mutated,
     Unchanged,
     Denied,
+    /// Refused because of a bug of ours (500), not the pod's fault: counted and logged apart.
+    Error,
 }
 
 impl Outcome {
@@ -67,6 +69,7 @@ impl Outcome {
             Outcome::Mutated => "mutated",
             Outcome::Unchanged => "unchanged",
             Outcome::Denied => "denied",
+            Outcome::Error => "error",
         }
     }
 }
@@ -219,6 +222,8 @@ pub enum BadReview {
     NoRequest,
     #[error("AdmissionReview for a pod CREATE has no object")]
     NoObject,
+    #[error("AdmissionReview for a pod CREATE: request.object is not a JSON object")]
+    NotAnObject,
     /// Syntax serde_json accepts when it skips a value but not when it reads one (too deep, a
     /// number out of range, a lone surrogate): refused for the whole body.
     #[error("request body is not a valid admission.k8s.io/v1 AdmissionReview: {0}")]
@@ -263,7 +268,7 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
     let raw = req.object.as_deref().ok_or(BadReview::NoObject)?;
     let document = Document::new(raw);
     let mut pod = document.root();
-    let meta = pod.as_object_mut().ok_or(BadReview::NoObject)?.get_mut("metadata").and_then(Node::as_object_mut);
+    let meta = pod.as_object_mut().ok_or(BadReview::NotAnObject)?.get_mut("metadata").and_then(Node::as_object_mut);
     let meta_field = |field: &str| meta.as_ref().and_then(|m| m.get(field)?.as_str());
     if decision.pod.is_empty() {
         decision.pod = meta_field("name").or_else(|| meta_field("generateName")).unwrap_or_default().into_owned();
@@ -310,7 +315,11 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
     let (patch, operations) = match crate::patch::diff(&document.root(), &pod) {
         Ok(diff) => diff,
         // A bug, not the request's fault: refused loudly rather than answered with a wrong patch.
-        Err(e) => return Ok(Refusal::new(OnProblem::Deny, 500, "InternalError", e.to_string()).apply(decision)),
+        Err(e) => {
+            let mut refused = Refusal::new(OnProblem::Deny, 500, "InternalError", e.to_string()).apply(decision);
+            refused.outcome = Outcome::Error;
+            return Ok(refused);
+        }
     };
     decision.applied = Some(applied.clone());
     decision.response.audit_annotations = BTreeMap::from([("applied".to_owned(), applied)]);
@@ -478,8 +487,14 @@ pub fn validate_templates(req: &Request, names: &Names) -> Decision {
     let Some(raw) = req.object.as_ref() else {
         return decision;
     };
-    let Ok(object) = serde_json::from_str::<Value>(raw.get()) else {
-        return decision;
+    // parse_review already checked the body; an object that still cannot be read is refused,
+    // never waved through unvalidated.
+    let object = match serde_json::from_str::<Value>(raw.get()) {
+        Ok(object) => object,
+        Err(e) => {
+            let message = format!("cannot read the {} object: {e}", req.resource.resource);
+            return Refusal::new(OnProblem::Deny, 400, "BadRequest", message).apply(decision);
+        }
     };
     let labelled = meta_str(&object, "labels", &names.source_label) == Some("true");
     if !labelled || !matches!(req.operation.as_str(), "CREATE" | "UPDATE") {

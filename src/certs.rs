@@ -185,10 +185,22 @@ impl BuiltinCerts {
     /// The Secret's owner: the webhook configuration it serves. The process creates the Secret,
     /// so Helm does not own it; with this owner reference, deleting the configuration (`helm
     /// uninstall`) lets the garbage collector delete the Secret too.
+    /// None, with a line saying why, when the configuration cannot be read or does not exist:
+    /// the Secret then has no owner (and outlives an uninstall) until a later check sets it.
     async fn owner(&self) -> Option<OwnerReference> {
         let name = self.cfg.webhook_configuration.as_ref()?;
         let api: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
-        let config = api.get_opt(name).await.ok()??;
+        let config = match api.get_opt(name).await {
+            Ok(Some(config)) => config,
+            Ok(None) => {
+                tracing::warn!(configuration = %name, secret = %self.cfg.secret, "the webhook configuration does not exist: the Secret gets no owner for now");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(configuration = %name, secret = %self.cfg.secret, error = %e, "cannot read the webhook configuration: the Secret gets no owner for now");
+                return None;
+            }
+        };
         Some(OwnerReference {
             api_version: "admissionregistration.k8s.io/v1".into(),
             kind: "MutatingWebhookConfiguration".into(),
@@ -246,13 +258,12 @@ impl BuiltinCerts {
             };
         };
         let cert = field(&secret, TLS_CERT)?;
-        let expires = CertificateDer::pem_slice_iter(cert.as_bytes())
-            .flatten()
-            .next()
-            .and_then(|c| tls::not_after(&c))
-            .unwrap_or(0);
-        if expires - now() > self.cfg.validity.as_secs() as i64 / 3 {
-            return Ok(secret);
+        let expires = CertificateDer::pem_slice_iter(cert.as_bytes()).flatten().next().and_then(|c| tls::not_after(&c));
+        match expires {
+            Some(expires) if expires - now() > self.cfg.validity.as_secs() as i64 / 3 => return Ok(secret),
+            Some(_) => {}
+            // Renewed below like an expiring one, but not without a word: someone wrote it.
+            None => tracing::warn!(secret = %name, "the stored serving certificate does not parse; issuing a new one"),
         }
         let (ca, ca_key) = (field(&secret, CA_CERT)?, field(&secret, CA_KEY)?);
         let (cert, key) = new_serving(&ca, &ca_key, &self.cfg)?;

@@ -4,6 +4,7 @@
 //! Data flows one way: request → [`admission`] → [`store`] lookup → [`merge`] → patch → response.
 //! [`merge`], [`doc`], [`patch`] and [`template`] are pure; [`server`], [`tls`], [`store`] and [`cli`]
 //! are the shell.
+#![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod certs;

@@ -31,6 +31,7 @@ pub struct Metrics {
     cert_reload_time: AtomicI64,
     template_reload_time: AtomicI64,
     certificate_errors: [AtomicU64; CERTIFICATE_ERROR_SOURCES.len()],
+    tls_handshake_failures: AtomicU64,
     template_watch: TaskHealth,
     certificate_watch: TaskHealth,
     /// Admissions by template name and result.
@@ -69,6 +70,15 @@ fn now() -> i64 {
 }
 
 impl Metrics {
+    /// Counts a TLS handshake that failed or timed out.
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.fetch_add(1, Relaxed);
+    }
+
+    pub fn tls_handshake_failures(&self) -> u64 {
+        self.tls_handshake_failures.load(Relaxed)
+    }
+
     /// Counts one admission; `result` is one of [`RESULTS`].
     pub fn admission(&self, result: &str, took: Duration) {
         if let Some(i) = RESULTS.iter().position(|r| *r == result) {
@@ -123,6 +133,9 @@ impl Metrics {
         for (i, r) in RESULTS.iter().enumerate() {
             let _ = writeln!(out, "{p}_admissions_total{{result=\"{r}\"}} {}", self.admissions[i].load(Relaxed));
         }
+        let _ = writeln!(out, "# HELP {p}_tls_handshake_failures_total TLS handshakes that failed or timed out (an untrusted certificate: check the caBundle).");
+        let _ = writeln!(out, "# TYPE {p}_tls_handshake_failures_total counter");
+        let _ = writeln!(out, "{p}_tls_handshake_failures_total {}", self.tls_handshake_failures.load(Relaxed));
         let _ = writeln!(
             out,
             "# HELP {p}_admission_duration_seconds Time to decide one admission (parse, merge, patch, encode)."

@@ -11,25 +11,29 @@ use crate::metrics::Metrics;
 use crate::server::{self, AppState, Limits};
 use crate::store::dir::DirStore;
 use crate::store::{cluster, TemplateStore};
-use crate::supervise::{supervise, Supervision};
+use crate::supervise::{supervise, Fatal, Supervision};
 use crate::tls::CertEvent;
 use crate::{certs, tls};
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let policy = args.names.policy();
     let metrics = Arc::new(crate::metrics::Metrics::default());
+    // A supervised task that gives up ends the process through the drain, with exit code 1.
+    let fatal = Fatal::default();
     let store: Arc<dyn TemplateStore> = match &args.templates {
         Some(path) => {
             let store = DirStore::load(path, &policy.names)?;
             metrics.templates_reloaded(store.problems.len());
             Arc::new(store)
         }
-        None => cluster::ClusterStore::start(&policy.names, &args.watch_namespaces, metrics.clone()).await?,
+        None => {
+            cluster::ClusterStore::start(&policy.names, &args.watch_namespaces, metrics.clone(), fatal.clone()).await?
+        }
     };
     let platform_namespace = policy.names.platform_namespace.clone();
     let state = AppState::with_metrics(store, policy, metrics.clone());
 
-    let resolver = serving_certificate(&args, &state, platform_namespace).await?;
+    let resolver = serving_certificate(&args, &state, platform_namespace, &fatal).await?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(resolver));
 
     let limits = Limits {
@@ -59,8 +63,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let admin_task =
         tokio::spawn(async move { axum::serve(admin, admin_app).with_graceful_shutdown(admin_stop).await });
     let drain_state = state.clone();
+    let raised = fatal.clone();
     let shutdown = async move {
-        shutdown_signal().await;
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = raised.wait() => {}
+        }
         drain_state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("shutting down: readiness is now false");
         // A second signal means: now.
@@ -71,14 +79,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         });
     };
     #[cfg(feature = "noop-handler")]
-    let app = if args.noop_handler { server::noop_router(&limits) } else { server::webhook_router(state, &limits) };
+    let app =
+        if args.noop_handler { server::noop_router(&limits) } else { server::webhook_router(state.clone(), &limits) };
     #[cfg(not(feature = "noop-handler"))]
-    let app = server::webhook_router(state, &limits);
-    server::serve_tls(listener, acceptor, app, limits, shutdown).await;
+    let app = server::webhook_router(state.clone(), &limits);
+    server::serve_tls(listener, acceptor, app, limits, state.metrics.clone(), shutdown).await;
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
     tracing::info!("stopped");
-    Ok(())
+    match fatal.raised() {
+        Some(task) => anyhow::bail!("the {task} task kept stopping (see the log above); drained and stopped"),
+        None => Ok(()),
+    }
 }
 
 /// The certificate the TLS listener serves, kept current: files reloaded on change, the builtin
@@ -87,6 +99,7 @@ async fn serving_certificate(
     args: &ServeArgs,
     state: &AppState,
     platform_namespace: String,
+    fatal: &Fatal,
 ) -> anyhow::Result<Arc<tls::CertResolver>> {
     let metrics = state.metrics.clone();
     let (cert, files) = match (&args.tls_cert, &args.tls_key) {
@@ -124,7 +137,7 @@ async fn serving_certificate(
             certs::BuiltinCerts::new(client.clone(), cfg.clone(), resolver.clone()).run(ready.clone(), events)
         };
         // Readiness returns when a restarted task has served the Secret's pair again.
-        spawn_certificate_task(run, state, false);
+        spawn_certificate_task(run, state, false, fatal.clone());
     } else if let Some((cert, key, bytes)) = files {
         let every = Duration::from_secs(args.cert_reload_seconds.max(1));
         let resolver = resolver.clone();
@@ -132,7 +145,7 @@ async fn serving_certificate(
             let events = certificate_events(&metrics);
             tls::watch_files(cert.clone(), key.clone(), bytes.clone(), resolver.clone(), every, events)
         };
-        spawn_certificate_task(run, state, true);
+        spawn_certificate_task(run, state, true, fatal.clone());
     }
     Ok(resolver)
 }
@@ -149,7 +162,7 @@ fn certificate_events(metrics: &Arc<Metrics>) -> impl Fn(CertEvent<'_>) + Send +
 /// Supervises the task keeping the serving certificate current: while it is down, readiness is
 /// false and `certificate_watch_up` 0; `up_is_ready`: a running task means ready (files), or the
 /// task says so itself (builtin, after its first pass).
-fn spawn_certificate_task<F, Fut>(run: F, state: &AppState, up_is_ready: bool)
+fn spawn_certificate_task<F, Fut>(run: F, state: &AppState, up_is_ready: bool, fatal: Fatal)
 where
     F: FnMut() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -161,9 +174,9 @@ where
             ready.store(running, std::sync::atomic::Ordering::Release);
         }
     };
-    let give_up = || {
-        tracing::error!("the certificate task keeps stopping; exiting so that the kubelet restarts the process");
-        std::process::exit(1);
+    let give_up = move || {
+        tracing::error!("the certificate task keeps stopping; draining, then exiting for the kubelet to restart the process");
+        fatal.raise("certificate");
     };
     tokio::spawn(supervise("certificate", run, Supervision::default(), on_state, give_up));
 }

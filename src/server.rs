@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -148,9 +148,27 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+/// A body that cannot be a review at all, refused before it is parsed: another content type than
+/// JSON (415; none at all is taken as JSON, as curl sends it), or nothing (400).
+fn not_a_review(headers: &HeaderMap, body: &[u8]) -> Option<Response> {
+    let content_type = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("(not text)"));
+    if let Some(content_type) = content_type {
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            let message = format!("content type {content_type:?}: an AdmissionReview is application/json\n");
+            return Some((StatusCode::UNSUPPORTED_MEDIA_TYPE, message).into_response());
+        }
+    }
+    body.is_empty().then(|| (StatusCode::BAD_REQUEST, "empty request body: expected an AdmissionReview\n").into_response())
+}
+
+async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     use tracing::field::{display, Empty};
     let started = Instant::now();
+    if let Some(refused) = not_a_review(&headers, &body) {
+        state.metrics.admission("error", started.elapsed());
+        return refused;
+    }
     // One span per admission, its fields filled in as they are known. At debug, like the
     // per-admission line: at info, a span on every admission would cost what that line cost
     // (docs/performance.md); the info and warn lines below carry the same fields themselves.
@@ -230,15 +248,21 @@ pub fn log_decision(d: &Decision, took: Duration) {
             )
         };
     }
-    if d.outcome == admission::Outcome::Denied || d.response.warnings.is_some() {
+    if d.outcome == admission::Outcome::Error {
+        line!(error);
+    } else if d.outcome == admission::Outcome::Denied || d.response.warnings.is_some() {
         line!(info);
     } else {
         line!(debug);
     }
 }
 
-async fn validate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn validate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
+    if let Some(refused) = not_a_review(&headers, &body) {
+        state.metrics.admission("error", started.elapsed());
+        return refused;
+    }
     match admission::parse_review(&body) {
         Ok(req) => {
             let decision = admission::validate_templates(&req, &state.policy.names);
@@ -430,11 +454,15 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
 /// `limits.keep_alive_timeout` (longer than the API server's 90 s client idle timeout, so the
 /// client, not the server, closes idle connections); a request head must arrive within
 /// `limits.header_read_timeout` of its first byte (and of the TLS handshake).
+///
+/// Failed TLS handshakes are counted in `metrics` and logged at info with the peer: a client
+/// that does not trust the certificate (a caBundle that does not match) fails nowhere else.
 pub async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     app: Router,
     limits: Limits,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -467,6 +495,7 @@ pub async fn serve_tls(
             builder: builder.clone(),
             limits: limits.clone(),
             phase: phase_rx.clone(),
+            metrics: metrics.clone(),
             _open: open_tx.clone(),
         };
         tokio::spawn(conn.run(tcp, peer));
@@ -489,17 +518,26 @@ struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
     limits: Limits,
     phase: tokio::sync::watch::Receiver<Phase>,
+    metrics: Arc<Metrics>,
     _open: tokio::sync::mpsc::Sender<()>,
 }
 
 impl Connection {
     async fn run(self, tcp: tokio::net::TcpStream, peer: std::net::SocketAddr) {
-        let Connection { acceptor, app, builder, limits, mut phase, _open } = self;
+        let Connection { acceptor, app, builder, limits, mut phase, metrics, _open } = self;
         let tls = tokio::select! {
             tls = tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)) => match tls {
                 Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    metrics.tls_handshake_failed();
+                    return tracing::info!(%peer, error = %e, "TLS handshake failed");
+                }
+                // A client that connected and said nothing (a port probe, a slow client): counted,
+                // but only worth a line at debug.
+                Err(_) => {
+                    metrics.tls_handshake_failed();
+                    return tracing::debug!(%peer, "TLS handshake timed out");
+                }
             },
             _ = phase.wait_for(|p| *p != Phase::Serving) => return,
         };

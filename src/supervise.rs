@@ -4,6 +4,34 @@
 
 use std::time::Duration;
 
+/// Raised by a supervised task that gave up. The server then drains like on SIGTERM and exits
+/// non-zero (for the kubelet to restart it), instead of `exit(1)` cutting in-flight requests off.
+#[derive(Debug, Clone)]
+pub struct Fatal(tokio::sync::watch::Sender<Option<&'static str>>);
+
+impl Default for Fatal {
+    fn default() -> Self {
+        Fatal(tokio::sync::watch::channel(None).0)
+    }
+}
+
+impl Fatal {
+    /// Says that the task `what` gave up; the first one raised is kept.
+    pub fn raise(&self, what: &'static str) {
+        self.0.send_if_modified(|raised| raised.is_none() && raised.replace(what).is_none());
+    }
+
+    /// The task that gave up, if one did.
+    pub fn raised(&self) -> Option<&'static str> {
+        *self.0.borrow()
+    }
+
+    /// Resolves once a task gave up.
+    pub async fn wait(&self) {
+        let _ = self.0.subscribe().wait_for(Option::is_some).await;
+    }
+}
+
 /// How a task is kept running (DEVELOPERS: every spawned task is supervised).
 #[derive(Debug, Clone, Copy)]
 pub struct Supervision {
@@ -90,6 +118,22 @@ mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
+
+    /// Giving up raises `Fatal` (the server's signal to drain and exit 1), once, and a waiter sees it.
+    #[tokio::test]
+    async fn giving_up_raises_fatal_for_the_drain() {
+        let fatal = Fatal::default();
+        let waiter = tokio::spawn({
+            let fatal = fatal.clone();
+            async move { fatal.wait().await }
+        });
+        assert_eq!(fatal.raised(), None);
+        let raise = fatal.clone();
+        supervise("ending", || async {}, quick(), |_| {}, move || raise.raise("ending")).await;
+        tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("the waiter wakes").unwrap();
+        fatal.raise("another");
+        assert_eq!(fatal.raised(), Some("ending"), "the first task that gave up is kept");
+    }
 
     fn quick() -> Supervision {
         Supervision {

@@ -427,6 +427,7 @@ fn env_value(pod: &Value, name: &str) -> Option<String> {
 
 #[test]
 fn the_chart_on_a_real_node() {
+    // SAFETY: geteuid takes nothing, cannot fail and touches no memory of ours.
     let root = unsafe { libc::geteuid() } == 0;
     let containerd = Command::new("containerd").arg("--version").output().is_ok_and(|o| o.status.success());
     match std::env::var("PTW_CLUSTER_TESTS").as_deref() {

@@ -97,6 +97,7 @@ fn builtin_certificates_end_to_end() {
             acceptor,
             server::webhook_router(state.clone(), &Limits::default()),
             Limits::default(),
+            state.metrics.clone(),
             std::future::pending(),
         ));
         let validity = Duration::from_secs(20);

@@ -34,10 +34,11 @@ async fn start(limits: Limits) -> Server {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(tls::CertResolver::new(cert.key)));
     let store =
         DirStore::load(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/templates").as_ref(), &Names::default()).unwrap();
-    let app = webhook_router(AppState::new(Arc::new(store), Policy::default()), &limits);
+    let state = AppState::new(Arc::new(store), Policy::default());
+    let app = webhook_router(state.clone(), &limits);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    tokio::spawn(serve_tls(listener, acceptor, app, limits, std::future::pending()));
+    tokio::spawn(serve_tls(listener, acceptor, app, limits, state.metrics.clone(), std::future::pending()));
     Server { port, ca_pem: pki.ca_pem }
 }
 

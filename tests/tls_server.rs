@@ -87,6 +87,7 @@ fn resolver_for(leaf: &Leaf) -> Arc<CertResolver> {
 
 struct Server {
     addr: SocketAddr,
+    metrics: Arc<pod_template_webhook::metrics::Metrics>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: JoinHandle<()>,
 }
@@ -94,15 +95,15 @@ struct Server {
 async fn start_server(resolver: Arc<CertResolver>, limits: Limits) -> Server {
     let store = DirStore::load(&crate_path("examples/templates"), &Names::default()).expect("example templates load");
     let state = AppState::new(Arc::new(store), Policy::default());
-    let app = webhook_router(state, &limits);
+    let app = webhook_router(state.clone(), &limits);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = TlsAcceptor::from(tls::server_config(resolver));
     let (tx, rx) = oneshot::channel::<()>();
-    let handle = tokio::spawn(serve_tls(listener, acceptor, app, limits, async move {
+    let handle = tokio::spawn(serve_tls(listener, acceptor, app, limits, state.metrics.clone(), async move {
         let _ = rx.await;
     }));
-    Server { addr, shutdown: Some(tx), handle }
+    Server { addr, metrics: state.metrics.clone(), shutdown: Some(tx), handle }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -346,6 +347,28 @@ async fn mutate_over_h2_and_http1_with_a_ca_signed_certificate() {
 
 // ---------------------------------------------------------------------------------------------
 // 2. TLS versions
+
+/// A client that does not trust the certificate (an API server whose caBundle does not match)
+/// fails the handshake: the server counts it (`tls_handshake_failures_total`) and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusting_client_is_a_counted_handshake_failure() {
+    bounded!(async {
+        let (ca, other) = (TestCa::new("test CA"), TestCa::new("another CA"));
+        let server = start_server(resolver_for(&ca.leaf("webhook")), Limits::default()).await;
+        assert_eq!(server.metrics.tls_handshake_failures(), 0);
+        let refused = connect(server.addr, client_config(&other.der, &[b"http/1.1"], ALL_VERSIONS), "localhost").await;
+        assert!(refused.is_err(), "a client of another CA must not complete the handshake");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.metrics.tls_handshake_failures() != 1 {
+            assert!(Instant::now() < deadline, "the failed handshake was not counted");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (status, body) = post_once(server.addr, &ca.der, Proto::H1, flyte_review()).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(server.metrics.tls_handshake_failures(), 1, "a good handshake is not counted");
+        assert!(server.metrics.render(0, 0, 0).contains("pod_template_webhook_tls_handshake_failures_total 1"));
+    });
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls12_only_and_tls13_only_clients_both_work() {

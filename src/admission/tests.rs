@@ -240,6 +240,13 @@ fn malformed_reviews_are_clear_errors() {
     let r = review(|r| r["request"].as_object_mut().unwrap().remove("object").map(|_| ()).unwrap());
     let req = parse_review(&serde_json::to_vec(&r).unwrap()).unwrap();
     assert!(matches!(mutate(req, &hello(), &Policy::default()), Err(BadReview::NoObject)));
+    // An object that is there but not an object says so, not "has no object".
+    for object in ["[1]", "\"pod\"", "7"] {
+        let req = parse_review(review_text(object).as_bytes()).unwrap();
+        let err = mutate(req, &hello(), &Policy::default()).unwrap_err();
+        assert!(matches!(err, BadReview::NotAnObject), "{object}: {err}");
+        assert!(err.to_string().contains("request.object is not a JSON object"), "{err}");
+    }
 }
 
 /// A pod CREATE review whose object is `pod` (JSON text), as the API server frames it.

@@ -139,6 +139,31 @@ async fn malformed_body_is_400_with_a_message_and_counted() {
 }
 
 #[tokio::test]
+async fn another_content_type_is_415_and_an_empty_body_400() {
+    let st = state();
+    let app = webhook_router(st.clone(), &Limits::default());
+    for (path, content_type, body, status, says) in [
+        ("/mutate", Some("text/plain"), SAMPLE, StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/json"),
+        ("/validate", Some("application/yaml"), SAMPLE, StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/json"),
+        ("/mutate", Some("application/json"), "", StatusCode::BAD_REQUEST, "empty request body"),
+        ("/validate", None, "", StatusCode::BAD_REQUEST, "empty request body"),
+        ("/mutate", Some("Application/JSON; charset=utf-8"), SAMPLE, StatusCode::OK, "\"allowed\":true"),
+        ("/mutate", None, SAMPLE, StatusCode::OK, "\"allowed\":true"),
+    ] {
+        let mut req = Request::builder().method("POST").uri(path);
+        if let Some(content_type) = content_type {
+            req = req.header("content-type", content_type);
+        }
+        let resp = app.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+        let got = resp.status();
+        let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+        assert_eq!(got, status, "{path} {content_type:?}: {text}");
+        assert!(text.contains(says), "{path} {content_type:?}: {text}");
+    }
+    assert_eq!(st.metrics.admissions("error"), 4, "refusals are counted");
+}
+
+#[tokio::test]
 async fn only_post_mutate_exists() {
     let app = webhook_router(state(), &Limits::default());
     assert_eq!(call(app.clone(), "GET", "/mutate", "").await.0, StatusCode::METHOD_NOT_ALLOWED);

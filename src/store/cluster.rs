@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use super::{Catalog, Lookup, ParseProblem, StoreStats, TemplateIndex, TemplateStore};
 use crate::metrics::Metrics;
 use crate::names::Names;
-use crate::supervise::{supervise, Supervision};
+use crate::supervise::{supervise, Fatal, Supervision};
 use crate::template::SourceKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,13 +51,25 @@ impl ClusterStore {
         names: &Names,
         watch_namespaces: &[String],
         metrics: Arc<Metrics>,
+        fatal: Fatal,
     ) -> Result<Arc<Self>, ClusterError> {
         let client = Client::try_default().await?;
-        Ok(Self::spawn(client, names.clone(), watch_namespaces, metrics))
+        Ok(Self::spawn_with(client, names.clone(), watch_namespaces, metrics, fatal))
     }
 
     /// Starts watching with `client`; the store is ready once every initial list is applied.
     pub fn spawn(client: Client, names: Names, watch_namespaces: &[String], metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::spawn_with(client, names, watch_namespaces, metrics, Fatal::default())
+    }
+
+    /// [`ClusterStore::spawn`], raising `fatal` when the watch keeps stopping.
+    pub fn spawn_with(
+        client: Client,
+        names: Names,
+        watch_namespaces: &[String],
+        metrics: Arc<Metrics>,
+        fatal: Fatal,
+    ) -> Arc<Self> {
         let store = Arc::new(ClusterStore { index: ArcSwap::default(), synced: AtomicBool::new(false) });
         let scopes: Vec<Option<String>> = if watch_namespaces.is_empty() {
             vec![None]
@@ -79,9 +91,9 @@ impl ClusterStore {
                 state.synced.store(false, Ordering::Release);
             }
         };
-        let give_up = || {
-            tracing::error!("the template watch keeps stopping; exiting so that the kubelet restarts the process");
-            std::process::exit(1);
+        let give_up = move || {
+            tracing::error!("the template watch keeps stopping; draining, then exiting for the kubelet to restart the process");
+            fatal.raise("template watch");
         };
         tokio::spawn(supervise("template watch", run, Supervision::default(), on_state, give_up));
         store
@@ -201,7 +213,8 @@ impl<K: SourceResource> Watches<K> {
                 true
             }
             Err(e) => {
-                tracing::warn!(error = %e, kind = ?K::KIND, "template watch failed; serving from cache, retrying with backoff");
+                let namespace = scopes[i].as_deref().unwrap_or("(all)");
+                tracing::warn!(error = %e, kind = ?K::KIND, namespace, "template watch failed; serving from cache, retrying with backoff");
                 false
             }
         }
@@ -289,9 +302,10 @@ fn report(
             secondary: None,
         };
         let (recorder, reference) = (recorder.clone(), reference.clone());
+        let object = format!("{} {}", problem.source.describe(), problem.source.version);
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&event, &reference).await {
-                tracing::warn!(error = %e, "cannot publish the Event for a template parse error");
+                tracing::warn!(error = %e, object, "cannot publish the Event for a template parse error");
             }
         });
     }

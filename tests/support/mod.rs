@@ -95,8 +95,10 @@ pub fn tool(name: &str) -> PathBuf {
 
 fn lock_file(f: &std::fs::File) {
     use std::os::fd::AsRawFd;
-    // SAFETY: flock on a file descriptor we own; released when the file is closed.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    // SAFETY: flock takes a file descriptor and a flag, and `f` keeps the descriptor open for
+    // the whole call; the lock is released when the file is closed.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
 }
 
 /// Starts `cmd` so that it dies with the thread that started it (PR_SET_PDEATHSIG): a test
@@ -104,11 +106,12 @@ fn lock_file(f: &std::fs::File) {
 fn spawn_tied(cmd: &mut Command, log: &Path) -> Child {
     let out = std::fs::File::create(log).unwrap();
     cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: prctl is one, and the closure allocates nothing.
     unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
+        cmd.pre_exec(|| match libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
         });
     }
     cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
@@ -329,7 +332,8 @@ pub async fn serve_router(app: axum::Router, pki: &TestPki) -> u16 {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(tls::CertResolver::new(cert.key)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    tokio::spawn(server::serve_tls(listener, acceptor, app, server::Limits::default(), std::future::pending()));
+    let metrics = std::sync::Arc::default();
+    tokio::spawn(server::serve_tls(listener, acceptor, app, server::Limits::default(), metrics, std::future::pending()));
     port
 }
 
