@@ -96,9 +96,8 @@ pub struct Request {
     pub operation: String,
     #[serde(default)]
     pub object: Option<Box<RawValue>>,
-    /// Handled exactly like a real request: the webhook has no side effects.
-    #[serde(default)]
-    pub dry_run: Option<bool>,
+    // `dryRun` is not read: a dry run is answered exactly like a real request (the webhook has
+    // no side effects), which `dry_run_is_answered_byte_for_byte_like_a_real_request` checks.
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -32,6 +32,7 @@ pub struct Metrics {
     template_reload_time: AtomicI64,
     certificate_errors: [AtomicU64; CERTIFICATE_ERROR_SOURCES.len()],
     tls_handshake_failures: AtomicU64,
+    template_watch_errors: AtomicU64,
     template_watch: TaskHealth,
     certificate_watch: TaskHealth,
     /// Admissions by template name and result.
@@ -70,6 +71,16 @@ fn now() -> i64 {
 }
 
 impl Metrics {
+    /// Counts an error of the template watch (the API server unreachable, a watch that expired):
+    /// it keeps serving the cache and retries with backoff.
+    pub fn template_watch_error(&self) {
+        self.template_watch_errors.fetch_add(1, Relaxed);
+    }
+
+    pub fn template_watch_errors(&self) -> u64 {
+        self.template_watch_errors.load(Relaxed)
+    }
+
     /// Counts a TLS handshake that failed or timed out.
     pub fn tls_handshake_failed(&self) {
         self.tls_handshake_failures.fetch_add(1, Relaxed);
@@ -133,6 +144,9 @@ impl Metrics {
         for (i, r) in RESULTS.iter().enumerate() {
             let _ = writeln!(out, "{p}_admissions_total{{result=\"{r}\"}} {}", self.admissions[i].load(Relaxed));
         }
+        let _ = writeln!(out, "# HELP {p}_template_watch_errors_total Errors of the template watch (API server unreachable, watch expired); the cache keeps serving.");
+        let _ = writeln!(out, "# TYPE {p}_template_watch_errors_total counter");
+        let _ = writeln!(out, "{p}_template_watch_errors_total {}", self.template_watch_errors.load(Relaxed));
         let _ = writeln!(out, "# HELP {p}_tls_handshake_failures_total TLS handshakes that failed or timed out (an untrusted certificate: check the caBundle).");
         let _ = writeln!(out, "# TYPE {p}_tls_handshake_failures_total counter");
         let _ = writeln!(out, "{p}_tls_handshake_failures_total {}", self.tls_handshake_failures.load(Relaxed));

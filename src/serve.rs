@@ -175,7 +175,9 @@ where
         }
     };
     let give_up = move || {
-        tracing::error!("the certificate task keeps stopping; draining, then exiting for the kubelet to restart the process");
+        tracing::error!(
+            "the certificate task keeps stopping; draining, then exiting for the kubelet to restart the process"
+        );
         fatal.raise("certificate");
     };
     tokio::spawn(supervise("certificate", run, Supervision::default(), on_state, give_up));

@@ -159,7 +159,8 @@ fn not_a_review(headers: &HeaderMap, body: &[u8]) -> Option<Response> {
             return Some((StatusCode::UNSUPPORTED_MEDIA_TYPE, message).into_response());
         }
     }
-    body.is_empty().then(|| (StatusCode::BAD_REQUEST, "empty request body: expected an AdmissionReview\n").into_response())
+    body.is_empty()
+        .then(|| (StatusCode::BAD_REQUEST, "empty request body: expected an AdmissionReview\n").into_response())
 }
 
 async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {

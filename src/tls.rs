@@ -249,19 +249,29 @@ mod tests {
                 })
             },
         ));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let failures = events.lock().unwrap().len();
-        assert!(failures >= 3, "every check of missing files counts: {failures}");
+        /// Waits (bounded) until the events seen satisfy `done`.
+        async fn wait(events: &Mutex<Vec<&'static str>>, done: impl Fn(&[&str]) -> bool) {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !done(&events.lock().unwrap()) {
+                assert!(std::time::Instant::now() < deadline, "not within 10 s: {:?}", events.lock().unwrap());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        // Every check of missing files counts (not once per change of the error).
+        wait(&events, |e| e.len() >= 3).await;
         assert!(events.lock().unwrap().iter().all(|e| *e == "files"));
 
-        // A good pair: loaded once, then quiet.
+        // A good pair: loaded once, then quiet until the files change again.
         let pair = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
         std::fs::write(&cert, pair.cert.pem()).unwrap();
         std::fs::write(&key, pair.signing_key.serialize_pem()).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let after = events.lock().unwrap().clone();
-        assert_eq!(after.iter().filter(|e| **e == "loaded").count(), 1, "{after:?}");
-        assert_eq!(after.last(), Some(&"loaded"), "no failure after the good pair: {after:?}");
+        wait(&events, |e| e.last() == Some(&"loaded")).await;
+        let loaded_at = events.lock().unwrap().len();
+        // The next event is the one the next change causes: the checks in between said nothing.
+        std::fs::remove_file(&key).unwrap();
+        wait(&events, |e| e.len() > loaded_at).await;
+        let after = events.lock().unwrap()[loaded_at - 1..].to_vec();
+        assert_eq!(after[..2], ["loaded", "files"], "the good pair loaded once, then nothing until the change");
         watcher.abort();
     }
 }

@@ -72,7 +72,8 @@ fn the_webhook_keeps_serving_while_the_api_server_is_away_and_resumes_after() {
         };
         cms.create(&PostParams::default(), &cm("one")).await.unwrap();
 
-        let store = ClusterStore::spawn(api.client().await, Names::default(), &[], Default::default());
+        let metrics = std::sync::Arc::new(pod_template_webhook::metrics::Metrics::default());
+        let store = ClusterStore::spawn(api.client().await, Names::default(), &[], metrics.clone());
         let state = AppState::new(store.clone(), Policy::default());
         assert_eq!(readyz(&state).await, StatusCode::SERVICE_UNAVAILABLE, "not ready before the initial list");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -83,7 +84,13 @@ fn the_webhook_keeps_serving_while_the_api_server_is_away_and_resumes_after() {
         assert_eq!(mutated_label(&state).await.as_deref(), Some("one"));
 
         api.stop_apiserver();
-        tokio::time::sleep(Duration::from_secs(3)).await; // the watch notices and starts backing off
+        // The watch notices the outage (and backs off): wait for that, not for a time.
+        let errors_before = metrics.template_watch_errors();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while metrics.template_watch_errors() == errors_before {
+            assert!(Instant::now() < deadline, "the watch never noticed the API server was gone");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(readyz(&state).await, StatusCode::OK, "still ready with the API server gone");
         assert_eq!(mutated_label(&state).await.as_deref(), Some("one"), "answers from the cache");
 

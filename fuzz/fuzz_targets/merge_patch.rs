@@ -1,2 +1,4 @@
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| pod_template_webhook_fuzz::merge_patch(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = pod_template_webhook_fuzz::merge_patch(data);
+});

@@ -54,11 +54,13 @@ fn verdict(d: &Decision) -> impl PartialEq + std::fmt::Debug + '_ {
 /// alone, and with `hello_world` as the default template under them. Differential: the same
 /// review re-serialized from its `serde_json::Value` (no whitespace, escapes, duplicate keys or
 /// number spellings of the original) gets the same decision, and both patches, applied with
-/// `json_patch` to the object as a `Value`, give byte-for-byte the same pod.
-pub fn review(data: &[u8]) {
+/// `json_patch` to the object as a `Value`, give byte-for-byte the same pod. True when the two
+/// paths were compared (the corpus replay counts them: a seed refused at the door proves less).
+pub fn review(data: &[u8]) -> bool {
     let with_default = Policy { default_template: Some("hello_world".into()), ..Policy::default() };
+    let mut compared = false;
     for policy in [Policy::default(), with_default] {
-        let Ok(req) = parse_review(data) else { return };
+        let Ok(req) = parse_review(data) else { return compared };
         // What parse_review accepts reads as a Value: nothing left to turn into a silent null.
         let object: Option<Value> = req.object.as_ref().map(|o| {
             serde_json::from_str(o.get()).unwrap_or_else(|e| panic!("an accepted object reads as a Value: {e}"))
@@ -66,7 +68,7 @@ pub fn review(data: &[u8]) {
         // The whole body may sit one level deeper than serde_json's own limit; the object never does.
         let canonical = serde_json::from_slice::<Value>(data).ok().map(|v| bytes(&v));
         let decision = mutate(req, store(), &policy);
-        let Ok(decision) = decision else { return };
+        let Ok(decision) = decision else { return compared };
         let body = response_body(&decision);
         assert!(serde_json::from_slice::<Value>(&body).is_ok());
         let raw_pod = match (&decision.response.patch, &object) {
@@ -88,14 +90,21 @@ pub fn review(data: &[u8]) {
             (None, None) => {}
             (a, b) => panic!("one path patches, the other does not: {a:?} vs {b:?}"),
         }
+        compared = true;
     }
+    compared
 }
 
-/// Any text as a template: parsed or refused, never a panic.
-pub fn template(data: &[u8]) {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = PodTemplate::parse(text);
-    }
+/// Any text as a template: parsed or refused, never a panic; a template that parses merges into
+/// a pod idempotently (merging the result again changes nothing). True when it parsed.
+pub fn template(data: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(data) else { return false };
+    let Ok(template) = PodTemplate::parse(text) else { return false };
+    let pod = serde_json::json!({"metadata": {"name": "p", "annotations": {"a": "b"}},
+        "spec": {"containers": [{"name": "primary", "image": "i"}, {"name": "side", "image": "i"}]}});
+    let merged = merge_pod(&pod, &template).pod;
+    assert_eq!(merge_pod(&merged, &template).pod, merged, "merging again changes nothing");
+    true
 }
 
 /// `<pod JSON>\0<template>[\0<template>…]`: the layers (the first a default when there are
@@ -103,24 +112,24 @@ pub fn template(data: &[u8]) {
 /// (whitespace, escapes, duplicate keys and all): a document, `merge`, `patch::diff`. The plain
 /// path parses it into a `Value`, merges that and diffs with `json_patch::diff`. Both patches,
 /// applied with `json_patch::patch`, give byte-for-byte the merged pod, as does the merged
-/// document written out; merging again changes nothing.
-pub fn merge_patch(data: &[u8]) {
+/// document written out; merging again changes nothing. True when the paths were compared.
+pub fn merge_patch(data: &[u8]) -> bool {
     let mut parts = data.split(|b| *b == 0);
-    let Some(Ok(text)) = parts.next().map(std::str::from_utf8) else { return };
-    let Ok(raw) = serde_json::from_str::<Box<RawValue>>(text) else { return };
+    let Some(Ok(text)) = parts.next().map(std::str::from_utf8) else { return false };
+    let Ok(raw) = serde_json::from_str::<Box<RawValue>>(text) else { return false };
     // As a review carries it, two levels deep in the body, past the door check.
     if check(format!("[[{}]]", raw.get()).as_bytes()).is_err() {
-        return;
+        return false;
     }
     let pod: Value = serde_json::from_str(raw.get()).expect("a pod past the door check reads as a Value");
     let mut templates = Vec::new();
     for part in parts.take(4) {
-        let Ok(text) = std::str::from_utf8(part) else { return };
-        let Ok(template) = PodTemplate::parse(text) else { return };
+        let Ok(text) = std::str::from_utf8(part) else { return false };
+        let Ok(template) = PodTemplate::parse(text) else { return false };
         templates.push(template);
     }
     if templates.is_empty() {
-        return;
+        return false;
     }
     let several = templates.len() > 1;
     let layers: Vec<Layer<'_>> = templates
@@ -156,4 +165,5 @@ pub fn merge_patch(data: &[u8]) {
     assert_eq!(bytes(&written), bytes(&merged), "the merged document written out");
 
     assert_eq!(merge_pod(&merged, &composition.template).pod, merged, "merging again changes nothing");
+    true
 }

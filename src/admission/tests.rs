@@ -122,10 +122,29 @@ fn only_pod_creates_are_mutated() {
 }
 
 #[test]
-fn dry_run_is_handled_like_a_real_request() {
-    let real = decide(&review(|_| {}), &hello(), &Policy::default());
-    let dry = decide(&review(|r| r["request"]["dryRun"] = json!(true)), &hello(), &Policy::default());
-    assert_eq!(real.response, dry.response);
+fn dry_run_is_answered_byte_for_byte_like_a_real_request() {
+    // Denied, unchanged and mutated answers alike; a dry run must never skip the mutation (the
+    // API server shows the user the dry-run pod) nor be refused.
+    let deny =
+        |r: &mut Value| r["request"]["object"]["metadata"]["annotations"]["flyte.org/pod-template"] = json!("nope");
+    let unlabelled = |r: &mut Value| {
+        r["request"]["object"]["metadata"]["labels"].as_object_mut().unwrap().remove("flyte.org/environment");
+    };
+    for (what, edit) in
+        [("mutated", &(|_: &mut Value| {}) as &dyn Fn(&mut Value)), ("denied", &deny), ("unchanged", &unlabelled)]
+    {
+        let real = decide(&review(edit), &hello(), &Policy::default());
+        let dry = decide(
+            &review(|r| {
+                edit(r);
+                r["request"]["dryRun"] = json!(true);
+            }),
+            &hello(),
+            &Policy::default(),
+        );
+        assert_eq!(real.outcome.as_str(), what);
+        assert_eq!(response_body(&real), response_body(&dry), "{what}");
+    }
 }
 
 #[test]

@@ -202,12 +202,19 @@ async fn requests_over_the_concurrency_bound_get_503_at_once() {
     let app = webhook_router(state(), &limits);
     let (held, _tx) = stalled_request();
     let first = tokio::spawn(app.clone().oneshot(held));
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let started = Instant::now();
-    let (status, body) = call(app.clone(), "POST", "/mutate", SAMPLE).await;
+    // Until the stalled request holds the one slot, others still pass: wait for the first 503.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, body, took) = loop {
+        let started = Instant::now();
+        let (status, body) = call(app.clone(), "POST", "/mutate", SAMPLE).await;
+        if status != StatusCode::OK || Instant::now() > deadline {
+            break (status, body, started.elapsed());
+        }
+        tokio::task::yield_now().await;
+    };
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("too many concurrent requests"), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(1), "refused without queueing");
+    assert!(took < Duration::from_secs(1), "refused without queueing");
     first.abort();
     let _ = first.await;
     assert_eq!(call(app, "POST", "/mutate", SAMPLE).await.0, StatusCode::OK, "the slot is free again");

@@ -92,7 +92,9 @@ impl ClusterStore {
             }
         };
         let give_up = move || {
-            tracing::error!("the template watch keeps stopping; draining, then exiting for the kubelet to restart the process");
+            tracing::error!(
+                "the template watch keeps stopping; draining, then exiting for the kubelet to restart the process"
+            );
             fatal.raise("template watch");
         };
         tokio::spawn(supervise("template watch", run, Supervision::default(), on_state, give_up));
@@ -213,6 +215,7 @@ impl<K: SourceResource> Watches<K> {
                 true
             }
             Err(e) => {
+                metrics.template_watch_error();
                 let namespace = scopes[i].as_deref().unwrap_or("(all)");
                 tracing::warn!(error = %e, kind = ?K::KIND, namespace, "template watch failed; serving from cache, retrying with backoff");
                 false

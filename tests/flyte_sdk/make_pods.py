@@ -162,6 +162,22 @@ def k8s_resources(res) -> dict:
     return {field: entries for field, entries in out.items() if entries}  # omitempty
 
 
+def apply_resource_overrides(resources: dict) -> dict:
+    """ApplyResourceOverrides(resources, platform, assignIfUnset=true) (flytek8s/container_helper.go)
+    as AddFlyteCustomizationsToContainer calls it for a container task and a pod's primary container,
+    with the plugin's default platform requests (cpu 1000m, memory 1024Mi; flytek8s/config/config.go)
+    and no platform limits: a missing request takes the limit or the default, a missing limit the
+    request (AdjustOrDefaultResource); ephemeral storage and accelerators only when set. Without it
+    the API server refuses a GPU request that has no limit."""
+    requests, limits = dict(resources.get("requests", {})), dict(resources.get("limits", {}))
+    defaults = {"cpu": "1000m", "memory": "1024Mi"}
+    optional = [n for n in ("ephemeral-storage", "nvidia.com/gpu") if n in requests or n in limits]
+    for name in ["cpu", "memory", *optional]:
+        requests[name] = requests.get(name) or limits.get(name) or defaults[name]
+        limits[name] = limits.get(name) or requests[name]
+    return {"limits": limits, "requests": requests}
+
+
 def build_raw_container(tt, generated_name: str) -> dict:
     """BuildRawContainer (flytek8s/container_helper.go): one container named like the pod."""
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", generated_name) and len(generated_name) <= 63, (
@@ -174,7 +190,7 @@ def build_raw_container(tt, generated_name: str) -> dict:
         "command": list(c.command),
         "args": list(c.args),
         "env": [{"name": kv.key, "value": kv.value} for kv in c.env],  # ToK8sEnvVar
-        "resources": k8s_resources(c.resources),  # a struct: stays even when empty
+        "resources": apply_resource_overrides(k8s_resources(c.resources)),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     return {k: v for k, v in container.items() if v != []}  # omitempty
@@ -206,6 +222,9 @@ def build_raw_pod(tt, generated_name: str):
                 if "gpu" in field:
                     field["nvidia.com/gpu"] = field.pop("gpu")
         primary = tt.config["primary_container_name"]  # flytek8s.PrimaryContainerKey
+        for c in spec.get("containers", []):  # ApplyFlytePodConfiguration: the primary's resources
+            if c["name"] == primary:
+                c["resources"] = apply_resource_overrides(c.get("resources", {}))
         labels.update(tt.k8s_pod.metadata.labels)
         annotations.update(tt.k8s_pod.metadata.annotations)
     spec["enableServiceLinks"] = False

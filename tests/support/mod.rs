@@ -333,7 +333,14 @@ pub async fn serve_router(app: axum::Router, pki: &TestPki) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let metrics = std::sync::Arc::default();
-    tokio::spawn(server::serve_tls(listener, acceptor, app, server::Limits::default(), metrics, std::future::pending()));
+    tokio::spawn(server::serve_tls(
+        listener,
+        acceptor,
+        app,
+        server::Limits::default(),
+        metrics,
+        std::future::pending(),
+    ));
     port
 }
 
