@@ -1,4 +1,4 @@
-//! The commands: `serve` hands over to [`crate::serve`]; `mutate`, `render` and `validate` work
+//! The commands: `serve` hands over to [`crate::startup`]; `mutate`, `render` and `validate` work
 //! offline on a template directory, as thin shells around admission.
 
 use std::io::{Read, Write};
@@ -20,7 +20,7 @@ pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Serve(args) => tokio::runtime::Runtime::new()?.block_on(crate::serve::serve(args)),
+        Command::Serve(args) => tokio::runtime::Runtime::new()?.block_on(crate::startup::serve(args)),
         Command::Mutate { templates, review } => mutate(&templates, &review),
         Command::Render { templates, namespace, explain, pod } => render(&templates, &namespace, &pod, explain),
         Command::Validate { names, paths } => validate(&names.names(), &paths),

@@ -1,4 +1,4 @@
-//! `serve`: builds the server from its flags and runs it until a signal — the template store,
+//! `serve`: builds the server process from its flags and runs it until a signal — the template store,
 //! the serving certificate, the listeners, the drain.
 
 use std::sync::Arc;

@@ -1,0 +1,149 @@
+//! What applies to a pod (SPEC §8): its layers found in the store, lowest first, with the
+//! warnings and refusals the policy asks for; and how they are recorded.
+
+use std::sync::Arc;
+
+use super::{OnProblem, Policy, Refusal};
+use crate::environment::Requested;
+use crate::merge::{Conflict, Layer, Role};
+use crate::names::Names;
+use crate::store::{EntryState, Lookup, TemplateEntry, TemplateStore};
+use crate::template::PodTemplate;
+
+/// A layer found in the store, lowest first.
+#[derive(Debug, Clone)]
+pub struct PlannedLayer {
+    pub role: Role,
+    pub entry: Arc<TemplateEntry>,
+    /// The version served (the last good one when the entry is stale).
+    pub template: Arc<PodTemplate>,
+}
+
+impl PlannedLayer {
+    pub fn layer(&self) -> Layer<'_> {
+        Layer { role: self.role, template: &self.template }
+    }
+
+    /// `platform default flyte/…`, `namespace default ml/…`, `template ml/…`: for messages and
+    /// `render --explain`.
+    pub fn describe(&self, platform_namespace: &str) -> String {
+        let what = match self.role {
+            Role::Named => "template",
+            Role::Default if self.entry.source.namespace == platform_namespace => "platform default",
+            Role::Default => "namespace default",
+        };
+        format!("{what} {}", self.entry.source)
+    }
+}
+
+/// What applies to a pod, and what the user should hear about it.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub layers: Vec<PlannedLayer>,
+    pub warnings: Vec<String>,
+}
+
+/// The layers for a pod of `namespace` (SPEC §8): the platform default, the namespace default,
+/// then the named templates.
+pub fn plan(
+    namespace: &str,
+    requested: &Requested,
+    store: &dyn TemplateStore,
+    policy: &Policy,
+) -> Result<Plan, Refusal> {
+    let mut plan = Plan::default();
+    let platform = policy.names.platform_namespace.as_str();
+    if let Some(default) = &policy.default_template {
+        // Only the platform namespace, then only the pod's own: never another tenant's.
+        let platform_default = store.lookup(platform, default).entry;
+        let namespace_default =
+            store.lookup(namespace, default).entry.filter(|e| e.source.namespace == namespace && namespace != platform);
+        for entry in [platform_default, namespace_default].into_iter().flatten() {
+            let namespace = entry.source.namespace.clone();
+            let how = || format!("the default template (--default-template) in namespace {namespace}");
+            plan.add(Role::Default, default, entry, how, policy)?;
+        }
+    }
+    // Messages only: formatted when a refusal or warning needs them, not on every admission.
+    let how = || requested.rule(&policy.names);
+    let required = requested.required();
+    for name in requested.names() {
+        let Lookup { entry, searched } = store.lookup(namespace, name);
+        match entry {
+            Some(entry) => {
+                let how = || format!("named by {}, namespaces searched {searched:?}", how());
+                plan.add(Role::Named, name, entry, how, policy)?
+            }
+            // An environment without a template: nothing to apply.
+            None if !required => {}
+            None => {
+                let message =
+                    format!("pod template {name:?} (named by {}) not found in namespaces {searched:?}", how());
+                plan.refuse(Refusal::new(policy.on_missing, 404, "NotFound", message))?;
+            }
+        }
+    }
+    Ok(plan)
+}
+
+impl Plan {
+    fn add(
+        &mut self,
+        role: Role,
+        name: &str,
+        entry: Arc<TemplateEntry>,
+        how: impl FnOnce() -> String,
+        policy: &Policy,
+    ) -> Result<(), Refusal> {
+        let template = match &entry.state {
+            EntryState::Ready(t) => t.clone(),
+            EntryState::Stale { template, error, broken_version } => {
+                self.warnings.push(format!(
+                    "pod template {name:?}: {} at version {broken_version} does not parse ({error}); using its last good version {}",
+                    entry.source.describe(),
+                    entry.source.version
+                ));
+                template.clone()
+            }
+            EntryState::Broken(error) => {
+                let message =
+                    format!("pod template {name:?} ({}): {} does not parse: {error}", how(), entry.source.describe());
+                return self.refuse(Refusal::new(policy.on_broken, 422, "Invalid", message));
+            }
+        };
+        self.layers.push(PlannedLayer { role, entry, template });
+        Ok(())
+    }
+
+    /// A refusal the policy turns into a warning skips the layer; otherwise the pod is denied.
+    fn refuse(&mut self, refusal: Refusal) -> Result<(), Refusal> {
+        match refusal.on {
+            OnProblem::Warn => {
+                self.warnings.push(refusal.message);
+                Ok(())
+            }
+            OnProblem::Deny => Err(refusal),
+        }
+    }
+}
+
+/// The applied record (annotation and `auditAnnotations`): every layer lowest first, and the rule
+/// that chose the environment when the pod does not name it itself (SPEC §9).
+pub(super) fn applied_record(layers: &[PlannedLayer], requested: &Requested, names: &Names) -> String {
+    let mut record = layers.iter().map(|l| l.entry.source.to_string()).collect::<Vec<_>>().join(",");
+    if let Some(rule) = requested.recorded_rule(names) {
+        record.push_str(&rule);
+    }
+    record
+}
+
+pub(super) fn describe_conflict(c: &Conflict, layers: &[PlannedLayer]) -> String {
+    let source = |i: usize| &layers[i].entry.source;
+    format!(
+        "templates {} and {} both set {}; the later one, {}, wins",
+        source(c.lower),
+        source(c.higher),
+        c.path,
+        source(c.higher).key
+    )
+}
