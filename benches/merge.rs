@@ -37,9 +37,10 @@ use serde_json::{json, Value};
 
 use pod_template_webhook::admission::{self, Policy};
 use pod_template_webhook::doc::Document;
+use pod_template_webhook::manifest;
 use pod_template_webhook::merge::{merge, merge_pod};
 use pod_template_webhook::patch;
-use pod_template_webhook::store::{dir, Catalog, EntryState, TemplateIndex, TemplateStore};
+use pod_template_webhook::store::{Catalog, EntryState, TemplateIndex, TemplateStore};
 use pod_template_webhook::template::PodTemplate;
 use serde_json::value::RawValue;
 
@@ -56,9 +57,11 @@ fn example(rel: &str) -> PathBuf {
 /// The data keys of every template ConfigMap in examples/templates, by key.
 fn example_templates() -> BTreeMap<String, String> {
     let mut all = BTreeMap::new();
-    for file in dir::manifest_files(&example("examples/templates")).unwrap() {
-        for cm in dir::read_config_maps(&file, "flyte").unwrap() {
-            all.extend(cm.data);
+    for file in manifest::manifest_files(&example("examples/templates")).unwrap() {
+        for m in manifest::read_manifests(&file, "flyte").unwrap() {
+            if let manifest::ManifestContent::ConfigMap(data) = m.content {
+                all.extend(data);
+            }
         }
     }
     all

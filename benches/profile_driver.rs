@@ -19,7 +19,8 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use pod_template_webhook::admission::{self, Policy};
-use pod_template_webhook::store::{dir, Catalog, TemplateIndex};
+use pod_template_webhook::manifest;
+use pod_template_webhook::store::{Catalog, TemplateIndex};
 
 // The allocator the server uses (src/main.rs), so the figures are the server's.
 #[global_allocator]
@@ -29,9 +30,11 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 fn store() -> TemplateIndex {
     let mut data = BTreeMap::new();
-    for file in dir::manifest_files(&Path::new(ROOT).join("examples/templates")).unwrap() {
-        for cm in dir::read_config_maps(&file, "flyte").unwrap() {
-            data.extend(cm.data);
+    for file in manifest::manifest_files(&Path::new(ROOT).join("examples/templates")).unwrap() {
+        for m in manifest::read_manifests(&file, "flyte").unwrap() {
+            if let manifest::ManifestContent::ConfigMap(config_map) = m.content {
+                data.extend(config_map);
+            }
         }
     }
     let mut env = String::from("primaryContainerName: primary\npodSpec:\n  containers:\n    - name: default\n      env: [{name: TZ, value: UTC}]\n    - name: primary\n      env:\n");

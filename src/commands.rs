@@ -10,8 +10,9 @@ use serde_json::{json, Value};
 
 use crate::admission::{self, Outcome, Policy};
 use crate::cli::{Cli, Command, LogFormat, TemplateArgs};
+use crate::manifest;
 use crate::names::Names;
-use crate::store::dir::{self, DirStore};
+use crate::store::dir::DirStore;
 use crate::store::TemplateStore;
 use crate::yaml;
 
@@ -147,9 +148,11 @@ fn export_policy(args: &TemplateArgs, wanted: &[String]) -> anyhow::Result<()> {
     use crate::export::{export_all, Found, FoundState};
     use crate::store::EntryState;
     let names = args.names.names();
-    let store = load_dir(args)?;
+    // Read once: the store and the list of what to export come from the same manifests.
+    let sources = manifest::read_template_sources(&args.templates, &names)?;
+    let store = DirStore::from_sources(&sources, &names);
     let mut found = Vec::new();
-    for m in dir::read_template_sources(&args.templates, &names)? {
+    for m in &sources {
         for entry in m.source().entries() {
             let source = entry.source(m.kind(), &m.namespace, &m.name, None);
             let served = store.lookup(&m.namespace, entry.name).entry.context("a loaded template is in the store")?;
@@ -204,8 +207,8 @@ fn validate(names: &Names, paths: &[PathBuf]) -> anyhow::Result<()> {
     use crate::template::{SourceKind, TemplateError};
     let (mut ok, mut errors) = (0usize, Vec::new());
     for path in paths {
-        for file in dir::manifest_files(path)? {
-            let manifests = match dir::read_manifests(&file, &names.platform_namespace) {
+        for file in manifest::manifest_files(path)? {
+            let manifests = match manifest::read_manifests(&file, &names.platform_namespace) {
                 Ok(found) => found,
                 Err(e) => {
                     errors.push(e.to_string());

@@ -13,6 +13,7 @@ pub mod commands;
 pub mod doc;
 pub mod environment;
 pub mod export;
+pub mod manifest;
 pub mod merge;
 pub mod metrics;
 pub mod names;
