@@ -421,47 +421,7 @@ impl Gen {
             mutations.push(each("true", fill));
         }
 
-        // Template containers that match no container of the pod are added, `default` filled in
-        // by the merge itself (decided now: it depends on the template only).
-        let added: Vec<(String, Value)> = templates
-            .iter()
-            .filter(|c| !t.is_reserved_name(&name_of(c)))
-            .filter(|c| c.get("image").and_then(Value::as_str).is_some_and(|i| !i.is_empty()))
-            .map(|c| (name_of(c), with_default(t, list, c, default)))
-            .collect();
-        if added.is_empty() {
-            return mutations;
-        }
-        let absent = |name: &str| {
-            let name = cel_string(name);
-            let in_list =
-                |field: &str| format!("(has(object.spec.{field}) && object.spec.{field}.exists(x, x.name == {name}))");
-            format!("!{} && !{}", in_list(list.field), in_list(list.other))
-        };
-        if list.field == "containers" {
-            // Sidecars go after the pod's containers.
-            let path = Pointer::fixed("/spec/containers/-");
-            let terms: Vec<String> =
-                added.iter().map(|(name, c)| format!("({} ? [{}] : [])", absent(name), add(&path, &lit(c)))).collect();
-            mutations.push(concat(&terms));
-        } else {
-            // Init containers go before the pod's (they run first), inserted last first.
-            let path = Pointer::fixed(&format!("/spec/{}", list.field));
-            let first = path.child("0");
-            let inserts: Vec<String> = added
-                .iter()
-                .rev()
-                .map(|(name, c)| format!("({} ? [{}] : [])", absent(name), add(&first, &lit(c))))
-                .collect();
-            let whole: Vec<String> =
-                added.iter().map(|(name, c)| format!("({} ? [dyn({})] : [])", absent(name), lit(c))).collect();
-            let create = format!("size(added) == 0 ? [] : [{}]", add(&path, "added"));
-            mutations.push(format!(
-                "has({pod_list}) ? {} : {}",
-                concat(&inserts),
-                bind("added", &whole.join(" + "), &create)
-            ));
-        }
+        mutations.extend(added_containers(t, list, templates, default));
         mutations
     }
 
@@ -611,6 +571,53 @@ const CEL_RESERVED: &[&str] = &[
     "void",
     "while",
 ];
+
+/// The mutation that adds the template containers of `list` that match no container of the pod,
+/// `default` filled in by the merge itself (decided now: it depends on the template only).
+fn added_containers(
+    t: &PodTemplate,
+    list: &ContainerList,
+    templates: &[Value],
+    default: Option<&Value>,
+) -> Option<String> {
+    let name_of = |c: &Value| c.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let pod_list = format!("object.spec.{}", list.field);
+    let added: Vec<(String, Value)> = templates
+        .iter()
+        .filter(|c| !t.is_reserved_name(&name_of(c)))
+        .filter(|c| c.get("image").and_then(Value::as_str).is_some_and(|i| !i.is_empty()))
+        .map(|c| (name_of(c), with_default(t, list, c, default)))
+        .collect();
+    if added.is_empty() {
+        return None;
+    }
+    let absent = |name: &str| {
+        let name = cel_string(name);
+        let in_list =
+            |field: &str| format!("(has(object.spec.{field}) && object.spec.{field}.exists(x, x.name == {name}))");
+        format!("!{} && !{}", in_list(list.field), in_list(list.other))
+    };
+    if list.field == "containers" {
+        // Sidecars go after the pod's containers.
+        let path = Pointer::fixed("/spec/containers/-");
+        let terms: Vec<String> =
+            added.iter().map(|(name, c)| format!("({} ? [{}] : [])", absent(name), add(&path, &lit(c)))).collect();
+        Some(concat(&terms))
+    } else {
+        // Init containers go before the pod's (they run first), inserted last first.
+        let path = Pointer::fixed(&format!("/spec/{}", list.field));
+        let first = path.child("0");
+        let inserts: Vec<String> = added
+            .iter()
+            .rev()
+            .map(|(name, c)| format!("({} ? [{}] : [])", absent(name), add(&first, &lit(c))))
+            .collect();
+        let whole: Vec<String> =
+            added.iter().map(|(name, c)| format!("({} ? [dyn({})] : [])", absent(name), lit(c))).collect();
+        let create = format!("size(added) == 0 ? [] : [{}]", add(&path, "added"));
+        Some(format!("has({pod_list}) ? {} : {}", concat(&inserts), bind("added", &whole.join(" + "), &create)))
+    }
+}
 
 /// CEL for `merge::default_pull_policy` of the image expression `image`.
 fn default_pull_policy(image: &str) -> String {

@@ -322,36 +322,7 @@ impl<'a> ContainerList<'a> {
         let default = find(self.default_name);
         let primary_template = find(self.primary_template);
 
-        let own_names = container_names(spec, self.field);
-        // Container names are unique across both lists of a pod.
-        let other_names = container_names(spec, self.other_field());
-        let mut added = Vec::new();
-        for tc in templates {
-            let name = tc.get("name").and_then(Value::as_str).unwrap_or_default();
-            if t.is_reserved_name(name) || own_names.iter().any(|n| n == name) {
-                continue;
-            }
-            if other_names.iter().any(|n| n == name) {
-                warnings.push(format!(
-                    "template container {name:?} not added to {}: the pod has a container of that name in {}",
-                    self.field,
-                    self.other_field()
-                ));
-                continue;
-            }
-            if tc.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
-                warnings.push(format!(
-                    "template container {name:?} matches no container of the pod and has no image: not added"
-                ));
-                continue;
-            }
-            let mut sidecar = Node::Value(Cow::Borrowed(tc));
-            if let (Some(c), Some(default)) = (sidecar.as_object_mut(), default) {
-                fill_object(c, default);
-            }
-            added.push(sidecar);
-        }
-
+        let added = self.to_add(spec, t, templates, default, warnings);
         if !spec.contains_key(self.field) {
             spec.insert(self.field, Node::empty_array());
         }
@@ -381,6 +352,48 @@ impl<'a> ContainerList<'a> {
         if list.is_empty() {
             spec.remove(self.field);
         }
+    }
+
+    /// The template's containers of this list that the pod lacks, `default` filled in: added
+    /// unless reserved, named like a container of the other list, or without an image (warned).
+    fn to_add<'t>(
+        &self,
+        spec: &Object<'t>,
+        t: &'t PodTemplate,
+        templates: &'t [Value],
+        default: Option<&'t Value>,
+        warnings: &mut Vec<String>,
+    ) -> Vec<Node<'t>> {
+        let own_names = container_names(spec, self.field);
+        // Container names are unique across both lists of a pod.
+        let other_names = container_names(spec, self.other_field());
+        let mut added = Vec::new();
+        for tc in templates {
+            let name = tc.get("name").and_then(Value::as_str).unwrap_or_default();
+            if t.is_reserved_name(name) || own_names.iter().any(|n| n == name) {
+                continue;
+            }
+            if other_names.iter().any(|n| n == name) {
+                warnings.push(format!(
+                    "template container {name:?} not added to {}: the pod has a container of that name in {}",
+                    self.field,
+                    self.other_field()
+                ));
+                continue;
+            }
+            if tc.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
+                warnings.push(format!(
+                    "template container {name:?} matches no container of the pod and has no image: not added"
+                ));
+                continue;
+            }
+            let mut sidecar = Node::Value(Cow::Borrowed(tc));
+            if let (Some(c), Some(default)) = (sidecar.as_object_mut(), default) {
+                fill_object(c, default);
+            }
+            added.push(sidecar);
+        }
+        added
     }
 }
 

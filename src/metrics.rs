@@ -135,7 +135,9 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition; `templates`, `template_errors` and `stale_templates` (the
-    /// errors serving a last good version) come from the store.
+    /// errors serving a last good version) come from the store. Long on purpose: one flat list of
+    /// series in exposition order, each HELP/TYPE beside its values, read top to bottom like the
+    /// scrape it produces.
     pub fn render(&self, templates: usize, template_errors: usize, stale_templates: usize) -> String {
         let mut out = String::with_capacity(4096);
         let p = "pod_template_webhook";

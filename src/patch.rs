@@ -40,62 +40,68 @@ impl Patch {
             }
         }
         match (left.kind(), right.kind()) {
-            (Kind::Object, Kind::Object) => {
-                let (Some(l), Some(r)) = (left.entries_beside(right), right.entries_beside(left)) else {
-                    return self.fail(path);
-                };
-                let (l_index, r_index) = (l.index(), r.index());
-                for (key, rv) in r.iter() {
-                    let lv = l_index.get(key);
-                    if let (Some(Node::Raw(a)), Node::Raw(b)) = (lv, rv) {
-                        if a.same(b) {
-                            continue; // before building its path
-                        }
-                    }
-                    let len = push_token(path, key);
-                    match lv {
-                        Some(lv) => self.diff(lv, rv, path),
-                        None => self.op("add", path, Some(rv)),
-                    }
-                    path.truncate(len);
-                }
-                for (key, _) in l.iter().filter(|(k, _)| !r_index.contains_key(k)) {
-                    let len = push_token(path, key);
-                    self.op("remove", path, None);
-                    path.truncate(len);
-                }
-            }
-            (Kind::Array, Kind::Array) => {
-                let (Some(l), Some(r)) = (left.elements_beside(right), right.elements_beside(left)) else {
-                    return self.fail(path);
-                };
-                let prefix = l.iter().zip(r.iter()).take_while(|(a, b)| a.equals(b)).count();
-                let max_suffix = l.len().min(r.len()) - prefix;
-                let suffix =
-                    l.iter().rev().zip(r.iter().rev()).take(max_suffix).take_while(|(a, b)| a.equals(b)).count();
-                let (lm, rm) = (&l[prefix..l.len() - suffix], &r[prefix..r.len() - suffix]);
-                let common = lm.len().min(rm.len());
-                let len = path.len();
-                for (i, (lv, rv)) in lm.iter().zip(rm).enumerate() {
-                    let _ = write!(path, "/{}", prefix + i);
-                    self.diff(lv, rv, path);
-                    path.truncate(len);
-                }
-                for (i, v) in rm.iter().enumerate().skip(common) {
-                    let _ = write!(path, "/{}", prefix + i);
-                    self.op("add", path, Some(v));
-                    path.truncate(len);
-                }
-                // Each removal shifts the rest down: remove at the same index.
-                let _ = write!(path, "/{}", prefix + common);
-                for _ in common..lm.len() {
-                    self.op("remove", path, None);
-                }
-                path.truncate(len);
-            }
+            (Kind::Object, Kind::Object) => self.diff_objects(left, right, path),
+            (Kind::Array, Kind::Array) => self.diff_arrays(left, right, path),
             _ if left.equals(right) => {}
             _ => self.op("replace", path, Some(right)),
         }
+    }
+
+    /// Keys of the right object: added or diffed; keys only on the left: removed.
+    fn diff_objects<'a>(&mut self, left: &Node<'a>, right: &Node<'a>, path: &mut String) {
+        let (Some(l), Some(r)) = (left.entries_beside(right), right.entries_beside(left)) else {
+            return self.fail(path);
+        };
+        let (l_index, r_index) = (l.index(), r.index());
+        for (key, rv) in r.iter() {
+            let lv = l_index.get(key);
+            if let (Some(Node::Raw(a)), Node::Raw(b)) = (lv, rv) {
+                if a.same(b) {
+                    continue; // before building its path
+                }
+            }
+            let len = push_token(path, key);
+            match lv {
+                Some(lv) => self.diff(lv, rv, path),
+                None => self.op("add", path, Some(rv)),
+            }
+            path.truncate(len);
+        }
+        for (key, _) in l.iter().filter(|(k, _)| !r_index.contains_key(k)) {
+            let len = push_token(path, key);
+            self.op("remove", path, None);
+            path.truncate(len);
+        }
+    }
+
+    /// Lists lined up on their common start and end; the middle diffed by index, the rest added
+    /// or removed.
+    fn diff_arrays<'a>(&mut self, left: &Node<'a>, right: &Node<'a>, path: &mut String) {
+        let (Some(l), Some(r)) = (left.elements_beside(right), right.elements_beside(left)) else {
+            return self.fail(path);
+        };
+        let prefix = l.iter().zip(r.iter()).take_while(|(a, b)| a.equals(b)).count();
+        let max_suffix = l.len().min(r.len()) - prefix;
+        let suffix = l.iter().rev().zip(r.iter().rev()).take(max_suffix).take_while(|(a, b)| a.equals(b)).count();
+        let (lm, rm) = (&l[prefix..l.len() - suffix], &r[prefix..r.len() - suffix]);
+        let common = lm.len().min(rm.len());
+        let len = path.len();
+        for (i, (lv, rv)) in lm.iter().zip(rm).enumerate() {
+            let _ = write!(path, "/{}", prefix + i);
+            self.diff(lv, rv, path);
+            path.truncate(len);
+        }
+        for (i, v) in rm.iter().enumerate().skip(common) {
+            let _ = write!(path, "/{}", prefix + i);
+            self.op("add", path, Some(v));
+            path.truncate(len);
+        }
+        // Each removal shifts the rest down: remove at the same index.
+        let _ = write!(path, "/{}", prefix + common);
+        for _ in common..lm.len() {
+            self.op("remove", path, None);
+        }
+        path.truncate(len);
     }
 
     fn fail(&mut self, path: &str) {

@@ -20,30 +20,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(crate::metrics::Metrics::default());
     // A supervised task that gives up ends the process through the drain, with exit code 1.
     let fatal = Fatal::default();
-    let store: Arc<dyn TemplateStore> = match &args.templates {
-        Some(path) => {
-            let store = DirStore::load(path, &policy.names)?;
-            metrics.templates_reloaded(store.problems.len());
-            Arc::new(store)
-        }
-        None => {
-            cluster::ClusterStore::start(&policy.names, &args.watch_namespaces, metrics.clone(), fatal.clone()).await?
-        }
-    };
+    let store = template_store(&args, &policy.names, &metrics, &fatal).await?;
     let platform_namespace = policy.names.platform_namespace.clone();
     let state = AppState::with_metrics(store, policy, metrics.clone());
 
     let resolver = serving_certificate(&args, &state, platform_namespace, &fatal).await?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(resolver));
-
-    let limits = Limits {
-        max_body_bytes: args.max_body_bytes,
-        header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds),
-        drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
-        max_concurrent_requests: args.max_concurrent_requests.max(1),
-        request_timeout: Duration::from_secs(args.request_timeout_seconds.max(1)),
-        keep_alive_timeout: Limits::default().keep_alive_timeout,
-    };
+    let limits = limits(&args);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -52,45 +35,79 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.admin_listen))?;
     tracing::info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, "serving");
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admin_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    let admin_app = server::admin_router(state.clone());
-    let admin_task =
-        tokio::spawn(async move { axum::serve(admin, admin_app).with_graceful_shutdown(admin_stop).await });
-    let drain_state = state.clone();
-    let raised = fatal.clone();
-    let shutdown = async move {
-        tokio::select! {
-            () = shutdown_signal() => {}
-            () = raised.wait() => {}
-        }
-        drain_state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!("shutting down: readiness is now false");
-        // A second signal means: now.
-        tokio::spawn(async {
-            shutdown_signal().await;
-            tracing::warn!("second signal: exiting at once");
-            std::process::exit(130);
-        });
-    };
+    let (stop_admin, admin_task) = spawn_admin(admin, state.clone());
     #[cfg(feature = "noop-handler")]
     let app =
         if args.noop_handler { server::noop_router(&limits) } else { server::webhook_router(state.clone(), &limits) };
     #[cfg(not(feature = "noop-handler"))]
     let app = server::webhook_router(state.clone(), &limits);
+    let shutdown = shutdown(state.clone(), fatal.clone());
     server::serve_tls(listener, acceptor, app, limits, state.metrics.clone(), shutdown).await;
-    let _ = stop_tx.send(true);
+    let _ = stop_admin.send(true);
     let _ = admin_task.await;
     tracing::info!("stopped");
     match fatal.raised() {
         Some(task) => anyhow::bail!("the {task} task kept stopping (see the log above); drained and stopped"),
         None => Ok(()),
     }
+}
+
+/// The templates: a directory read once, or the cluster watched.
+async fn template_store(
+    args: &ServeArgs,
+    names: &crate::names::Names,
+    metrics: &Arc<Metrics>,
+    fatal: &Fatal,
+) -> anyhow::Result<Arc<dyn TemplateStore>> {
+    Ok(match &args.templates {
+        Some(path) => {
+            let store = DirStore::load(path, names)?;
+            metrics.templates_reloaded(store.problems.len());
+            Arc::new(store)
+        }
+        None => cluster::ClusterStore::start(names, &args.watch_namespaces, metrics.clone(), fatal.clone()).await?,
+    })
+}
+
+fn limits(args: &ServeArgs) -> Limits {
+    Limits {
+        max_body_bytes: args.max_body_bytes,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_seconds),
+        drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
+        max_concurrent_requests: args.max_concurrent_requests.max(1),
+        request_timeout: Duration::from_secs(args.request_timeout_seconds.max(1)),
+        keep_alive_timeout: Limits::default().keep_alive_timeout,
+    }
+}
+
+/// The admin listener (health, readiness, metrics), served until the sender says stop: after the
+/// webhook listener has drained, so readiness stays visible throughout.
+fn spawn_admin(
+    admin: tokio::net::TcpListener,
+    state: Arc<AppState>,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let stop = async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    };
+    let app = server::admin_router(state);
+    (stop_tx, tokio::spawn(async move { axum::serve(admin, app).with_graceful_shutdown(stop).await }))
+}
+
+/// Resolves when the server should drain: on SIGTERM/SIGINT, or when a supervised task gave up.
+/// Readiness turns false first; a second signal exits at once.
+async fn shutdown(state: Arc<AppState>, fatal: Fatal) {
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = fatal.wait() => {}
+    }
+    state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!("shutting down: readiness is now false");
+    tokio::spawn(async {
+        shutdown_signal().await;
+        tracing::warn!("second signal: exiting at once");
+        std::process::exit(130);
+    });
 }
 
 /// The certificate the TLS listener serves, kept current: files reloaded on change, the builtin
