@@ -16,6 +16,23 @@ fn block_after(marker: &str) -> &'static str {
     &body[..body.find("```").expect("the block is closed")]
 }
 
+/// Runs the README's `pod-template-webhook render …` command that starts the block at `marker`
+/// with the built binary: (the command, stdout, stderr); it must succeed.
+fn run_readme_command(marker: &str) -> (&'static str, String, String) {
+    let command = block_after(marker).trim();
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    assert_eq!(args.first(), Some(&"render"), "{command}");
+    let out = Command::new(env!("CARGO_BIN_EXE_pod-template-webhook"))
+        .args(&args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap());
+    assert!(out.status.success(), "{command}: {stderr}");
+    (command, stdout, stderr)
+}
+
 fn example(file: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/layers").join(file)).unwrap()
 }
@@ -28,18 +45,8 @@ fn the_readme_shows_the_example_files() {
 
 #[test]
 fn render_explain_prints_what_the_readme_shows() {
-    let command = block_after("```sh\npod-template-webhook render --templates examples/layers").trim();
-    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
-    assert_eq!(args.first(), Some(&"render"), "{command}");
-    let out = Command::new(env!("CARGO_BIN_EXE_pod-template-webhook"))
-        .args(&args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(out.status.success(), "{stderr}");
+    let (command, stdout, stderr) =
+        run_readme_command("```sh\npod-template-webhook render --templates examples/layers");
     assert_eq!(stdout, block_after("prints the pod as the API server would store it"), "stdout of `{command}`");
     assert_eq!(stderr, block_after("and on stderr the conflict"), "stderr of `{command}`");
 
@@ -67,16 +74,7 @@ fn render_explain_prints_what_the_readme_shows() {
 /// explanation the README shows, and the template reached the pod through its task-name.
 #[test]
 fn the_flyte_example_renders_as_the_readme_shows() {
-    let command = block_after("```sh\npod-template-webhook render --templates examples/flyte").trim();
-    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_pod-template-webhook"))
-        .args(&args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (command, stdout, _) = run_readme_command("```sh\npod-template-webhook render --templates examples/flyte");
     let explanation = &stdout[stdout.find("# --explain").expect("an explanation")..];
     assert_eq!(explanation, block_after("ends with (the whole pod before it)"), "stdout of `{command}`");
 
