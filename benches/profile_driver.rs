@@ -4,7 +4,10 @@
 //!   valgrind --tool=callgrind --callgrind-out-file=cg.out target/release/deps/profile_driver-HASH flyte 2000
 //!   callgrind_annotate --inclusive=yes cg.out | head -60
 //!
-//! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`, `layers`) and an iteration count.
+//! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`, `layers`, `task-name`, `rule3-off`) and
+//! an iteration count. `task-name` is the flyte review as Flyte 2 creates the pod (no environment
+//! label; `flyte.org/managed` and `task-name: hello_world.train`, SPEC §9); `rule3-off` is the
+//! flyte review with the task-name rule turned off (`--task-name-label ""`).
 //! `layers` is the flyte review with three layers (a platform default, a namespace default,
 //! `hello_world`; SPEC §8), to compare with `flyte` (one layer). `flyte`, `gpu`
 //! and `env1500` run `parse_review` + `mutate` + `response_body` as the server does (no HTTP, no
@@ -56,7 +59,15 @@ fn store() -> TemplateIndex {
 fn input(name: &str) -> Vec<u8> {
     let read = |rel: &str| std::fs::read(Path::new(ROOT).join(rel)).unwrap();
     match name {
-        "flyte" | "log" | "layers" => read("examples/reviews/flyte-task-pod.json"),
+        "flyte" | "log" | "layers" | "rule3-off" => read("examples/reviews/flyte-task-pod.json"),
+        "task-name" => {
+            let mut review: Value = serde_json::from_slice(&read("examples/reviews/flyte-task-pod.json")).unwrap();
+            let labels = review["request"]["object"]["metadata"]["labels"].as_object_mut().unwrap();
+            let environment = labels.remove("flyte.org/environment").unwrap();
+            labels.insert("flyte.org/managed".into(), json!("true"));
+            labels.insert("task-name".into(), json!(format!("{}.train", environment.as_str().unwrap())));
+            serde_json::to_vec(&review).unwrap()
+        }
         "gpu" => read("examples/reviews/gpu-task-pod.json"),
         "env1500" => {
             let mut review: Value = serde_json::from_slice(&read("examples/reviews/flyte-task-pod.json")).unwrap();
@@ -66,7 +77,7 @@ fn input(name: &str) -> Vec<u8> {
                 (0..1500).map(|i| json!({"name": format!("POD_ENV_{i:05}"), "value": format!("value-{i}")})).collect();
             serde_json::to_vec(&review).unwrap()
         }
-        other => panic!("unknown input {other:?}: flyte, gpu, env1500, log or layers"),
+        other => panic!("unknown input {other:?}: flyte, gpu, env1500, log, layers, task-name or rule3-off"),
     }
 }
 
@@ -74,6 +85,11 @@ fn run(name: &str, iterations: usize) -> usize {
     let store = store();
     let policy = match name {
         "layers" => Policy { default_template: Some("defaults".into()), ..Policy::default() },
+        "rule3-off" => {
+            let mut policy = Policy::default();
+            policy.names.task_name_label = String::new();
+            policy
+        }
         _ => Policy::default(),
     };
     let body = input(name);
@@ -93,7 +109,7 @@ fn run(name: &str, iterations: usize) -> usize {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--bench" || a == "--test") || args.is_empty() {
-        for name in ["flyte", "gpu", "env1500", "layers"] {
+        for name in ["flyte", "gpu", "env1500", "layers", "task-name", "rule3-off"] {
             std::hint::black_box(run(name, 3));
         }
         return;
