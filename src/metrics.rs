@@ -146,9 +146,12 @@ impl Metrics {
         for (i, r) in RESULTS.iter().enumerate() {
             let _ = writeln!(out, "{p}_admissions_total{{result=\"{r}\"}} {}", self.admissions[i].load(Relaxed));
         }
-        let _ = writeln!(out, "# HELP {p}_template_watch_errors_total Errors of the template watch (API server unreachable, watch expired); the cache keeps serving.");
-        let _ = writeln!(out, "# TYPE {p}_template_watch_errors_total counter");
-        let _ = writeln!(out, "{p}_template_watch_errors_total {}", self.template_watch_errors.load(Relaxed));
+        // Only where there is a watch (the cluster store), like template_watch_up.
+        if self.template_watch.state.load(Relaxed) != 0 {
+            let _ = writeln!(out, "# HELP {p}_template_watch_errors_total Errors of the template watch (API server unreachable, watch expired); the cache keeps serving.");
+            let _ = writeln!(out, "# TYPE {p}_template_watch_errors_total counter");
+            let _ = writeln!(out, "{p}_template_watch_errors_total {}", self.template_watch_errors.load(Relaxed));
+        }
         let _ = writeln!(out, "# HELP {p}_tls_handshake_failures_total TLS handshakes that failed or timed out (an untrusted certificate: check the caBundle).");
         let _ = writeln!(out, "# TYPE {p}_tls_handshake_failures_total counter");
         let _ = writeln!(out, "{p}_tls_handshake_failures_total {}", self.tls_handshake_failures.load(Relaxed));
@@ -242,6 +245,8 @@ mod tests {
         assert!(!m.render(0, 0, 0).contains("template_watch"), "a directory store has no watch");
         m.template_watch(true);
         assert!(m.render(0, 0, 0).contains("pod_template_webhook_template_watch_up 1\n"));
+        m.template_watch_error();
+        assert!(m.render(0, 0, 0).contains("pod_template_webhook_template_watch_errors_total 1\n"));
         m.template_watch(false);
         let text = m.render(0, 0, 0);
         assert!(text.contains("pod_template_webhook_template_watch_up 0\n"), "{text}");
