@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::doc::Node;
+use crate::merge::rules::{ContainerRule, CONTAINERS, INIT_CONTAINERS};
 use crate::merge::{
     api_default, list_rule, merge_pod, Ctx, ListRule, DEFAULT_CONTAINER_ANNOTATION, PRIMARY_CONTAINER_ANNOTATION,
 };
@@ -336,11 +337,8 @@ struct Gen {
 
 /// The two container lists of a pod and their template names (§4 "Containers").
 struct ContainerList {
-    field: &'static str,
-    other: &'static str,
-    default_name: &'static str,
-    /// The template container that goes onto the primary one.
-    primary_template: String,
+    /// The list, its default and primary template containers: the merge's own rule.
+    rule: &'static ContainerRule,
     /// CEL: the name of the pod's primary container of this list, "" for none.
     primary: String,
 }
@@ -392,13 +390,13 @@ impl Gen {
     /// Fills the pod's containers of one list from the template's, then adds the template's others.
     fn container_list(&mut self, t: &PodTemplate, list: &ContainerList) -> Vec<String> {
         let templates: &[Value] =
-            t.pod_spec.get(list.field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            t.pod_spec.get(list.rule.field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         if templates.is_empty() {
             return Vec::new();
         }
         let name_of = |c: &Value| c.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
         let find = |name: &str| templates.iter().find(|c| name_of(c) == name);
-        let pod_list = format!("object.spec.{}", list.field);
+        let pod_list = format!("object.spec.{}", list.rule.field);
         let each = |guard: &str, fill: String| {
             format!("(has({pod_list}) ? {pod_list}.transformList(i, c, {guard}, {fill}).flatten() : [])",)
         };
@@ -408,16 +406,16 @@ impl Gen {
             .iter()
             .filter(|c| !t.is_reserved_name(&name_of(c)))
             .filter_map(|c| {
-                let fill = self.fill_container(list.field, c)?;
+                let fill = self.fill_container(list.rule.field, c)?;
                 Some(each(&format!("c.name == {}", cel_string(&name_of(c))), fill))
             })
             .collect();
         mutations.push(concat(&same_name));
-        if let Some(fill) = find(&list.primary_template).and_then(|c| self.fill_container(list.field, c)) {
+        if let Some(fill) = find(list.rule.primary_template(t)).and_then(|c| self.fill_container(list.rule.field, c)) {
             mutations.push(bind("primary", &list.primary, &each("c.name == primary", fill)));
         }
-        let default = find(list.default_name);
-        if let Some(fill) = default.and_then(|c| self.fill_container(list.field, c)) {
+        let default = find(list.rule.default_name);
+        if let Some(fill) = default.and_then(|c| self.fill_container(list.rule.field, c)) {
             mutations.push(each("true", fill));
         }
 
@@ -581,7 +579,7 @@ fn added_containers(
     default: Option<&Value>,
 ) -> Option<String> {
     let name_of = |c: &Value| c.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let pod_list = format!("object.spec.{}", list.field);
+    let pod_list = format!("object.spec.{}", list.rule.field);
     let added: Vec<(String, Value)> = templates
         .iter()
         .filter(|c| !t.is_reserved_name(&name_of(c)))
@@ -595,9 +593,9 @@ fn added_containers(
         let name = cel_string(name);
         let in_list =
             |field: &str| format!("(has(object.spec.{field}) && object.spec.{field}.exists(x, x.name == {name}))");
-        format!("!{} && !{}", in_list(list.field), in_list(list.other))
+        format!("!{} && !{}", in_list(list.rule.field), in_list(list.rule.other))
     };
-    if list.field == "containers" {
+    if !list.rule.add_first {
         // Sidecars go after the pod's containers.
         let path = Pointer::fixed("/spec/containers/-");
         let terms: Vec<String> =
@@ -605,7 +603,7 @@ fn added_containers(
         Some(concat(&terms))
     } else {
         // Init containers go before the pod's (they run first), inserted last first.
-        let path = Pointer::fixed(&format!("/spec/{}", list.field));
+        let path = Pointer::fixed(&format!("/spec/{}", list.rule.field));
         let first = path.child("0");
         let inserts: Vec<String> = added
             .iter()
@@ -648,13 +646,7 @@ fn containers(t: &PodTemplate) -> ContainerList {
          names.exists(n, !(n in {sidecars})) ? names.filter(n, !(n in {sidecars}))[0] : \"\""
         ),
     );
-    ContainerList {
-        field: "containers",
-        other: "initContainers",
-        default_name: "default",
-        primary_template: t.primary_container_name.clone(),
-        primary,
-    }
+    ContainerList { rule: &CONTAINERS, primary }
 }
 
 fn init_containers(t: &PodTemplate) -> ContainerList {
@@ -664,13 +656,7 @@ fn init_containers(t: &PodTemplate) -> ContainerList {
         "(has(object.spec.initContainers) && object.spec.initContainers.exists(x, !(x.name in {defined})) ? \
          object.spec.initContainers.filter(x, !(x.name in {defined}))[0].name : \"\")"
     );
-    ContainerList {
-        field: "initContainers",
-        other: "containers",
-        default_name: "default-init",
-        primary_template: "primary-init".into(),
-        primary,
-    }
+    ContainerList { rule: &INIT_CONTAINERS, primary }
 }
 
 fn template_names(t: &PodTemplate, field: &str) -> Vec<String> {
@@ -689,10 +675,10 @@ fn with_default(t: &PodTemplate, list: &ContainerList, container: &Value, defaul
         primary_container_name_set: t.primary_container_name_set,
         labels: BTreeMap::new(),
         annotations: BTreeMap::new(),
-        pod_spec: Map::from_iter([(list.field.to_owned(), json!([default]))]),
+        pod_spec: Map::from_iter([(list.rule.field.to_owned(), json!([default]))]),
     };
-    let pod = json!({"metadata": {}, "spec": {list.field: [container]}});
-    merge_pod(&pod, &only_default).pod["spec"][list.field][0].clone()
+    let pod = json!({"metadata": {}, "spec": {list.rule.field: [container]}});
+    merge_pod(&pod, &only_default).pod["spec"][list.rule.field][0].clone()
 }
 
 /// `expr` with `var` bound to `value`. The policies' CEL has no `cel.bind`: a one-item `map` binds.

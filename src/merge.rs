@@ -20,7 +20,7 @@ mod explain;
 pub(crate) mod rules;
 pub use compose::{compose, Composition, Conflict, Layer, Role};
 pub use explain::{explain, Change};
-pub(crate) use rules::{list_rule, ListRule};
+pub(crate) use rules::{list_rule, ContainerRule, ListRule};
 
 /// Annotations that name a pod's primary container, most specific first (§4).
 pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
@@ -69,7 +69,7 @@ pub fn merge<'a>(pod: &mut Node<'a>, template: &'a PodTemplate) -> Vec<String> {
             }
         }
         let primary = primary_container(spec, &named, &pod_name, template);
-        ContainerList::containers(template, primary.as_deref()).merge(spec, template, &mut warnings);
+        ContainerList::containers(primary.as_deref()).merge(spec, template, &mut warnings);
         let primary_init = primary_init_container(spec, template);
         ContainerList::init_containers(primary_init.as_deref()).merge(spec, template, &mut warnings);
 
@@ -274,59 +274,35 @@ fn primary_init_container(spec: &Object<'_>, template: &PodTemplate) -> Option<S
 
 /// One of the two container lists and its template names.
 struct ContainerList<'a> {
-    field: &'static str,
-    default_name: &'static str,
-    /// The template container that goes onto the primary one (`primaryContainerName` or `primary-init`).
-    primary_template: &'a str,
+    rule: &'static ContainerRule,
     primary: Option<&'a str>,
-    /// Sidecars go after the pod's containers; template init containers before the pod's.
-    add_first: bool,
 }
 
 impl<'a> ContainerList<'a> {
-    fn containers(t: &'a PodTemplate, primary: Option<&'a str>) -> Self {
-        ContainerList {
-            field: "containers",
-            default_name: "default",
-            primary_template: &t.primary_container_name,
-            primary,
-            add_first: false,
-        }
+    fn containers(primary: Option<&'a str>) -> Self {
+        ContainerList { rule: &rules::CONTAINERS, primary }
     }
 
     fn init_containers(primary: Option<&'a str>) -> Self {
-        ContainerList {
-            field: "initContainers",
-            default_name: "default-init",
-            primary_template: "primary-init",
-            primary,
-            add_first: true,
-        }
-    }
-
-    fn other_field(&self) -> &'static str {
-        if self.field == "containers" {
-            "initContainers"
-        } else {
-            "containers"
-        }
+        ContainerList { rule: &rules::INIT_CONTAINERS, primary }
     }
 
     fn merge<'t>(&self, spec: &mut Object<'t>, t: &'t PodTemplate, warnings: &mut Vec<String>) {
+        let field = self.rule.field;
         let templates: &'t [Value] =
-            t.pod_spec.get(self.field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            t.pod_spec.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         if templates.is_empty() {
             return;
         }
         let find = |name: &str| templates.iter().find(|c| c.get("name").and_then(Value::as_str) == Some(name));
-        let default = find(self.default_name);
-        let primary_template = find(self.primary_template);
+        let default = find(self.rule.default_name);
+        let primary_template = find(self.rule.primary_template(t));
 
         let added = self.to_add(spec, t, templates, default, warnings);
-        if !spec.contains_key(self.field) {
-            spec.insert(self.field, Node::empty_array());
+        if !spec.contains_key(field) {
+            spec.insert(field, Node::empty_array());
         }
-        let Some(list) = spec.get_mut(self.field).and_then(Node::as_array_mut) else {
+        let Some(list) = spec.get_mut(field).and_then(Node::as_array_mut) else {
             return;
         };
         for c in list.iter_mut() {
@@ -344,13 +320,13 @@ impl<'a> ContainerList<'a> {
                 }
             }
         }
-        if self.add_first {
+        if self.rule.add_first {
             list.splice(0..0, added);
         } else {
             list.extend(added);
         }
         if list.is_empty() {
-            spec.remove(self.field);
+            spec.remove(field);
         }
     }
 
@@ -364,9 +340,10 @@ impl<'a> ContainerList<'a> {
         default: Option<&'t Value>,
         warnings: &mut Vec<String>,
     ) -> Vec<Node<'t>> {
-        let own_names = container_names(spec, self.field);
+        let (field, other) = (self.rule.field, self.rule.other);
+        let own_names = container_names(spec, field);
         // Container names are unique across both lists of a pod.
-        let other_names = container_names(spec, self.other_field());
+        let other_names = container_names(spec, other);
         let mut added = Vec::new();
         for tc in templates {
             let name = tc.get("name").and_then(Value::as_str).unwrap_or_default();
@@ -375,9 +352,7 @@ impl<'a> ContainerList<'a> {
             }
             if other_names.iter().any(|n| n == name) {
                 warnings.push(format!(
-                    "template container {name:?} not added to {}: the pod has a container of that name in {}",
-                    self.field,
-                    self.other_field()
+                    "template container {name:?} not added to {field}: the pod has a container of that name in {other}"
                 ));
                 continue;
             }

@@ -49,6 +49,46 @@ pub const KEYED: &[(&str, &[KeyField])] = &[
 /// Containers (and init containers) are matched by name.
 pub const CONTAINER_KEY: EntryKey = EntryKey(NAME);
 
+/// A pod's list of containers and the template containers that fill it (§4 "Containers"): read
+/// by the merge and by `export-policy`, which must choose the same template containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContainerRule {
+    pub field: &'static str,
+    /// The other list: container names are unique across both.
+    pub other: &'static str,
+    /// The template container every container of the list gets.
+    pub default_name: &'static str,
+    /// The template container the list's primary gets; `None`: the template's
+    /// `primaryContainerName`.
+    pub primary_template: Option<&'static str>,
+    /// Template containers the pod lacks go before the pod's (init containers: they run first),
+    /// else after them (sidecars: the pod's first container stays first).
+    pub add_first: bool,
+}
+
+impl ContainerRule {
+    /// The name of the template container that goes onto the primary container of this list.
+    pub fn primary_template<'t>(&self, t: &'t crate::template::PodTemplate) -> &'t str {
+        self.primary_template.unwrap_or(&t.primary_container_name)
+    }
+}
+
+pub const CONTAINERS: ContainerRule = ContainerRule {
+    field: "containers",
+    other: "initContainers",
+    default_name: "default",
+    primary_template: None,
+    add_first: false,
+};
+
+pub const INIT_CONTAINERS: ContainerRule = ContainerRule {
+    field: "initContainers",
+    other: "containers",
+    default_name: "default-init",
+    primary_template: Some("primary-init"),
+    add_first: true,
+};
+
 /// Lists the template gives only to a pod that has none (`command`, `args`).
 pub const ATOMIC: &[&str] = &["command", "args"];
 
