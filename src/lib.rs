@@ -19,7 +19,6 @@ pub mod metrics;
 pub mod names;
 pub mod patch;
 pub mod server;
-pub mod source;
 pub mod startup;
 pub mod store;
 pub mod supervise;

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::names::Names;
-use crate::source::SourceObject;
 use crate::template::SourceKind;
+use crate::template::SourceObject;
 use crate::yaml::{self, Spanned, YamlError};
 
 #[derive(Debug, thiserror::Error)]

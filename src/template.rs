@@ -1,12 +1,20 @@
 //! The template model (SPEC §3): one Flyte `PodTemplate`, parsed and validated once, when the
-//! ConfigMap that carries it is loaded. Nothing here runs per admission.
+//! object that carries it is loaded — nothing here runs per admission. `configmap` parses a
+//! ConfigMap key's text, `podtemplate` a PodTemplate object, `source` turns either kind of object
+//! into its entries; the podSpec checks both share are here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use k8s_openapi::api::core::v1::PodSpec;
-use serde::Deserialize;
 use serde_json::{Map, Value};
+
+mod configmap;
+mod podtemplate;
+mod source;
+
+pub use podtemplate::PRIMARY_CONTAINER_ANNOTATION;
+pub use source::{content_hash, SourceEntry, SourceObject};
 
 /// The primary container name Flyte assumes when a template does not say.
 pub const DEFAULT_PRIMARY_CONTAINER_NAME: &str = "primary";
@@ -83,77 +91,14 @@ pub enum TemplateError {
     Field { path: String, message: String },
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTemplate {
-    #[serde(rename = "primaryContainerName", alias = "primary_container_name")]
-    primary_container_name: Option<String>,
-    #[serde(default)]
-    labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    annotations: Option<BTreeMap<String, String>>,
-    #[serde(rename = "podSpec", alias = "pod_spec")]
-    pod_spec: Option<Value>,
-    /// The Flyte SDK's form (`PodTemplate.to_k8s_pod()`, the `K8sPod` message as JSON): labels
-    /// and annotations under `metadata`. Its other field, `dataConfig`, is not accepted: the SDK
-    /// never sets it in a pod template, and dropping it silently would lose what it asks for.
-    metadata: Option<RawMetadata>,
-}
-
-/// `K8sObjectMetadata`: only labels and annotations; anything else (`name`, ...) is an error.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMetadata {
-    labels: Option<BTreeMap<String, String>>,
-    annotations: Option<BTreeMap<String, String>>,
-}
-
 impl PodTemplate {
-    /// Parses one ConfigMap value (YAML, or JSON which is YAML too).
-    pub fn parse(text: &str) -> Result<Self, TemplateError> {
-        let raw: RawTemplate = crate::yaml::from_str(text).map_err(|e| TemplateError::Syntax(e.message))?;
-        let named_primary = raw.primary_container_name.filter(|n| !n.is_empty());
-        let primary_container_name_set = named_primary.is_some();
-        let primary_container_name = named_primary.unwrap_or_else(|| DEFAULT_PRIMARY_CONTAINER_NAME.to_owned());
-        let (labels, annotations) = match raw.metadata {
-            Some(RawMetadata { labels, annotations }) if labels.is_some() || annotations.is_some() => {
-                if raw.labels.is_some() || raw.annotations.is_some() {
-                    return Err(TemplateError::Syntax(
-                        "labels/annotations are given both at the top level and under metadata \
-                         (the Flyte SDK's form); use one form or the other"
-                            .into(),
-                    ));
-                }
-                (labels, annotations)
-            }
-            _ => (raw.labels, raw.annotations),
-        };
-        let pod_spec = match raw.pod_spec {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(mut spec)) => {
-                spec.values_mut().for_each(integral_floats_as_integers);
-                validate_pod_spec(spec)?
-            }
-            Some(other) => {
-                return Err(TemplateError::Syntax(format!("podSpec must be a mapping, found {}", kind_of(&other))))
-            }
-        };
-        Ok(PodTemplate {
-            primary_container_name,
-            primary_container_name_set,
-            labels: labels.unwrap_or_default(),
-            annotations: annotations.unwrap_or_default(),
-            pod_spec,
-        })
-    }
-
     /// Container names with a meaning of their own; never added to a pod as containers (§4).
     pub fn is_reserved_name(&self, name: &str) -> bool {
         matches!(name, "default" | "default-init" | "primary-init") || name == self.primary_container_name
     }
 }
 
-fn kind_of(v: &Value) -> &'static str {
+pub(crate) fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -219,7 +164,7 @@ fn remove_nulls(v: &mut Value) {
 /// `json_format` writes `terminationGracePeriodSeconds: 30.0`. Flyte's Go side reads it back as
 /// `30`, and kubectl turns YAML's `30.0` into `30` too; so an integral number becomes the integer
 /// it is (the PodSpec has no floating-point field). `30.5` stays, and the typed check refuses it.
-fn integral_floats_as_integers(v: &mut Value) {
+pub(crate) fn integral_floats_as_integers(v: &mut Value) {
     match v {
         // Up to 2^53, every integer is exactly a double.
         Value::Number(n) if n.is_f64() => {

@@ -16,8 +16,8 @@ fn meta_str<'a>(object: &'a Value, field: &str, key: &str) -> Option<&'a str> {
 /// PodTemplate whose templates do not parse is refused at apply time, naming each template and
 /// its error.
 pub fn validate_templates(req: &Request, names: &Names) -> Decision {
-    use crate::source::SourceObject;
     use crate::template::SourceKind;
+    use crate::template::SourceObject;
     let mut decision = Decision::unchanged(req);
     let kind = match (req.resource.group.as_str(), req.resource.resource.as_str(), &req.sub_resource) {
         ("", "configmaps", None) => SourceKind::ConfigMap,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::{EntryState, StoreStats, TemplateEntry, TemplateIndex};
-use crate::source::SourceObject;
+use crate::template::SourceObject;
 use crate::template::{SourceKind, TemplateError, TemplateSource};
 
 /// A template that failed to parse while its source object was loaded.

@@ -10,7 +10,7 @@ mod index;
 
 use std::sync::Arc;
 
-pub use crate::source::content_hash;
+pub use crate::template::content_hash;
 use crate::template::{PodTemplate, TemplateError, TemplateSource};
 pub use catalog::{Catalog, ParseProblem};
 pub use index::TemplateIndex;
