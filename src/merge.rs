@@ -20,7 +20,7 @@ mod explain;
 pub(crate) mod rules;
 pub use compose::{compose, Composition, Conflict, Layer, Role};
 pub use explain::{explain, Change};
-pub(crate) use rules::{list_rule, ContainerRule, ListRule};
+pub(crate) use rules::{api_default, list_rule, ContainerRule, Ctx, ListRule};
 
 /// Annotations that name a pod's primary container, most specific first (§4).
 pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
@@ -83,64 +83,11 @@ pub fn merge<'a>(pod: &mut Node<'a>, template: &'a PodTemplate) -> Vec<String> {
     warnings
 }
 
-/// Where in a pod a field sits: decides which API defaults count as unset.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ctx {
-    PodSpec,
-    Container,
-    Probe,
-    Other,
-}
-
-impl Ctx {
-    pub(crate) fn child(self, key: &str) -> Ctx {
-        match (self, key) {
-            (Ctx::Container, "livenessProbe" | "readinessProbe" | "startupProbe") => Ctx::Probe,
-            _ => Ctx::Other,
-        }
-    }
-}
-
 /// True when the pod's value is what the API server fills in by itself: such a value was most
 /// likely not chosen by the pod's author, so the template may replace it (§4 "Scalars").
 fn is_api_default(ctx: Ctx, key: &str, value: &Value, owner: &Object<'_>) -> bool {
     let image = || owner.get("image").and_then(Node::as_str).unwrap_or_default().into_owned();
     api_default(ctx, key, image).is_some_and(|default| *value == default)
-}
-
-/// The value the API server gives `key` where it is unset (only those the merge counts as unset);
-/// `image` is read for `imagePullPolicy` only. Keep `README.md` ("Defaulted fields") in step.
-pub(crate) fn api_default(ctx: Ctx, key: &str, image: impl FnOnce() -> String) -> Option<Value> {
-    let value: Value = match (ctx, key) {
-        (Ctx::PodSpec, "schedulerName") => "default-scheduler".into(),
-        (Ctx::PodSpec, "terminationGracePeriodSeconds") => 30.into(),
-        (Ctx::PodSpec, "dnsPolicy") => "ClusterFirst".into(),
-        (Ctx::PodSpec, "restartPolicy") => "Always".into(),
-        (Ctx::PodSpec, "enableServiceLinks") => true.into(),
-        (Ctx::PodSpec, "serviceAccountName" | "serviceAccount") => "default".into(),
-        (Ctx::PodSpec, "preemptionPolicy") => "PreemptLowerPriority".into(),
-        (Ctx::PodSpec, "priority") => 0.into(),
-        (Ctx::Container, "terminationMessagePath") => "/dev/termination-log".into(),
-        (Ctx::Container, "terminationMessagePolicy") => "File".into(),
-        (Ctx::Container, "imagePullPolicy") => default_pull_policy(&image()).into(),
-        (Ctx::Probe, "timeoutSeconds" | "successThreshold") => 1.into(),
-        (Ctx::Probe, "periodSeconds") => 10.into(),
-        (Ctx::Probe, "failureThreshold") => 3.into(),
-        _ => return None,
-    };
-    Some(value)
-}
-
-/// The API server's default: `Always` for `:latest` or an untagged image, else `IfNotPresent`.
-fn default_pull_policy(image: &str) -> &'static str {
-    if image.contains('@') {
-        return "IfNotPresent";
-    }
-    let name = image.rsplit('/').next().unwrap_or(image);
-    match name.split_once(':') {
-        Some((_, tag)) if tag != "latest" => "IfNotPresent",
-        _ => "Always",
-    }
 }
 
 /// Fills `owner[key]` from the template's `base`, the pod's value winning.

@@ -94,7 +94,7 @@ pub enum TemplateError {
 impl PodTemplate {
     /// Container names with a meaning of their own; never added to a pod as containers (§4).
     pub fn is_reserved_name(&self, name: &str) -> bool {
-        matches!(name, "default" | "default-init" | "primary-init") || name == self.primary_container_name
+        crate::merge::rules::is_reserved_container_name(name, &self.primary_container_name)
     }
 }
 

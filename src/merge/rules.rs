@@ -1,9 +1,12 @@
-//! The list rules of SPEC §4 as one table: which lists merge by key and by which fields, which are
-//! atomic; every other list is a union. The merge, the conflict report of `compose`, `explain`
+//! The rules of SPEC §4 as data: which lists merge by key and by which fields, which are atomic
+//! (every other list is a union); which values are the API server's defaults (they count as
+//! unset); the container lists and their reserved template container names. The merge, the conflict report of `compose`, `explain`
 //! and `export-policy`'s CEL all read it, so a row added here is merged, reported and exported
 //! alike (the `cfg(test)` row below proves it in each of them).
 
 use std::borrow::Cow;
+
+use serde_json::Value;
 
 use crate::doc::Node;
 
@@ -49,6 +52,59 @@ pub const KEYED: &[(&str, &[KeyField])] = &[
 /// Containers (and init containers) are matched by name.
 pub const CONTAINER_KEY: EntryKey = EntryKey(NAME);
 
+/// Where in a pod a field sits: decides which API defaults count as unset.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ctx {
+    PodSpec,
+    Container,
+    Probe,
+    Other,
+}
+
+impl Ctx {
+    pub(crate) fn child(self, key: &str) -> Ctx {
+        match (self, key) {
+            (Ctx::Container, "livenessProbe" | "readinessProbe" | "startupProbe") => Ctx::Probe,
+            _ => Ctx::Other,
+        }
+    }
+}
+
+/// The value the API server gives `key` where it is unset (only those the merge counts as unset);
+/// `image` is read for `imagePullPolicy` only. Keep `README.md` ("Defaulted fields") in step.
+pub(crate) fn api_default(ctx: Ctx, key: &str, image: impl FnOnce() -> String) -> Option<Value> {
+    let value: Value = match (ctx, key) {
+        (Ctx::PodSpec, "schedulerName") => "default-scheduler".into(),
+        (Ctx::PodSpec, "terminationGracePeriodSeconds") => 30.into(),
+        (Ctx::PodSpec, "dnsPolicy") => "ClusterFirst".into(),
+        (Ctx::PodSpec, "restartPolicy") => "Always".into(),
+        (Ctx::PodSpec, "enableServiceLinks") => true.into(),
+        (Ctx::PodSpec, "serviceAccountName" | "serviceAccount") => "default".into(),
+        (Ctx::PodSpec, "preemptionPolicy") => "PreemptLowerPriority".into(),
+        (Ctx::PodSpec, "priority") => 0.into(),
+        (Ctx::Container, "terminationMessagePath") => "/dev/termination-log".into(),
+        (Ctx::Container, "terminationMessagePolicy") => "File".into(),
+        (Ctx::Container, "imagePullPolicy") => default_pull_policy(&image()).into(),
+        (Ctx::Probe, "timeoutSeconds" | "successThreshold") => 1.into(),
+        (Ctx::Probe, "periodSeconds") => 10.into(),
+        (Ctx::Probe, "failureThreshold") => 3.into(),
+        _ => return None,
+    };
+    Some(value)
+}
+
+/// The API server's default: `Always` for `:latest` or an untagged image, else `IfNotPresent`.
+pub(crate) fn default_pull_policy(image: &str) -> &'static str {
+    if image.contains('@') {
+        return "IfNotPresent";
+    }
+    let name = image.rsplit('/').next().unwrap_or(image);
+    match name.split_once(':') {
+        Some((_, tag)) if tag != "latest" => "IfNotPresent",
+        _ => "Always",
+    }
+}
+
 /// A pod's list of containers and the template containers that fill it (§4 "Containers"): read
 /// by the merge and by `export-policy`, which must choose the same template containers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +120,13 @@ pub struct ContainerRule {
     /// Template containers the pod lacks go before the pod's (init containers: they run first),
     /// else after them (sidecars: the pod's first container stays first).
     pub add_first: bool,
+}
+
+/// Template container names with a meaning of their own, never added to a pod as containers
+/// (§4): the lists' `default` containers, `primary-init`, and the template's primary container.
+pub fn is_reserved_container_name(name: &str, primary_container_name: &str) -> bool {
+    let special = [CONTAINERS.default_name, INIT_CONTAINERS.default_name];
+    special.contains(&name) || INIT_CONTAINERS.primary_template == Some(name) || name == primary_container_name
 }
 
 impl ContainerRule {

@@ -1,6 +1,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::merge::rules::default_pull_policy;
 
 fn tpl(yaml: &str) -> PodTemplate {
     PodTemplate::parse(yaml).unwrap()
