@@ -627,7 +627,7 @@ fn default_pull_policy(image: &str) -> String {
 fn containers(t: &PodTemplate) -> ContainerList {
     // §4 "Primary container of the pod", on the merged annotations (the metadata mutation ran).
     let sidecars: Vec<String> =
-        template_names(t, "containers").into_iter().filter(|n| !t.is_reserved_name(n)).collect();
+        t.container_names("containers").into_iter().filter(|n| !t.is_reserved_name(n)).collect();
     let sidecars = cel_list(&sidecars);
     let annotation = |key: &str| {
         let (has, value) = map_entry("object.metadata.annotations", key);
@@ -651,17 +651,12 @@ fn containers(t: &PodTemplate) -> ContainerList {
 
 fn init_containers(t: &PodTemplate) -> ContainerList {
     // The pod's first init container the template does not define by name.
-    let defined = cel_list(&template_names(t, "initContainers"));
+    let defined = cel_list(&t.container_names("initContainers"));
     let primary = format!(
         "(has(object.spec.initContainers) && object.spec.initContainers.exists(x, !(x.name in {defined})) ? \
          object.spec.initContainers.filter(x, !(x.name in {defined}))[0].name : \"\")"
     );
     ContainerList { rule: &INIT_CONTAINERS, primary }
-}
-
-fn template_names(t: &PodTemplate, field: &str) -> Vec<String> {
-    let list = t.pod_spec.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    list.iter().filter_map(|c| c.get("name")?.as_str().map(str::to_owned)).collect()
 }
 
 /// An added container as the merge makes it: the template's, filled from the list's default

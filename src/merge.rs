@@ -179,11 +179,6 @@ fn container_names(spec: &Object<'_>, field: &str) -> Vec<String> {
     elements.iter().flat_map(|e| e.iter()).filter_map(|c| c.str_field("name")).collect()
 }
 
-fn template_container_names(template: &PodTemplate, field: &str) -> Vec<String> {
-    let list = template.pod_spec.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    list.iter().filter_map(|c| c.get("name")?.as_str().map(str::to_owned)).collect()
-}
-
 /// The pod's primary container, first rule that matches (§4).
 /// `named`: the values of the default-container and primary_container_name annotations.
 fn primary_container(
@@ -208,14 +203,14 @@ fn primary_container(
 /// A container the template could add as a sidecar: never chosen as primary by the fallback
 /// rules, or the choice would change once it has been added.
 fn defined_by_template(template: &PodTemplate, name: &str) -> bool {
-    !template.is_reserved_name(name) && template_container_names(template, "containers").iter().any(|n| n == name)
+    !template.is_reserved_name(name) && template.container_names("containers").iter().any(|n| n == name)
 }
 
 /// The init container that gets the template's `primary-init`: the pod's first init container
 /// that the template does not define by name. Init containers the template adds come first in the
 /// merged pod, so skipping them keeps the choice stable on reinvocation.
 fn primary_init_container(spec: &Object<'_>, template: &PodTemplate) -> Option<String> {
-    let defined = template_container_names(template, "initContainers");
+    let defined = template.container_names("initContainers");
     container_names(spec, "initContainers").into_iter().find(|n| !defined.contains(n))
 }
 

@@ -92,6 +92,12 @@ pub enum TemplateError {
 }
 
 impl PodTemplate {
+    /// The names of the template's containers in `field` (`containers`, `initContainers`).
+    pub fn container_names(&self, field: &str) -> Vec<String> {
+        let list = self.pod_spec.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        list.iter().filter_map(|c| c.get("name")?.as_str().map(str::to_owned)).collect()
+    }
+
     /// Container names with a meaning of their own; never added to a pod as containers (§4).
     pub fn is_reserved_name(&self, name: &str) -> bool {
         crate::merge::rules::is_reserved_container_name(name, &self.primary_container_name)
