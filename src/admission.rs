@@ -16,8 +16,8 @@ use crate::store::TemplateStore;
 mod plan;
 mod review;
 mod validate;
-use plan::{applied_record, describe_conflict};
-pub use plan::{plan, Plan, PlannedLayer};
+use plan::describe_conflict;
+pub use plan::{applied_record, plan, Plan, PlannedLayer};
 pub use review::{parse_review, response_body, BadReview, Decision, GroupVersionResource, Request, Response, Status};
 pub use validate::validate_templates;
 

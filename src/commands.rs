@@ -6,12 +6,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::admission::{self, Outcome, Policy};
+use crate::admission;
 use crate::cli::{Cli, Command, LogFormat, TemplateArgs};
 use crate::manifest;
 use crate::names::Names;
+use crate::preview;
 use crate::store::dir::DirStore;
 use crate::store::TemplateStore;
 use crate::yaml;
@@ -67,81 +68,20 @@ fn mutate(args: &TemplateArgs, review: &str) -> anyhow::Result<()> {
 fn render(args: &TemplateArgs, namespace: &str, pod_path: &str, explain: bool) -> anyhow::Result<()> {
     let store = load_dir(args)?;
     let text = String::from_utf8(read_input(pod_path)?).context("the pod manifest is not UTF-8")?;
-    let mut pod: Value = yaml::from_str(&text).with_context(|| format!("{pod_path}: not a YAML or JSON pod"))?;
-    if pod.get("kind").and_then(Value::as_str) != Some("Pod") {
-        bail!("{pod_path}: expected a manifest of kind Pod");
-    }
-    let namespace = pod.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or(namespace).to_owned();
-    let review = json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "render", "operation": "CREATE", "namespace": namespace,
-            "name": pod.pointer("/metadata/name").cloned().unwrap_or_default(),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "userInfo": {}, "object": pod,
-        }
-    });
+    let pod: Value = yaml::from_str(&text).with_context(|| format!("{pod_path}: not a YAML or JSON pod"))?;
     let policy = args.names.policy();
-    let req = admission::parse_review(&serde_json::to_vec(&review)?)?;
-    let decision = admission::mutate(req, &store, &policy)?;
-    for w in decision.response.warnings.iter().flatten() {
+    let preview = preview::preview(&pod, namespace, &store, &policy).with_context(|| pod_path.to_owned())?;
+    for w in preview.warnings() {
         eprintln!("warning: {w}");
     }
-    if decision.outcome == Outcome::Denied {
-        bail!("denied: {}", decision.response.result.message);
+    if preview.denied() {
+        bail!("denied: {}", preview.decision.response.result.message);
     }
-    let original = pod.clone();
-    if let Some(patch) = &decision.response.patch {
-        let patch: json_patch::Patch = serde_json::from_slice(patch)?;
-        json_patch::patch(&mut pod, &patch).context("the patch does not apply to the pod")?;
-    }
-    print!("{}", yaml::to_string(&pod)?);
+    print!("{}", yaml::to_string(&preview.pod)?);
     if explain {
-        print!("{}", explanation(&original, &pod, &namespace, &store, &policy)?);
+        print!("{}", preview::explanation(&preview, &store, &policy)?);
     }
     Ok(())
-}
-
-/// `render --explain`: YAML comments naming, for every JSON path the webhook changed, the layer
-/// that set it — or the webhook itself for the applied annotation.
-fn explanation(
-    original: &Value,
-    rendered: &Value,
-    namespace: &str,
-    store: &DirStore,
-    policy: &Policy,
-) -> anyhow::Result<String> {
-    let requested = admission::Requested::from_pod(original, &policy.names)?;
-    let plan = admission::plan(namespace, &requested, store, policy).map_err(|r| anyhow::anyhow!(r.message))?;
-    let layers: Vec<_> = plan.layers.iter().map(admission::PlannedLayer::layer).collect();
-    let (merged, changes) = crate::merge::explain(original, &layers);
-    let mut out = String::from("# --explain: JSON path changed <- the layer that set it\n");
-    out.push_str(&match &requested {
-        admission::Requested::Nothing => "# no template named by the pod (annotation, label or task-name)\n".to_owned(),
-        admission::Requested::Annotation(list) => {
-            format!("# templates from {}: {}\n", requested.rule(&policy.names), list.join(", "))
-        }
-        _ => format!("# environment from {}: {}\n", requested.rule(&policy.names), requested.names().join(", ")),
-    });
-    if plan.layers.is_empty() {
-        out.push_str("# (no template applies to this pod)\n");
-    }
-    let record =
-        format!("/metadata/annotations/{}", policy.names.applied_annotation.replace('~', "~0").replace('/', "~1"));
-    let recorded = rendered.pointer(&record).is_some() && merged.pointer(&record) != rendered.pointer(&record);
-    let mut lines: Vec<(&str, String)> = changes
-        .iter()
-        .map(|c| (c.path.as_str(), plan.layers[c.layer].describe(&policy.names.platform_namespace)))
-        .collect();
-    if recorded {
-        lines.push((&record, "the webhook: the record of the layers applied".to_owned()));
-    }
-    let width = lines.iter().map(|(path, _)| path.len()).max().unwrap_or(0);
-    for (path, by) in lines {
-        out.push_str(&format!("# {path:width$}  <- {by}\n"));
-    }
-    Ok(out)
 }
 
 fn export_policy(args: &TemplateArgs, wanted: &[String]) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ pub mod merge;
 pub mod metrics;
 pub mod names;
 pub mod patch;
+pub mod preview;
 pub mod server;
 pub mod startup;
 pub mod store;

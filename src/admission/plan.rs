@@ -129,7 +129,7 @@ impl Plan {
 
 /// The applied record (annotation and `auditAnnotations`): every layer lowest first, and the rule
 /// that chose the environment when the pod does not name it itself (SPEC §9).
-pub(super) fn applied_record(layers: &[PlannedLayer], requested: &Requested, names: &Names) -> String {
+pub fn applied_record(layers: &[PlannedLayer], requested: &Requested, names: &Names) -> String {
     let mut record = layers.iter().map(|l| l.entry.source.to_string()).collect::<Vec<_>>().join(",");
     if let Some(rule) = requested.recorded_rule(names) {
         record.push_str(&rule);

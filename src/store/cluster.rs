@@ -71,15 +71,7 @@ impl ClusterStore {
         fatal: Fatal,
     ) -> Arc<Self> {
         let store = Arc::new(ClusterStore { index: ArcSwap::default(), synced: AtomicBool::new(false) });
-        let scopes: Vec<Option<String>> = if watch_namespaces.is_empty() {
-            vec![None]
-        } else {
-            let mut namespaces: Vec<String> = watch_namespaces.to_vec();
-            namespaces.push(names.platform_namespace.clone());
-            namespaces.sort();
-            namespaces.dedup();
-            namespaces.into_iter().map(Some).collect()
-        };
+        let scopes = scopes(&names, watch_namespaces);
         let watched = store.clone();
         let (m, state) = (metrics.clone(), store.clone());
         let run = move || watch(watched.clone(), client.clone(), names.clone(), scopes.clone(), metrics.clone());
@@ -114,6 +106,56 @@ impl TemplateStore for ClusterStore {
     fn stats(&self) -> StoreStats {
         self.index.load().stats()
     }
+}
+
+/// The templates of the cluster as a watch would load them, read once in pages and never
+/// watched: for the read-only commands (`audit`, `explain`), which must not publish Events.
+/// `namespaces` empty: every namespace; else those plus the platform namespace.
+pub async fn load_once(client: &Client, names: &Names, namespaces: &[String]) -> Result<TemplateIndex, kube::Error> {
+    let mut catalog = Catalog::new(names.platform_namespace.clone());
+    for scope in scopes(names, namespaces) {
+        list_into::<ConfigMap>(client, names, scope.as_deref(), &mut catalog).await?;
+        list_into::<PodTemplate>(client, names, scope.as_deref(), &mut catalog).await?;
+    }
+    Ok(catalog.index())
+}
+
+async fn list_into<K: SourceResource>(
+    client: &Client,
+    names: &Names,
+    scope: Option<&str>,
+    catalog: &mut Catalog,
+) -> Result<(), kube::Error> {
+    let api: Api<K> = match scope {
+        None => Api::all(client.clone()),
+        Some(ns) => Api::namespaced(client.clone(), ns),
+    };
+    let mut params = kube::api::ListParams::default().labels(&format!("{}=true", names.source_label)).limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        for object in &page.items {
+            for problem in object.apply_to(catalog) {
+                tracing::warn!(problem = %problem, "template did not parse");
+            }
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// The scopes to read: `None` for the whole cluster, else each namespace once, the platform
+/// namespace included.
+fn scopes(names: &Names, namespaces: &[String]) -> Vec<Option<String>> {
+    if namespaces.is_empty() {
+        return vec![None];
+    }
+    let mut namespaces: Vec<String> = namespaces.to_vec();
+    namespaces.push(names.platform_namespace.clone());
+    namespaces.sort();
+    namespaces.dedup();
+    namespaces.into_iter().map(Some).collect()
 }
 
 /// A kind of template source object the store watches.
