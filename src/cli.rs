@@ -179,6 +179,24 @@ pub struct TemplateArgs {
     pub names: NameArgs,
 }
 
+/// How the read-only commands reach the cluster: like `serve` (`KUBECONFIG`, `~/.kube/config`,
+/// else in-cluster) unless told otherwise.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Kubeconfig file [default: $KUBECONFIG, ~/.kube/config, else the in-cluster config].
+    #[arg(long, env = "PTW_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Context of the kubeconfig to use [default: its current context].
+    #[arg(long, env = "PTW_CONTEXT")]
+    pub context: Option<String>,
+    /// Read templates only from these namespaces (plus the platform namespace), as `serve
+    /// --watch-namespace`; repeatable. Default: all.
+    #[arg(long = "watch-namespace", env = "PTW_WATCH_NAMESPACES", value_delimiter = ',')]
+    pub watch_namespaces: Vec<String>,
+    #[command(flatten)]
+    pub names: NameArgs,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// TLS listener for `POST /mutate`.

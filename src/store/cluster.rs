@@ -31,6 +31,8 @@ pub enum ClusterError {
     /// The cause is in the message and is not also a `source`, so a chain prints it once.
     #[error("cannot build a Kubernetes client (kubeconfig or in-cluster config): {0}")]
     Client(kube::Error),
+    #[error("cannot read the kubeconfig: {0}")]
+    Config(String),
 }
 
 impl From<kube::Error> for ClusterError {
@@ -106,6 +108,26 @@ impl TemplateStore for ClusterStore {
     fn stats(&self) -> StoreStats {
         self.index.load().stats()
     }
+}
+
+/// A client as `serve` makes one (`KUBECONFIG` or `~/.kube/config`, else the in-cluster
+/// config), or from an explicit kubeconfig file and context (the read-only commands' flags).
+pub async fn client(kubeconfig: Option<&std::path::Path>, context: Option<&str>) -> Result<Client, ClusterError> {
+    let Some(path) = kubeconfig else {
+        if context.is_none() {
+            return Ok(Client::try_default().await?);
+        }
+        let options = kube::config::KubeConfigOptions { context: context.map(str::to_owned), ..Default::default() };
+        let config = kube::Config::from_kubeconfig(&options).await.map_err(|e| ClusterError::Config(e.to_string()))?;
+        return Ok(Client::try_from(config)?);
+    };
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(path).map_err(|e| ClusterError::Config(format!("{}: {e}", path.display())))?;
+    let options = kube::config::KubeConfigOptions { context: context.map(str::to_owned), ..Default::default() };
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|e| ClusterError::Config(format!("{}: {e}", path.display())))?;
+    Ok(Client::try_from(config)?)
 }
 
 /// The templates of the cluster as a watch would load them, read once in pages and never
