@@ -15,10 +15,12 @@ use crate::store::TemplateStore;
 
 mod plan;
 mod review;
+mod shadow;
 mod validate;
 use plan::describe_conflict;
-pub use plan::{applied_record, plan, Plan, PlannedLayer};
+pub use plan::{applied_record, plan, Plan, PlannedLayer, ShadowLayer};
 pub use review::{parse_review, response_body, BadReview, Decision, GroupVersionResource, Request, Response, Status};
+pub use shadow::{shadow_effects, ShadowEffect, ShadowOutcome};
 pub use validate::validate_templates;
 
 /// What to do about a problem with a pod's templates: a missing or broken one, a conflict.
@@ -105,11 +107,24 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
         Ok(plan) => plan,
         Err(refusal) => return Ok(refusal.apply(decision)),
     };
-    if plan.layers.is_empty() {
+    // Only pods with a shadow template pay for reading the pod into a tree.
+    let shadows = match plan.shadows.is_empty() {
+        true => Vec::new(),
+        false => shadow_effects(&serde_json::from_str(raw.get()).map_err(BadReview::Json)?, &plan),
+    };
+    let mut decision = if plan.layers.is_empty() {
         decision.response.warnings = Some(plan.warnings).filter(|w| !w.is_empty());
-        return Ok(decision);
+        decision
+    } else {
+        apply(decision, &document, pod, plan, &requested, policy)
+    };
+    if !shadows.is_empty() {
+        let messages: Vec<String> = shadows.iter().flat_map(|s| s.messages(policy)).collect();
+        decision.response.audit_annotations.insert("shadow".to_owned(), messages.join("; "));
+        decision.response.warnings.get_or_insert_with(Vec::new).extend(messages);
+        decision.shadows = shadows;
     }
-    Ok(apply(decision, &document, pod, plan, &requested, policy))
+    Ok(decision)
 }
 
 /// Merges the planned layers into `pod` (the root of `document`) and answers with the patch, the

@@ -89,6 +89,10 @@ pub struct NameArgs {
     /// Annotation written on mutated pods naming what was applied.
     #[arg(long, env = "PTW_APPLIED_ANNOTATION", default_value = "flyte.org/pod-template-applied")]
     pub applied_annotation: String,
+    /// Annotation of a template ConfigMap or PodTemplate: `shadow` evaluates its templates and
+    /// reports what they would change without applying them; `enforce` or absent applies them.
+    #[arg(long, env = "PTW_MODE_ANNOTATION", default_value = "flyte.org/pod-template-mode")]
+    pub mode_annotation: String,
     /// Label on the pods Flyte's executor creates (SPEC §9); with --managed-value it marks the pods
     /// whose environment may come from their task-name label.
     #[arg(long, env = "PTW_MANAGED_LABEL", default_value = "flyte.org/managed")]
@@ -151,6 +155,7 @@ impl NameArgs {
             template_annotation: self.template_annotation.clone(),
             source_label: self.source_label.clone(),
             applied_annotation: self.applied_annotation.clone(),
+            mode_annotation: self.mode_annotation.clone(),
             platform_namespace: self.platform_namespace.clone(),
             managed_label: self.managed_label.clone(),
             managed_value: self.managed_value.clone(),

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::names::Names;
 use crate::template::SourceKind;
-use crate::template::SourceObject;
+use crate::template::{Mode, SourceObject, TemplateError};
 use crate::yaml::{self, Spanned, YamlError};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,7 @@ pub struct SourceManifest {
     pub namespace: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
     pub content: ManifestContent,
     /// 1-based lines in the file, for `validate`: a ConfigMap's data keys (the line of each
     /// value), a PodTemplate's `metadata` and `template` fields. Empty where unknown.
@@ -52,6 +53,11 @@ pub enum ManifestContent {
 impl SourceManifest {
     pub fn kind(&self) -> SourceKind {
         self.source().kind()
+    }
+
+    /// Whether its templates apply or only shadow (§10), from its mode annotation.
+    pub fn mode(&self, names: &Names) -> Result<Mode, TemplateError> {
+        Mode::read(&names.mode_annotation, self.annotations.get(&names.mode_annotation).map(String::as_str))
     }
 
     /// The templates it carries, for [`SourceObject::entries`].
@@ -147,6 +153,7 @@ struct Metadata {
     name: Option<String>,
     namespace: Option<String>,
     labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
 }
 
 /// The manifest files of `path` (a file, or a directory's `*.yaml`, `*.yml`, `*.json`), sorted.
@@ -201,6 +208,7 @@ pub fn read_manifests(file: &Path, platform_namespace: &str) -> Result<Vec<Sourc
             namespace: manifest.metadata.namespace.unwrap_or_else(|| platform_namespace.to_owned()),
             name,
             labels: manifest.metadata.labels.unwrap_or_default(),
+            annotations: manifest.metadata.annotations.unwrap_or_default(),
             content,
             lines,
         });

@@ -19,7 +19,7 @@ mod compose;
 mod explain;
 pub(crate) mod rules;
 pub use compose::{compose, Composition, Conflict, Layer, Role};
-pub use explain::{explain, Change};
+pub use explain::{differences, explain, Change};
 pub(crate) use rules::{api_default, list_rule, ContainerRule, Ctx, ListRule};
 
 /// Annotations that name a pod's primary container, most specific first (§4).

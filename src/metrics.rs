@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use templates::TemplateAdmissions;
+pub use templates::{ShadowEvaluations, TemplateAdmissions};
 
 /// Latency buckets in seconds, sub-millisecond first: admissions take microseconds.
 const BUCKETS: [f64; 14] =
@@ -37,6 +37,8 @@ pub struct Metrics {
     certificate_watch: TaskHealth,
     /// Admissions by template name and result.
     pub templates: TemplateAdmissions,
+    /// Shadow template evaluations by template name and result.
+    pub shadows: ShadowEvaluations,
 }
 
 /// A supervised task's state: exported only once the process has such a task.
@@ -213,6 +215,7 @@ impl Metrics {
         self.template_watch.render(&mut out, "template_watch", "template watch");
         self.certificate_watch.render(&mut out, "certificate_watch", "certificate reload");
         self.templates.render(&mut out, p);
+        self.shadows.render(&mut out, p);
         let _ = writeln!(out, "# HELP {p}_build_info Build information.\n# TYPE {p}_build_info gauge");
         let _ = writeln!(out, "{p}_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
         out

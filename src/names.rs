@@ -11,6 +11,9 @@ pub struct Names {
     pub source_label: String,
     /// Annotation written on mutated pods: `<namespace>/<configmap>/<key>@<version>`.
     pub applied_annotation: String,
+    /// Annotation of a template source (ConfigMap or PodTemplate): `shadow` to evaluate its
+    /// templates without applying them, `enforce` (or absent) to apply them (§10).
+    pub mode_annotation: String,
     /// Namespace whose templates every pod may use.
     pub platform_namespace: String,
     /// Label (with [`Names::managed_value`]) on the pods Flyte's executor creates (§9).
@@ -27,6 +30,7 @@ impl Default for Names {
             template_annotation: "flyte.org/pod-template".into(),
             source_label: "flyte.org/pod-templates".into(),
             applied_annotation: "flyte.org/pod-template-applied".into(),
+            mode_annotation: "flyte.org/pod-template-mode".into(),
             platform_namespace: "flyte".into(),
             managed_label: "flyte.org/managed".into(),
             managed_value: "true".into(),

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::admission::{self, BadReview, Decision, Outcome, Policy, Requested};
+use crate::admission::{self, BadReview, Decision, Outcome, Policy, Requested, ShadowOutcome};
 use crate::environment::BadList;
 use crate::store::TemplateStore;
 
@@ -49,7 +49,12 @@ fn pod_namespace<'a>(pod: &'a Value, namespace: &'a str) -> &'a str {
 
 /// `pod` (a manifest of kind Pod, or a pod as the API server holds it) created in `namespace`
 /// unless it names its own: what the webhook would answer and the pod it would leave.
-pub fn preview(pod: &Value, namespace: &str, store: &dyn TemplateStore, policy: &Policy) -> Result<Preview, PreviewError> {
+pub fn preview(
+    pod: &Value,
+    namespace: &str,
+    store: &dyn TemplateStore,
+    policy: &Policy,
+) -> Result<Preview, PreviewError> {
     if pod.get("kind").and_then(Value::as_str) != Some("Pod") {
         return Err(PreviewError::NotAPod);
     }
@@ -76,7 +81,7 @@ pub fn preview(pod: &Value, namespace: &str, store: &dyn TemplateStore, policy: 
 
 /// `render --explain`: YAML comments naming which rule chose the templates and, for every JSON
 /// path the webhook changed, the layer that set it (or the webhook itself, for the record); then
-/// what each shadow template would change.
+/// every path each shadow template would change (§10).
 pub fn explanation(preview: &Preview, store: &dyn TemplateStore, policy: &Policy) -> Result<String, PreviewError> {
     let names = &policy.names;
     let namespace = preview.namespace.as_str();
@@ -109,6 +114,21 @@ pub fn explanation(preview: &Preview, store: &dyn TemplateStore, policy: &Policy
     let width = lines.iter().map(|(path, _)| path.len()).max().unwrap_or(0);
     for (path, by) in lines {
         out.push_str(&format!("# {path:width$}  <- {by}\n"));
+    }
+    for effect in admission::shadow_effects(&preview.original, &plan) {
+        let template = &effect.template;
+        match &effect.outcome {
+            ShadowOutcome::Broken(error) => out.push_str(&format!("# shadow {template} (not applied): {error}\n")),
+            ShadowOutcome::Evaluated { paths, conflicts } => {
+                out.push_str(&format!("# shadow {template} (not applied) would change {} fields\n", paths.len()));
+                for path in paths {
+                    out.push_str(&format!("#   {path}\n"));
+                }
+                for conflict in conflicts {
+                    out.push_str(&format!("#   would conflict: {conflict}\n"));
+                }
+            }
+        }
     }
     Ok(out)
 }

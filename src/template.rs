@@ -33,6 +33,32 @@ pub struct PodTemplate {
     pub pod_spec: Map<String, Value>,
 }
 
+/// Whether a source's templates are applied (SPEC §10): the source object's mode annotation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// Applied (the annotation absent, or `enforce`).
+    #[default]
+    Enforce,
+    /// Evaluated at its place among the layers and reported, never applied, never denying.
+    Shadow,
+}
+
+impl Mode {
+    /// The mode a source object's annotation `annotation` (with `value`) asks for. Another value
+    /// is an error of every template of the object: a typo must not decide silently whether a
+    /// template applies.
+    pub fn read(annotation: &str, value: Option<&str>) -> Result<Mode, TemplateError> {
+        match value {
+            None | Some("enforce") => Ok(Mode::Enforce),
+            Some("shadow") => Ok(Mode::Shadow),
+            Some(other) => Err(TemplateError::Field {
+                path: format!("metadata.annotations[{annotation}]"),
+                message: format!("{other:?} is not a mode (shadow or enforce)"),
+            }),
+        }
+    }
+}
+
 /// The kind of object a template comes from (SPEC §3, §8). A ConfigMap sorts first: its key
 /// wins over a PodTemplate of the same name in one namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,6 +81,8 @@ pub struct TemplateSource {
     pub key: String,
     /// The object's resourceVersion in a cluster, a content hash for files.
     pub version: String,
+    /// Not part of the record: a shadow template is never applied, so never recorded.
+    pub mode: Mode,
 }
 
 impl TemplateSource {
@@ -67,14 +95,19 @@ impl TemplateSource {
     }
 }
 
+impl TemplateSource {
+    /// The record without the version: `namespace/configmap/key`, `namespace/podtemplate:name/name`.
+    pub fn location(&self) -> String {
+        match self.kind {
+            SourceKind::ConfigMap => format!("{}/{}/{}", self.namespace, self.object, self.key),
+            SourceKind::PodTemplate => format!("{}/podtemplate:{}/{}", self.namespace, self.object, self.key),
+        }
+    }
+}
+
 impl fmt::Display for TemplateSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
-            SourceKind::ConfigMap => write!(f, "{}/{}/{}@{}", self.namespace, self.object, self.key, self.version),
-            SourceKind::PodTemplate => {
-                write!(f, "{}/podtemplate:{}/{}@{}", self.namespace, self.object, self.key, self.version)
-            }
-        }
+        write!(f, "{}@{}", self.location(), self.version)
     }
 }
 

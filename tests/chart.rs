@@ -1802,6 +1802,10 @@ impl TemplateStore for LazyStore {
         store.lookup(namespace, name)
     }
 
+    fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<pod_template_webhook::store::TemplateEntry>> {
+        self.0.lock().unwrap().as_ref()?.lookup_shadow(namespace, name)
+    }
+
     fn is_ready(&self) -> bool {
         self.0.lock().unwrap().as_ref().is_some_and(|s| s.is_ready())
     }

@@ -36,11 +36,24 @@ impl PlannedLayer {
     }
 }
 
+/// A shadow template (§10) found for one of the pod's layers: evaluated, never applied.
+#[derive(Debug, Clone)]
+pub struct ShadowLayer {
+    pub role: Role,
+    pub entry: Arc<TemplateEntry>,
+    /// Where it would go among [`Plan::layers`] if its source were enforced.
+    pub at: usize,
+    /// It would take the place of the layer at `at`: the enforced template it would hide.
+    pub replaces: bool,
+}
+
 /// What applies to a pod, and what the user should hear about it.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     pub layers: Vec<PlannedLayer>,
     pub warnings: Vec<String>,
+    /// Shadow templates at their place in the order, lowest first.
+    pub shadows: Vec<ShadowLayer>,
 }
 
 /// The layers for a pod of `namespace` (SPEC §8): the platform default, the namespace default,
@@ -56,18 +69,27 @@ pub fn plan(
     if let Some(default) = &policy.default_template {
         // Only the platform namespace, then only the pod's own: never another tenant's.
         let platform_default = store.lookup(platform, default).entry;
-        let namespace_default =
-            store.lookup(namespace, default).entry.filter(|e| e.source.namespace == namespace && namespace != platform);
-        for entry in [platform_default, namespace_default].into_iter().flatten() {
-            let namespace = entry.source.namespace.clone();
-            let how = || format!("the default template (--default-template) in namespace {namespace}");
-            plan.add(Role::Default, default, entry, how, policy)?;
+        let own = |e: &Arc<TemplateEntry>| e.source.namespace == namespace && namespace != platform;
+        let namespace_default = store.lookup(namespace, default).entry.filter(own);
+        let slots = [
+            (platform_default, store.lookup_shadow(platform, default)),
+            (namespace_default, store.lookup_shadow(namespace, default).filter(own)),
+        ];
+        for (entry, shadow) in slots {
+            let at = plan.layers.len();
+            if let Some(entry) = entry {
+                let namespace = entry.source.namespace.clone();
+                let how = || format!("the default template (--default-template) in namespace {namespace}");
+                plan.add(Role::Default, default, entry, how, policy)?;
+            }
+            plan.shadow(Role::Default, shadow, at);
         }
     }
     // Messages only: formatted when a refusal or warning needs them, not on every admission.
     let how = || requested.rule(&policy.names);
     let required = requested.required();
     for name in requested.names() {
+        let at = plan.layers.len();
         let Lookup { entry, searched } = store.lookup(namespace, name);
         match entry {
             Some(entry) => {
@@ -82,6 +104,7 @@ pub fn plan(
                 plan.refuse(Refusal::new(policy.on_missing, 404, "NotFound", message))?;
             }
         }
+        plan.shadow(Role::Named, store.lookup_shadow(namespace, name), at);
     }
     Ok(plan)
 }
@@ -113,6 +136,14 @@ impl Plan {
         };
         self.layers.push(PlannedLayer { role, entry, template });
         Ok(())
+    }
+
+    /// Notes the shadow template of the slot whose enforced layer (if any) went in at `at`.
+    fn shadow(&mut self, role: Role, entry: Option<Arc<TemplateEntry>>, at: usize) {
+        if let Some(entry) = entry {
+            let replaces = self.layers.len() > at;
+            self.shadows.push(ShadowLayer { role, entry, at, replaces });
+        }
     }
 
     /// A refusal the policy turns into a warning skips the layer; otherwise the pod is denied.

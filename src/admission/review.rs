@@ -126,6 +126,8 @@ pub struct Decision {
     /// `namespace/configmap/key@version` of the template applied.
     pub applied: Option<String>,
     pub patch_operations: usize,
+    /// What the pod's shadow templates would change (§10), for the metric.
+    pub shadows: Vec<super::ShadowEffect>,
 }
 
 impl Decision {
@@ -140,6 +142,7 @@ impl Decision {
             template: None,
             applied: None,
             patch_operations: 0,
+            shadows: Vec::new(),
         }
     }
 }

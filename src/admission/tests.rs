@@ -505,3 +505,136 @@ fn the_task_name_rule_can_be_turned_off() {
     let d = decide(&flyte_managed("hello_world.train"), &hello(), &policy);
     assert_eq!(d.outcome, Outcome::Unchanged);
 }
+
+// Shadow templates (SPEC §10).
+
+const TEAM: &str = "flytesnacks-development";
+
+/// `entries` as enforced ConfigMaps, plus `shadows` as ConfigMaps annotated `shadow`.
+fn with_shadows(entries: &[(&str, &str, &str, &str)], shadows: &[(&str, &str, &str, &str)]) -> TemplateIndex {
+    let mut c = catalog(entries);
+    for (ns, cm, key, text) in shadows {
+        let data = BTreeMap::from([(key.to_string(), text.to_string())]);
+        let object = crate::template::SourceObject::ConfigMap(&data);
+        c.apply_source(ns, cm, Some("9"), object, Ok(crate::template::Mode::Shadow));
+    }
+    c.index()
+}
+
+const GPU: &str =
+    "podSpec: {nodeSelector: {gpu: a100}, containers: [{name: primary, env: [{name: hello, value: gpu}]}]}";
+
+#[test]
+fn a_shadow_template_is_reported_and_never_applied() {
+    let store = with_shadows(&[], &[("flyte", "next", "hello_world", GPU)]);
+    let d = decide(&review(|_| {}), &store, &Policy::default());
+    assert_eq!(d.outcome, Outcome::Unchanged, "{:?}", d.response);
+    assert!(d.response.patch.is_none());
+    let expected = "shadow: flyte/next/hello_world would change 2 fields: /spec/containers/0/env/0, /spec/nodeSelector";
+    assert_eq!(d.response.warnings.as_deref(), Some(&[expected.to_owned()][..]));
+    assert_eq!(d.response.audit_annotations["shadow"], expected);
+    assert!(!d.response.audit_annotations.contains_key("applied"), "nothing applied, nothing recorded");
+    assert_eq!(
+        d.shadows.iter().map(|s| (s.key.as_str(), s.result())).collect::<Vec<_>>(),
+        [("hello_world", "would_change")]
+    );
+}
+
+#[test]
+fn a_shadow_evaluated_in_place_of_the_enforced_template_it_would_hide() {
+    // The platform's template applies; the team's shadow of the same name would replace it.
+    let enforced = [("flyte", "platform", "hello_world", "podSpec: {nodeSelector: {gpu: a100}}")];
+    let alone = decide(&review(|_| {}), &index(&enforced), &Policy::default());
+    let store = with_shadows(&enforced, &[(TEAM, "next", "hello_world", GPU)]);
+    let d = decide(&review(|_| {}), &store, &Policy::default());
+    assert_eq!(d.outcome, Outcome::Mutated);
+    assert_eq!(d.response.patch, alone.response.patch, "the shadow changes nothing of what is applied");
+    assert_eq!(d.response.audit_annotations["applied"], "flyte/platform/hello_world@7");
+    let warnings = d.response.warnings.unwrap();
+    assert_eq!(
+        warnings,
+        [format!("shadow: {TEAM}/next/hello_world would change 1 fields: /spec/containers/0/env/0")],
+        "only the difference: the node selector is the same with and without it"
+    );
+}
+
+#[test]
+fn an_identical_shadow_changes_nothing() {
+    let enforced = [("flyte", "platform", "hello_world", GPU)];
+    let store = with_shadows(&enforced, &[(TEAM, "same", "hello_world", GPU)]);
+    let d = decide(&review(|_| {}), &store, &Policy::default());
+    assert_eq!(d.outcome, Outcome::Mutated);
+    assert_eq!(d.response.warnings.unwrap(), [format!("shadow: {TEAM}/same/hello_world would change 0 fields")]);
+    assert_eq!(d.shadows[0].result(), "no_change");
+}
+
+#[test]
+fn a_broken_or_conflicting_shadow_never_denies() {
+    let policy = Policy { on_conflict: OnProblem::Deny, on_broken: OnProblem::Deny, ..Policy::default() };
+    let broken = with_shadows(&[], &[("flyte", "next", "hello_world", "podSpec: [")]);
+    let d = decide(&review(|_| {}), &broken, &policy);
+    assert_eq!(d.outcome, Outcome::Unchanged);
+    let warning = &d.response.warnings.unwrap()[0];
+    assert!(
+        warning.starts_with("shadow: flyte/next/hello_world does not parse: ConfigMap flyte/next key"),
+        "{warning}"
+    );
+    assert_eq!(d.shadows[0].result(), "broken");
+
+    let two = |r: &mut Value| {
+        r["request"]["object"]["metadata"]["annotations"]["flyte.org/pod-template"] = json!("a, b");
+    };
+    // The pod names a and b; b's shadow in the pod's namespace would hide the platform's b.
+    let enforced =
+        [("flyte", "platform", "a", "podSpec: {nodeSelector: {gpu: a100}}"), ("flyte", "platform", "b", "{}")];
+    let store = with_shadows(&enforced, &[(TEAM, "next", "b", "podSpec: {nodeSelector: {gpu: h100}}")]);
+    let d = decide(&review(two), &store, &policy);
+    assert_eq!(d.outcome, Outcome::Mutated, "{:?}", d.response.result);
+    let warnings = d.response.warnings.unwrap();
+    assert_eq!(warnings[0], format!("shadow: {TEAM}/next/b would change 1 fields: /spec/nodeSelector/gpu"));
+    assert_eq!(
+        warnings[1],
+        format!(
+            "shadow: {TEAM}/next/b would conflict: templates flyte/platform/a@7 and {TEAM}/next/b@9 both set \
+             spec.nodeSelector.gpu; the later one, b, wins (--on-conflict deny: the pod would be denied)"
+        )
+    );
+}
+
+#[test]
+fn a_shadow_default_template_is_evaluated_at_its_place() {
+    let policy = Policy { default_template: Some("defaults".into()), ..Policy::default() };
+    let store = with_shadows(&[], &[("flyte", "next", "defaults", "labels: {tier: platform}")]);
+    let d = decide(&review(|_| {}), &store, &policy);
+    assert_eq!(d.outcome, Outcome::Unchanged);
+    assert_eq!(
+        d.response.warnings.unwrap(),
+        ["shadow: flyte/next/defaults would change 1 fields: /metadata/labels/tier"]
+    );
+}
+
+#[test]
+fn an_unknown_mode_is_an_error_of_the_source() {
+    let mut c = Catalog::new("flyte");
+    let data = BTreeMap::from([("hello_world".to_owned(), "{}".to_owned())]);
+    let mode = crate::template::Mode::read("flyte.org/pod-template-mode", Some("shadw"));
+    let problems = c.apply_source("flyte", "cm", Some("1"), crate::template::SourceObject::ConfigMap(&data), mode);
+    assert_eq!(
+        problems[0].to_string(),
+        "ConfigMap flyte/cm key \"hello_world\": metadata.annotations[flyte.org/pod-template-mode]: \"shadw\" is not a mode (shadow or enforce)"
+    );
+    let d = decide(&review(|_| {}), &c.index(), &Policy::default());
+    assert_eq!(d.outcome, Outcome::Denied, "a typo never decides silently whether a template applies");
+}
+
+#[test]
+fn a_shadow_that_sets_less_reports_what_would_be_gone() {
+    let enforced = [("flyte", "platform", "hello_world", GPU)];
+    let store = with_shadows(&enforced, &[(TEAM, "next", "hello_world", "podSpec: {nodeSelector: {gpu: a100}}")]);
+    let d = decide(&review(|_| {}), &store, &Policy::default());
+    assert_eq!(
+        d.response.warnings.unwrap(),
+        [format!("shadow: {TEAM}/next/hello_world would change 1 fields: /spec/containers/0/env/0")],
+        "the platform's env var would be gone (a pointer into the pod as it is now)"
+    );
+}

@@ -7,6 +7,7 @@ fn source(namespace: &str, key: &str) -> TemplateSource {
         object: "cm".into(),
         key: key.into(),
         version: "sha256:0".into(),
+        mode: Default::default(),
     }
 }
 

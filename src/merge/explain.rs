@@ -28,24 +28,46 @@ pub fn explain(pod: &Value, layers: &[Layer<'_>]) -> (Value, Vec<Change>) {
     let stages: Vec<Value> = (0..=layers.len())
         .map(|k| if k == 0 { pod.clone() } else { merge_pod(pod, &compose(&layers[..k]).template).pod })
         .collect();
-    let merged = stages.last().expect("stage 0 is the pod").clone();
+    let changes = changes(&stages);
+    (stages.into_iter().next_back().expect("stage 0 is the pod"), changes)
+}
+
+/// Every JSON path where `after` differs from `before`, found by identity like [`explain`] and
+/// cut to the unit a layer sets: what is added or changed (pointers into `after`), then what is
+/// gone (pointers into `before`). What a shadow template would change (§10).
+pub fn differences(before: &Value, after: &Value) -> Vec<String> {
+    let mut paths: Vec<String> = changes(&[before.clone(), after.clone()]).into_iter().map(|c| c.path).collect();
+    // A template that replaces one setting more leaves less: what `after` lacks, seen backwards.
+    for c in changes(&[after.clone(), before.clone()]) {
+        let gone = identity(before, &c.path).is_some_and(|(_, _, steps)| resolve(after, &steps).is_none());
+        if gone {
+            paths.push(c.path);
+        }
+    }
+    paths
+}
+
+/// What each stage after the first changed, up to the last: the changes of the diff between
+/// the first and the last stage, each given to the stage that set it.
+fn changes(stages: &[Value]) -> Vec<Change> {
+    let (first, merged) = (&stages[0], stages.last().expect("at least one stage"));
     let mut changes = Vec::new();
-    for op in json_patch::diff(pod, &merged).iter() {
+    for op in json_patch::diff(first, merged).iter() {
         let path = match op {
             json_patch::PatchOperation::Add(op) => op.path.to_string(),
             json_patch::PatchOperation::Replace(op) => op.path.to_string(),
             _ => continue, // the merge only adds and fills in
         };
-        let Some((path, field, steps)) = identity(&merged, &path) else {
+        let Some((path, field, steps)) = identity(merged, &path) else {
             continue;
         };
         if changes.iter().any(|c: &Change| c.path == path) {
             continue;
         }
-        let value = resolve(&merged, &steps).expect("the path is in the merged pod");
-        changes.extend(attribute(&stages, path, field, steps, value));
+        let value = resolve(merged, &steps).expect("the path is in the merged pod");
+        changes.extend(attribute(stages, path, field, steps, value));
     }
-    (merged, changes)
+    changes
 }
 
 /// The changes inside `value` (at `path`, identified by `steps`; `field` is the key it sits

@@ -303,6 +303,7 @@ mod a_new_row {
             object: "cm".into(),
             key: "t".into(),
             version: "1".into(),
+            mode: Default::default(),
         };
         let t = template(json!([{"id": "a", "v": 1}]));
         let exported = crate::export::export(&t, &source, &crate::names::Names::default(), &[]).unwrap();

@@ -1,6 +1,7 @@
-//! Admissions by template and result, with bounded cardinality: a name gets a series of its own
+//! Counters by template and result, with bounded cardinality: a name gets a series of its own
 //! only if a template of that name exists for the pod; every other name counts as `other`. So the
-//! series stay bounded by the templates that exist, whatever names pods write.
+//! series stay bounded by the templates that exist, whatever names pods write. Two families:
+//! admissions by template, and shadow evaluations by template (§10).
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -12,20 +13,52 @@ use super::RESULTS;
 /// The `template` label of names that are not the name of a template.
 pub const OTHER: &str = "other";
 
-type Counts = [AtomicU64; RESULTS.len()];
+/// Admissions of pods naming a template, by template name and result.
+pub type TemplateAdmissions = ByTemplate<{ RESULTS.len() }>;
 
-#[derive(Debug, Default)]
-pub struct TemplateAdmissions {
-    /// Written only the first time a name is seen; admissions take the read side.
-    by_name: RwLock<HashMap<Box<str>, Counts>>,
-    other: Counts,
+/// Shadow templates evaluated (§10), by template name and result.
+pub type ShadowEvaluations = ByTemplate<3>;
+
+impl Default for TemplateAdmissions {
+    fn default() -> Self {
+        ByTemplate::new(
+            "template_admissions_total",
+            "Admissions of pods naming a template, by template name (`other`: no such template) and result.",
+            RESULTS,
+        )
+    }
 }
 
-impl TemplateAdmissions {
+impl Default for ShadowEvaluations {
+    fn default() -> Self {
+        ByTemplate::new(
+            "shadow_total",
+            "Shadow templates evaluated for admitted pods (never applied), by template name and result.",
+            ["would_change", "no_change", "broken"],
+        )
+    }
+}
+
+#[derive(Debug)]
+pub struct ByTemplate<const N: usize> {
+    family: &'static str,
+    help: &'static str,
+    results: [&'static str; N],
+    /// Written only the first time a name is seen; admissions take the read side.
+    by_name: RwLock<HashMap<Box<str>, [AtomicU64; N]>>,
+    other: [AtomicU64; N],
+}
+
+impl<const N: usize> ByTemplate<N> {
+    fn new(family: &'static str, help: &'static str, results: [&'static str; N]) -> Self {
+        let other = std::array::from_fn(|_| AtomicU64::new(0));
+        ByTemplate { family, help, results, by_name: RwLock::default(), other }
+    }
+
     /// Counts one admission for each name of `names` (the pod's comma-separated list, as the
     /// pod wrote it); `exists` says whether a template of that name exists for the pod.
     pub fn count(&self, names: &str, result: &str, exists: impl Fn(&str) -> bool) {
-        let Some(i) = RESULTS.iter().position(|r| *r == result) else {
+        let Some(i) = self.results.iter().position(|r| *r == result) else {
             return;
         };
         for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
@@ -40,18 +73,16 @@ impl TemplateAdmissions {
             }
             drop(read);
             let mut write = self.by_name.write().unwrap_or_else(|e| e.into_inner());
-            write.entry(name.into()).or_default()[i].fetch_add(1, Relaxed);
+            write.entry(name.into()).or_insert_with(|| std::array::from_fn(|_| AtomicU64::new(0)))[i]
+                .fetch_add(1, Relaxed);
         }
     }
 
     /// Appends the family to a Prometheus text exposition: only results that happened, names
     /// sorted (a stable scrape).
     pub fn render(&self, out: &mut String, prefix: &str) {
-        let family = format!("{prefix}_template_admissions_total");
-        let _ = writeln!(
-            out,
-            "# HELP {family} Admissions of pods naming a template, by template name (`{OTHER}`: no such template) and result."
-        );
+        let family = format!("{prefix}_{}", self.family);
+        let _ = writeln!(out, "# HELP {family} {}", self.help);
         let _ = writeln!(out, "# TYPE {family} counter");
         let by_name = self.by_name.read().unwrap_or_else(|e| e.into_inner());
         // One allocation for the whole family: with 10,000 templates it is most of the scrape.
@@ -60,7 +91,7 @@ impl TemplateAdmissions {
         names.sort_unstable();
         let rows = names.into_iter().map(|n| (n, &by_name[n])).chain([(OTHER, &self.other)]);
         for (name, counts) in rows {
-            for (result, count) in RESULTS.iter().zip(counts) {
+            for (result, count) in self.results.iter().zip(counts) {
                 let count = count.load(Relaxed);
                 if count > 0 {
                     let name = escape_label_value(name);

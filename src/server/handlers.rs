@@ -65,6 +65,10 @@ pub(super) async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMa
                 let exists = |name: &str| state.store.lookup(&decision.namespace, name).entry.is_some();
                 state.metrics.templates.count(names, decision.outcome.as_str(), exists);
             }
+            for shadow in &decision.shadows {
+                // Only names of shadow templates that exist get here: bounded like the above.
+                state.metrics.shadows.count(&shadow.key, shadow.result(), |_| true);
+            }
             log_decision(&decision, took);
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{EntryState, StoreStats, TemplateEntry, TemplateIndex};
 use crate::template::SourceObject;
-use crate::template::{SourceKind, TemplateError, TemplateSource};
+use crate::template::{Mode, SourceKind, TemplateError, TemplateSource};
 
 /// A template that failed to parse while its source object was loaded.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,7 +70,7 @@ impl Catalog {
         version: Option<&str>,
         data: &BTreeMap<String, String>,
     ) -> Vec<ParseProblem> {
-        self.apply_source(namespace, name, version, SourceObject::ConfigMap(data))
+        self.apply_source(namespace, name, version, SourceObject::ConfigMap(data), Ok(Mode::Enforce))
     }
 
     /// Adds or replaces a PodTemplate object (as JSON); returns it if it did not parse.
@@ -81,18 +81,20 @@ impl Catalog {
         version: Option<&str>,
         object: &Value,
     ) -> Vec<ParseProblem> {
-        self.apply_source(namespace, name, version, SourceObject::PodTemplate { name, object })
+        self.apply_source(namespace, name, version, SourceObject::PodTemplate { name, object }, Ok(Mode::Enforce))
     }
 
     /// Adds or replaces a source object named `name`; returns the templates that did not parse.
     /// A template whose version is unchanged is not parsed again; one that no longer parses
-    /// keeps serving its last good version.
+    /// keeps serving its last good version. `mode` is the object's (§10); an unreadable mode is
+    /// an error of each of its templates.
     pub fn apply_source(
         &mut self,
         namespace: &str,
         name: &str,
         version: Option<&str>,
         object: SourceObject<'_>,
+        mode: Result<Mode, TemplateError>,
     ) -> Vec<ParseProblem> {
         let kind = object.kind();
         let id = (namespace.to_owned(), kind, name.to_owned());
@@ -101,7 +103,10 @@ impl Catalog {
         let mut entries = BTreeMap::new();
         for item in object.entries() {
             let key = item.name;
-            let source = item.source(kind, namespace, name, version);
+            let source = TemplateSource {
+                mode: *mode.as_ref().unwrap_or(&Mode::Enforce),
+                ..item.source(kind, namespace, name, version)
+            };
             // A resync or an edit of another key must not parse this one again.
             let seen = |old: &&Arc<TemplateEntry>| match &old.state {
                 EntryState::Stale { broken_version, .. } => *broken_version == source.version,
@@ -111,7 +116,7 @@ impl Catalog {
                 entries.insert(key.to_owned(), old.clone());
                 continue;
             }
-            let entry = match item.parse() {
+            let entry = match mode.clone().and_then(|_| item.parse()) {
                 Ok(template) => Arc::new(TemplateEntry { source, state: EntryState::Ready(Arc::new(template)) }),
                 Err(error) => {
                     let last_good = previous.get(key).and_then(|old| match &old.state {
@@ -161,6 +166,7 @@ impl Catalog {
     /// again, at info, when it is gone), not on every rebuild.
     pub fn index(&mut self) -> TemplateIndex {
         let mut by_namespace: HashMap<String, HashMap<String, Arc<TemplateEntry>>> = HashMap::new();
+        let mut shadows: HashMap<String, HashMap<String, Arc<TemplateEntry>>> = HashMap::new();
         let mut stats = StoreStats::default();
         let mut shadowed = BTreeSet::new();
         for ((namespace, kind, name), entries) in &self.objects {
@@ -174,6 +180,18 @@ impl Catalog {
                         stats.stale += 1;
                     }
                     EntryState::Broken(_) => stats.errors += 1,
+                }
+                if entry.source.mode == Mode::Shadow {
+                    // What would serve if this source were enforced: only the first definer, and
+                    // only if no enforced source before it defines the name (the clash rule).
+                    if !keys.contains_key(key) {
+                        shadows
+                            .entry(namespace.clone())
+                            .or_default()
+                            .entry(key.clone())
+                            .or_insert_with(|| entry.clone());
+                    }
+                    continue;
                 }
                 if let Some(winner) = keys.get(key) {
                     shadowed.insert(Shadowed {
@@ -207,7 +225,7 @@ impl Catalog {
             tracing::info!(namespace = %s.namespace, key = %s.key, %winner, %ignored, "template name no longer defined twice");
         }
         self.shadowed = shadowed;
-        TemplateIndex { platform_namespace: self.platform_namespace.clone(), by_namespace, stats }
+        TemplateIndex { platform_namespace: self.platform_namespace.clone(), by_namespace, shadows, stats }
     }
 }
 

@@ -24,7 +24,7 @@ use super::{Catalog, Lookup, ParseProblem, StoreStats, TemplateIndex, TemplateSt
 use crate::metrics::Metrics;
 use crate::names::Names;
 use crate::supervise::{supervise, Fatal, Supervision};
-use crate::template::SourceKind;
+use crate::template::{Mode, SourceKind, SourceObject, TemplateError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -101,6 +101,10 @@ impl TemplateStore for ClusterStore {
         self.index.load().lookup(namespace, name)
     }
 
+    fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<super::TemplateEntry>> {
+        self.index.load().lookup_shadow(namespace, name)
+    }
+
     fn is_ready(&self) -> bool {
         self.synced.load(Ordering::Acquire)
     }
@@ -121,8 +125,8 @@ pub async fn client(kubeconfig: Option<&std::path::Path>, context: Option<&str>)
         let config = kube::Config::from_kubeconfig(&options).await.map_err(|e| ClusterError::Config(e.to_string()))?;
         return Ok(Client::try_from(config)?);
     };
-    let kubeconfig =
-        kube::config::Kubeconfig::read_from(path).map_err(|e| ClusterError::Config(format!("{}: {e}", path.display())))?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .map_err(|e| ClusterError::Config(format!("{}: {e}", path.display())))?;
     let options = kube::config::KubeConfigOptions { context: context.map(str::to_owned), ..Default::default() };
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
@@ -156,7 +160,7 @@ async fn list_into<K: SourceResource>(
     loop {
         let page = api.list(&params).await?;
         for object in &page.items {
-            for problem in object.apply_to(catalog) {
+            for problem in object.apply_to(catalog, names) {
                 tracing::warn!(problem = %problem, "template did not parse");
             }
         }
@@ -186,19 +190,25 @@ trait SourceResource:
 {
     const KIND: SourceKind;
     /// Adds or replaces the object in the catalog; returns what did not parse.
-    fn apply_to(&self, catalog: &mut Catalog) -> Vec<ParseProblem>;
+    fn apply_to(&self, catalog: &mut Catalog, names: &Names) -> Vec<ParseProblem>;
+
+    /// The object's mode (§10), from its annotation.
+    fn mode(&self, names: &Names) -> Result<Mode, TemplateError> {
+        Mode::read(&names.mode_annotation, self.annotations().get(&names.mode_annotation).map(String::as_str))
+    }
 }
 
 impl SourceResource for ConfigMap {
     const KIND: SourceKind = SourceKind::ConfigMap;
 
-    fn apply_to(&self, catalog: &mut Catalog) -> Vec<ParseProblem> {
+    fn apply_to(&self, catalog: &mut Catalog, names: &Names) -> Vec<ParseProblem> {
         let data = self.data.clone().unwrap_or_default();
-        catalog.apply(
+        catalog.apply_source(
             &self.namespace().unwrap_or_default(),
             &self.name_any(),
             self.resource_version().as_deref(),
-            &data,
+            SourceObject::ConfigMap(&data),
+            self.mode(names),
         )
     }
 }
@@ -206,13 +216,15 @@ impl SourceResource for ConfigMap {
 impl SourceResource for PodTemplate {
     const KIND: SourceKind = SourceKind::PodTemplate;
 
-    fn apply_to(&self, catalog: &mut Catalog) -> Vec<ParseProblem> {
+    fn apply_to(&self, catalog: &mut Catalog, names: &Names) -> Vec<ParseProblem> {
         let object = serde_json::to_value(self).expect("a PodTemplate always serializes");
-        catalog.apply_pod_template(
+        let name = self.name_any();
+        catalog.apply_source(
             &self.namespace().unwrap_or_default(),
-            &self.name_any(),
+            &name,
             self.resource_version().as_deref(),
-            &object,
+            SourceObject::PodTemplate { name: &name, object: &object },
+            self.mode(names),
         )
     }
 }
@@ -254,13 +266,14 @@ impl<K: SourceResource> Watches<K> {
         &mut self,
         (i, event): Tagged<K>,
         scopes: &[Option<String>],
+        names: &Names,
         catalog: &mut Catalog,
         recorder: &Recorder,
         metrics: &Metrics,
     ) -> bool {
         match event {
             Ok(Event::Apply(object) | Event::InitApply(object)) => {
-                let problems = object.apply_to(catalog);
+                let problems = object.apply_to(catalog, names);
                 report(&problems, object.object_ref(&()), recorder, metrics);
                 true
             }
@@ -319,8 +332,10 @@ async fn watch(
     let mut catalog = Catalog::new(names.platform_namespace.clone());
     while let Some(update) = events.next().await {
         let changed = match update {
-            Update::ConfigMap(event) => config_maps.handle(event, &scopes, &mut catalog, &recorder, &metrics),
-            Update::PodTemplate(event) => pod_templates.handle(event, &scopes, &mut catalog, &recorder, &metrics),
+            Update::ConfigMap(event) => config_maps.handle(event, &scopes, &names, &mut catalog, &recorder, &metrics),
+            Update::PodTemplate(event) => {
+                pod_templates.handle(event, &scopes, &names, &mut catalog, &recorder, &metrics)
+            }
         };
         if changed && config_maps.synced() && pod_templates.synced() {
             store.index.store(Arc::new(catalog.index()));

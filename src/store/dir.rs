@@ -28,7 +28,7 @@ impl DirStore {
         let mut catalog = Catalog::new(names.platform_namespace.clone());
         let mut problems = Vec::new();
         for m in sources {
-            problems.extend(catalog.apply_source(&m.namespace, &m.name, None, m.source()));
+            problems.extend(catalog.apply_source(&m.namespace, &m.name, None, m.source(), m.mode(names)));
         }
         for p in &problems {
             tracing::error!(problem = %p, "template did not parse");
@@ -40,6 +40,10 @@ impl DirStore {
 impl TemplateStore for DirStore {
     fn lookup(&self, namespace: &str, name: &str) -> Lookup {
         self.index.lookup(namespace, name)
+    }
+
+    fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<std::sync::Arc<super::TemplateEntry>> {
+        self.index.lookup_shadow(namespace, name)
     }
 
     fn is_ready(&self) -> bool {

@@ -11,6 +11,9 @@ use super::{Lookup, StoreStats, TemplateEntry, TemplateStore};
 pub struct TemplateIndex {
     pub(super) platform_namespace: String,
     pub(super) by_namespace: HashMap<String, HashMap<String, Arc<TemplateEntry>>>,
+    /// Shadow templates (§10), kept apart so that they can never serve an admission: by
+    /// namespace and name, each the entry that would serve if its source were enforced.
+    pub(super) shadows: HashMap<String, HashMap<String, Arc<TemplateEntry>>>,
     pub(super) stats: StoreStats,
 }
 
@@ -24,6 +27,24 @@ impl TemplateIndex {
         Lookup { entry, searched }
     }
 
+    /// The shadow template `name` that a pod in `namespace` would get if shadow sources were
+    /// enforced: own namespace first, then the platform namespace — unless an enforced
+    /// template nearer to the pod would still win.
+    pub fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<TemplateEntry>> {
+        if self.shadows.is_empty() {
+            return None;
+        }
+        for ns in [namespace, self.platform_namespace.as_str()] {
+            if let Some(shadow) = self.shadows.get(ns).and_then(|s| s.get(name)) {
+                return Some(shadow.clone());
+            }
+            if self.by_namespace.get(ns).is_some_and(|n| n.contains_key(name)) {
+                return None;
+            }
+        }
+        None
+    }
+
     pub fn stats(&self) -> StoreStats {
         self.stats
     }
@@ -33,6 +54,10 @@ impl TemplateIndex {
 impl TemplateStore for TemplateIndex {
     fn lookup(&self, namespace: &str, name: &str) -> Lookup {
         TemplateIndex::lookup(self, namespace, name)
+    }
+
+    fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<TemplateEntry>> {
+        TemplateIndex::lookup_shadow(self, namespace, name)
     }
 
     fn is_ready(&self) -> bool {

@@ -20,6 +20,9 @@ pub trait TemplateStore: Send + Sync {
     /// The template `name` as a pod in `namespace` sees it: its own namespace first, then the
     /// platform namespace; never any other.
     fn lookup(&self, namespace: &str, name: &str) -> Lookup;
+    /// The shadow template (§10) `name` that would serve a pod in `namespace` if shadow sources
+    /// were enforced; `None` when there is none or an enforced one would still win.
+    fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<TemplateEntry>>;
     /// True once the templates have been loaded (the initial list, in a cluster).
     fn is_ready(&self) -> bool;
     /// Counts for metrics and readiness.

@@ -9,7 +9,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::podtemplate::parse_pod_template_object;
-use super::{PodTemplate, SourceKind, TemplateError, TemplateSource};
+use super::{Mode, PodTemplate, SourceKind, TemplateError, TemplateSource};
 
 /// A template source object, borrowed from wherever it was read.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +79,7 @@ impl SourceEntry<'_> {
             object: object.to_owned(),
             key: self.name.to_owned(),
             version: version.map_or_else(|| self.content_hash(), str::to_owned),
+            mode: Mode::Enforce,
         }
     }
 
