@@ -156,6 +156,10 @@ fn validate(names: &Names, paths: &[PathBuf]) -> anyhow::Result<()> {
                 }
             };
             for m in manifests.iter().filter(|m| m.labels.get(&names.source_label).is_some_and(|v| v == "true")) {
+                if let Err(e) = m.mode(names) {
+                    let line = m.lines.get("metadata").map(|l| format!(":{l}")).unwrap_or_default();
+                    errors.push(format!("{}{line}: {:?} {}/{}: {e}", file.display(), m.kind(), m.namespace, m.name));
+                }
                 for (key, parsed) in m.source().parse_all() {
                     let Err(e) = parsed else {
                         ok += 1;

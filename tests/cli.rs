@@ -673,3 +673,76 @@ fn the_default_build_has_no_noop_handler() {
     assert!(!run.status.success(), "{}", run.describe());
     assert!(run.stderr.contains("unexpected argument '--noop-handler'"), "{}", run.describe());
 }
+
+// shadow templates (SPEC §10)
+
+const SHADOW_TEMPLATES: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: base, labels: {flyte.org/pod-templates: "true"}}
+data:
+  gpu: "labels: {team: ml}"
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: gpu-next
+  namespace: ml
+  labels: {flyte.org/pod-templates: "true"}
+  annotations: {flyte.org/pod-template-mode: shadow}
+data:
+  gpu: |
+    labels: {team: ml}
+    podSpec: {nodeSelector: {gpu: a100}}
+"#;
+
+const SHADOW_POD: &str = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: ml, labels: {flyte.org/environment: gpu}}
+spec: {containers: [{name: primary, image: busybox}]}
+";
+
+#[test]
+fn render_explain_shows_what_a_shadow_template_would_change_without_applying_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("templates.yaml"), SHADOW_TEMPLATES).unwrap();
+    let pod = dir.path().join("pod.yaml");
+    std::fs::write(&pod, SHADOW_POD).unwrap();
+    let templates = dir.path().to_str().unwrap();
+    let run = run_bin(&["render", "--explain", "--templates", templates, pod.to_str().unwrap()], None);
+    assert!(run.status.success(), "{}", run.stderr);
+    let stdout = String::from_utf8(run.stdout).unwrap();
+    assert!(!stdout.contains("nodeSelector:"), "never applied: {stdout}");
+    assert!(stdout.contains("flyte.org/pod-template-applied: flyte/base/gpu@sha256:"), "{stdout}");
+    assert!(
+        stdout.contains("# shadow ml/gpu-next/gpu (not applied) would change 1 fields\n#   /spec/nodeSelector\n"),
+        "{stdout}"
+    );
+    assert!(
+        run.stderr.contains("warning: shadow: ml/gpu-next/gpu would change 1 fields: /spec/nodeSelector"),
+        "{}",
+        run.stderr
+    );
+
+    // Enforced: the same files without the annotation apply it.
+    std::fs::write(dir.path().join("templates.yaml"), SHADOW_TEMPLATES.replace("shadow}", "enforce}")).unwrap();
+    let run = run_bin(&["render", "--templates", templates, pod.to_str().unwrap()], None);
+    let stdout = String::from_utf8(run.stdout).unwrap();
+    assert!(stdout.contains("gpu: a100") && stdout.contains("ml/gpu-next/gpu@sha256:"), "{stdout}");
+    assert!(!run.stderr.contains("shadow"), "{}", run.stderr);
+}
+
+#[test]
+fn validate_names_an_unknown_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("templates.yaml");
+    std::fs::write(&file, SHADOW_TEMPLATES.replace("shadow}", "shadw}")).unwrap();
+    let run = run_bin(&["validate", file.to_str().unwrap()], None);
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    let expected = format!(
+        "error: {}:10: ConfigMap ml/gpu-next: metadata.annotations[flyte.org/pod-template-mode]: \"shadw\" is not a mode (shadow or enforce)",
+        file.display()
+    );
+    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+}

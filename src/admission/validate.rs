@@ -50,13 +50,16 @@ pub fn validate_templates(req: &Request, names: &Names) -> Decision {
         }
         SourceKind::PodTemplate => SourceObject::PodTemplate { name, object: &object },
     };
-    let errors: Vec<String> = source
-        .parse_all()
+    let mode =
+        crate::template::Mode::read(&names.mode_annotation, meta_str(&object, "annotations", &names.mode_annotation));
+    let errors: Vec<String> = mode
+        .err()
+        .map(|e| e.to_string())
         .into_iter()
-        .filter_map(|(key, parsed)| match kind {
+        .chain(source.parse_all().into_iter().filter_map(|(key, parsed)| match kind {
             SourceKind::ConfigMap => parsed.err().map(|e| format!("key {key:?}: {e}")),
             SourceKind::PodTemplate => parsed.err().map(|e| e.to_string()),
-        })
+        }))
         .collect();
     if !errors.is_empty() {
         let what = match kind {
