@@ -22,7 +22,7 @@ use crate::yaml::{self, Spanned, YamlError};
 pub enum SuiteError {
     #[error("cannot read {path}: {error}")]
     Io { path: PathBuf, error: std::io::Error },
-    #[error("{}: {error}", path.display())]
+    #[error("{}{}: {error}", path.display(), error.line.map(|l| format!(":{l}")).unwrap_or_default())]
     Yaml { path: PathBuf, error: YamlError },
     #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
     Invalid { path: PathBuf, line: Option<u64>, message: String },
@@ -96,7 +96,10 @@ pub struct Expect {
 pub enum ExpectedPod {
     /// The file, resolved against the suite's directory; `None` as content when it does not exist
     /// yet (the case fails, `--update` creates it).
-    File { path: PathBuf, pod: Option<Value> },
+    File {
+        path: PathBuf,
+        pod: Option<Value>,
+    },
     Inline(Value),
 }
 
@@ -126,14 +129,40 @@ fn read_yaml(path: &Path) -> Result<Value, SuiteError> {
     yaml::from_str(&text).map_err(|error| SuiteError::Yaml { path: path.to_owned(), error })
 }
 
+/// The path of a message as the suite's author wrote it: `cases.value[0].value.expect.value.x`
+/// (each [`Spanned`] adds a `value` segment) becomes `cases[0].expect.x`. No field of the suite
+/// format is called `value`; inside a pod (after `pod`) every segment is the author's.
+fn without_spans(message: &str) -> String {
+    let Some((path, rest)) = message.split_once(": ") else { return message.to_owned() };
+    if path.contains(' ') {
+        return message.to_owned();
+    }
+    let mut kept: Vec<String> = Vec::new();
+    let mut in_pod = false;
+    for segment in path.split('.') {
+        let span = segment.strip_prefix("value").filter(|i| i.is_empty() || i.starts_with('['));
+        match (span, kept.last_mut()) {
+            (Some(index), Some(last)) if !in_pod => {
+                // The span of `pod` (in a case or in `expect`): the pod's own fields follow.
+                in_pod = last == "pod";
+                last.push_str(index);
+            }
+            _ => kept.push(segment.to_owned()),
+        }
+    }
+    format!("{}: {rest}", kept.join("."))
+}
+
 /// Reads and checks the suite at `path`, with the pods and expected pods it names (templates are
 /// read by [`Suite::run`], with the policy's platform namespace).
 pub fn load(path: &Path) -> Result<Suite, SuiteError> {
     let text = std::fs::read_to_string(path).map_err(|error| SuiteError::Io { path: path.to_owned(), error })?;
-    let raw: RawSuite = yaml::from_str(&text).map_err(|error| SuiteError::Yaml { path: path.to_owned(), error })?;
+    let raw: RawSuite = yaml::from_str(&text).map_err(|mut error| {
+        error.message = without_spans(&error.message);
+        SuiteError::Yaml { path: path.to_owned(), error }
+    })?;
     let dir = path.parent().unwrap_or(Path::new(""));
-    let invalid =
-        |line: u64, message: String| SuiteError::Invalid { path: path.to_owned(), line: Some(line), message };
+    let invalid = |line: u64, message: String| SuiteError::Invalid { path: path.to_owned(), line: Some(line), message };
     if raw.templates.value.is_empty() {
         return Err(invalid(raw.templates.referenced.line(), "templates: name at least one path".into()));
     }
@@ -154,7 +183,9 @@ pub fn load(path: &Path) -> Result<Suite, SuiteError> {
         }
         let pod_line = raw.pod.referenced.line();
         let pod = match raw.pod.value {
-            Value::String(file) => read_yaml(&relative(dir, &file)).map_err(|e| invalid(pod_line, format!("{what}: pod: {e}")))?,
+            Value::String(file) => {
+                read_yaml(&relative(dir, &file)).map_err(|e| invalid(pod_line, format!("{what}: pod: {e}")))?
+            }
             pod @ Value::Object(_) => pod,
             _ => return Err(invalid(pod_line, format!("{what}: pod: a file name or a Pod manifest"))),
         };
@@ -219,7 +250,11 @@ impl Suite {
         let mut sources = Vec::new();
         for (path, line) in &self.templates {
             let read = manifest::read_template_sources(path, &policy.names);
-            sources.extend(read.map_err(|error| SuiteError::Templates { path: self.path.clone(), line: *line, error })?);
+            sources.extend(read.map_err(|error| SuiteError::Templates {
+                path: self.path.clone(),
+                line: *line,
+                error,
+            })?);
         }
         Ok(DirStore::from_sources(&sources, &policy.names))
     }
@@ -414,7 +449,9 @@ mod tests {
         let [file, inline] = &suite.cases[..] else { panic!("two cases") };
         assert_eq!((file.name.as_str(), file.line, file.namespace.as_str()), ("from a file", 4, "default"));
         assert_eq!(file.pod["metadata"]["name"], "p");
-        assert!(matches!(&file.expect.pod, Some(ExpectedPod::File { path, pod: None }) if *path == dir.path().join("s/out/p.yaml")));
+        assert!(
+            matches!(&file.expect.pod, Some(ExpectedPod::File { path, pod: None }) if *path == dir.path().join("s/out/p.yaml"))
+        );
         assert_eq!((inline.line, inline.namespace.as_str()), (8, "ml"));
         assert_eq!(inline.pod["metadata"]["name"], "q");
         assert_eq!(inline.expect.denied.as_deref(), Some("not found"));
@@ -424,19 +461,21 @@ mod tests {
     fn load_error(text: &str) -> String {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "p.yaml", POD);
-        load(&write(dir.path(), "suite.yaml", text)).unwrap_err().to_string().replace(&dir.path().display().to_string(), "DIR")
+        load(&write(dir.path(), "suite.yaml", text))
+            .unwrap_err()
+            .to_string()
+            .replace(&dir.path().display().to_string(), "DIR")
     }
 
     #[test]
     fn an_invalid_suite_is_named_with_file_and_line() {
         let head = "templates: [t/]\ncases:\n- name: a\n  pod: p.yaml\n";
         let unknown = load_error(&format!("{head}  expect: {{pods: x.yaml}}\n"));
-        assert!(unknown.starts_with("DIR/suite.yaml: ") && unknown.contains("unknown field `pods`"), "{unknown}");
-        assert!(unknown.contains("line 5"), "{unknown}");
+        assert!(unknown.starts_with("DIR/suite.yaml:5: cases[0].expect.pods: unknown field `pods`"), "{unknown}");
         let top = load_error(&format!("templatess: [t/]\n{head}"));
-        assert!(top.contains("unknown field `templatess`") && top.contains("line 1"), "{top}");
-        let bad = load_error(&format!("{head}  expect: {{pod: [\n"));
-        assert!(bad.starts_with("DIR/suite.yaml: ") && bad.contains("line "), "{bad}");
+        assert!(top.starts_with("DIR/suite.yaml:1: unknown field `templatess`"), "{top}");
+        let bad = load_error(&format!("{head}   expect: {{}}\n"));
+        assert!(bad.starts_with("DIR/suite.yaml:5: cases[0]: "), "{bad}");
         let missing = load_error("templates: [t/]\ncases:\n- name: a\n  pod: nope.yaml\n  expect: {}\n");
         assert!(missing.starts_with("DIR/suite.yaml:4: case \"a\": pod: cannot read DIR/nope.yaml"), "{missing}");
         let both = load_error(&format!("{head}  expect: {{pod: x.yaml, denied: x}}\n"));
@@ -447,6 +486,16 @@ mod tests {
         assert_eq!(not_pod, "DIR/suite.yaml:4: case \"a\": pod: not a manifest of kind Pod");
         let no_cases = load_error("templates: [t/]\ncases: []\n");
         assert_eq!(no_cases, "DIR/suite.yaml:2: cases: the suite has no case");
+    }
+
+    #[test]
+    fn paths_in_messages_are_the_authors_not_the_spans() {
+        let cases = "cases.value[0].value.expect.value.warning: unknown field `warning` at line 5, column 25";
+        assert_eq!(without_spans(cases), "cases[0].expect.warning: unknown field `warning` at line 5, column 25");
+        let pod = "cases.value[1].value.pod.value.spec.containers[0].env[0].value: duplicate key";
+        assert_eq!(without_spans(pod), "cases[1].pod.spec.containers[0].env[0].value: duplicate key");
+        let top = "unknown field `x`, expected one of a: b";
+        assert_eq!(without_spans(top), top);
     }
 
     #[test]
