@@ -49,12 +49,7 @@ fn pod_namespace<'a>(pod: &'a Value, namespace: &'a str) -> &'a str {
 
 /// `pod` (a manifest of kind Pod, or a pod as the API server holds it) created in `namespace`
 /// unless it names its own: what the webhook would answer and the pod it would leave.
-pub fn preview(
-    pod: &Value,
-    namespace: &str,
-    store: &dyn TemplateStore,
-    policy: &Policy,
-) -> Result<Preview, PreviewError> {
+pub fn preview(pod: &Value, namespace: &str, store: &dyn TemplateStore, policy: &Policy) -> Result<Preview, PreviewError> {
     if pod.get("kind").and_then(Value::as_str) != Some("Pod") {
         return Err(PreviewError::NotAPod);
     }

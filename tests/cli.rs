@@ -375,10 +375,8 @@ fn test_update_rewrites_the_golden_files_then_the_suite_passes() {
     let tests = dir.path().join("examples/tests");
     let (gpu, hello) = (tests.join("expected/gpu-pod.yaml"), tests.join("expected/hello.yaml"));
     let (gpu_text, hello_text) = (std::fs::read_to_string(&gpu).unwrap(), std::fs::read_to_string(&hello).unwrap());
-    // One golden file stale, the other one missing, in a directory `--update` must create.
+    // No golden files yet: `--update` creates them and their directory.
     std::fs::remove_dir_all(tests.join("expected")).unwrap();
-    std::fs::create_dir_all(tests.join("expected")).unwrap();
-    std::fs::write(&gpu, gpu_text.replace("value: all", "value: none")).unwrap();
     let suite = tests.join("suite.yaml");
     let suite_text = std::fs::read_to_string(&suite).unwrap();
     let run = run_bin(&["test", suite.to_str().unwrap()], None);
@@ -398,6 +396,13 @@ fn test_update_rewrites_the_golden_files_then_the_suite_passes() {
     let run = run_bin(&["test", suite.to_str().unwrap()], None);
     assert_eq!(run.status.code(), Some(0), "{}", run.describe());
     assert!(!run.stdout_str().contains("wrote"), "{}", run.describe());
+
+    // A stale golden file is rewritten; an up-to-date one is left alone.
+    std::fs::write(&gpu, gpu_text.replace("value: all", "value: none")).unwrap();
+    let run = run_bin(&["test", "--update", suite.to_str().unwrap()], None);
+    assert_eq!(run.status.code(), Some(0), "{}", run.describe());
+    assert_eq!(run.stdout_str().matches("wrote").count(), 1, "{}", run.describe());
+    assert_eq!(std::fs::read_to_string(&gpu).unwrap(), gpu_text);
 }
 
 #[test]

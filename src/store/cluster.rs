@@ -121,8 +121,8 @@ pub async fn client(kubeconfig: Option<&std::path::Path>, context: Option<&str>)
         let config = kube::Config::from_kubeconfig(&options).await.map_err(|e| ClusterError::Config(e.to_string()))?;
         return Ok(Client::try_from(config)?);
     };
-    let kubeconfig = kube::config::Kubeconfig::read_from(path)
-        .map_err(|e| ClusterError::Config(format!("{}: {e}", path.display())))?;
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(path).map_err(|e| ClusterError::Config(format!("{}: {e}", path.display())))?;
     let options = kube::config::KubeConfigOptions { context: context.map(str::to_owned), ..Default::default() };
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
