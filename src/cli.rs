@@ -80,6 +80,7 @@ pub enum Command {
         /// Write each case's `expect.pod` file from the actual result (golden files).
         #[arg(long, env = "PTW_TEST_UPDATE")]
         update: bool,
+        /// Suite files (YAML).
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
