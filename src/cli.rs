@@ -72,6 +72,18 @@ pub enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Run template test suites (YAML: templates, cases of a pod and what to expect); prints
+    /// PASS/FAIL per case with a diff; exit 1 when a case fails, 2 when a suite is invalid.
+    Test {
+        #[command(flatten)]
+        names: NameArgs,
+        /// Write each case's `expect.pod` file from the actual result (golden files).
+        #[arg(long, env = "PTW_TEST_UPDATE")]
+        update: bool,
+        /// Suite files (YAML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// Names and policy shared by every command (SPEC §2, §5).

@@ -27,6 +27,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Render { templates, namespace, explain, pod } => render(&templates, &namespace, &pod, explain),
         Command::Validate { names, paths } => validate(&names.names(), &paths),
         Command::ExportPolicy { templates, names } => export_policy(&templates, &names),
+        Command::Test { names, update, files } => test(&names.policy(), &files, update),
     }
 }
 
@@ -191,4 +192,46 @@ fn validate(names: &Names, paths: &[PathBuf]) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `test`: exit 0 when every case passes, 1 when one fails, 2 when a suite cannot be run.
+fn test(policy: &admission::Policy, files: &[PathBuf], update: bool) -> anyhow::Result<()> {
+    let (mut passed, mut failed, mut invalid) = (0, 0, 0);
+    let mut out = std::io::stdout().lock();
+    for file in files {
+        let prefix = if files.len() > 1 { format!("{}: ", file.display()) } else { String::new() };
+        let results = match crate::suite::load(file).and_then(|suite| suite.run(policy, update)) {
+            Ok(results) => results,
+            Err(e) => {
+                invalid += 1;
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
+        for case in results {
+            let verdict = if case.passed() { "PASS" } else { "FAIL" };
+            writeln!(out, "{verdict} {prefix}{}", case.name)?;
+            for failure in &case.failures {
+                for line in failure.lines() {
+                    writeln!(out, "    {line}")?;
+                }
+            }
+            if let Some(path) = &case.written {
+                writeln!(out, "    wrote {}", path.display())?;
+            }
+            if case.passed() {
+                passed += 1;
+            } else {
+                failed += 1;
+            }
+        }
+    }
+    let invalid_note = if invalid > 0 { format!(", {invalid} invalid suite(s)") } else { String::new() };
+    writeln!(out, "{passed} passed, {failed} failed{invalid_note}")?;
+    out.flush()?;
+    match (invalid, failed) {
+        (0, 0) => Ok(()),
+        (0, _) => std::process::exit(1),
+        _ => std::process::exit(2),
+    }
 }

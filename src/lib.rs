@@ -22,6 +22,7 @@ pub mod preview;
 pub mod server;
 pub mod startup;
 pub mod store;
+pub mod suite;
 pub mod supervise;
 pub mod template;
 pub mod tls;

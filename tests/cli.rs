@@ -291,6 +291,169 @@ fn render_merges_the_gpu_template_into_the_pod() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// test (template test suites, SPEC §10)
+
+/// A copy of `examples/` (the suites name `../templates`, `../layers`, `../pods`) in a tempdir.
+fn examples_copy() -> tempfile::TempDir {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy(&crate_path("examples"), &dir.path().join("examples"));
+    dir
+}
+
+const GPU_CASE: &str = "a GPU pod gets the gpu template";
+
+#[test]
+fn test_passes_the_bundled_suites() {
+    let run = run_bin(&["test", "examples/tests/suite.yaml"], None);
+    assert_eq!(run.status.code(), Some(0), "{}", run.describe());
+    assert_eq!(
+        run.stdout_str(),
+        format!(
+            "PASS {GPU_CASE}\nPASS an inline pod of the hello_world environment\n\
+             PASS a pod without a template is left alone\nPASS a missing explicitly named template is denied\n\
+             4 passed, 0 failed\n"
+        )
+    );
+    // Several files: each case is named with its suite; the layers suite checks a conflict warning.
+    let run = run_bin(&["test", "examples/tests/suite.yaml", "examples/tests/layers.yaml"], None);
+    assert_eq!(run.status.code(), Some(0), "{}", run.describe());
+    let out = run.stdout_str();
+    assert!(out.contains(&format!("PASS examples/tests/suite.yaml: {GPU_CASE}\n")), "{out}");
+    assert!(out.contains("PASS examples/tests/layers.yaml: gpu then a100 on top of both defaults"), "{out}");
+    assert!(out.ends_with("\n7 passed, 0 failed\n"), "{out}");
+}
+
+/// The golden file is what `render` prints for the same pod: one code path.
+#[test]
+fn test_golden_file_is_what_render_prints() {
+    let run = run_bin(&["render", "--templates", "examples/templates", "examples/pods/gpu-pod.yaml"], None);
+    assert!(run.status.success(), "{}", run.describe());
+    let golden = std::fs::read_to_string(crate_path("examples/tests/expected/gpu-pod.yaml")).unwrap();
+    assert_eq!(run.stdout_str(), golden);
+}
+
+#[test]
+fn test_fails_a_changed_expectation_with_a_unified_diff_and_the_reasons() {
+    let dir = examples_copy();
+    let tests = dir.path().join("examples/tests");
+    let golden = tests.join("expected/gpu-pod.yaml");
+    let text = std::fs::read_to_string(&golden).unwrap();
+    std::fs::write(&golden, text.replace("      value: all\n", "      value: \"0\"\n")).unwrap();
+    let suite = tests.join("suite.yaml");
+    let text = std::fs::read_to_string(&suite).unwrap();
+    std::fs::write(&suite, text.replace("denied: \"not found\"", "denied: \"forbidden\"")).unwrap();
+    let run = run_bin(&["test", suite.to_str().unwrap()], None);
+    assert_eq!(run.status.code(), Some(1), "{}", run.describe());
+    let out = run.stdout_str();
+    let diff = format!(
+        "FAIL {GPU_CASE}\n    the pod differs from {0}:\n    --- {0}\n    +++ actual\n    @@ -16,7 +16,7 @@\n",
+        golden.display()
+    );
+    assert!(out.contains(&diff), "{out}");
+    let changed = "     - name: NVIDIA_VISIBLE_DEVICES\n    -      value: \"0\"\n    +      value: all\n";
+    assert!(out.contains(changed), "{out}");
+    assert!(out.contains("FAIL a missing explicitly named template is denied\n    denied with \""), "{out}");
+    assert!(out.contains("which does not contain \"forbidden\""), "{out}");
+    assert!(out.ends_with("\n2 passed, 2 failed\n"), "{out}");
+}
+
+#[test]
+fn test_update_rewrites_the_golden_files_then_the_suite_passes() {
+    let dir = examples_copy();
+    let tests = dir.path().join("examples/tests");
+    let (gpu, hello) = (tests.join("expected/gpu-pod.yaml"), tests.join("expected/hello.yaml"));
+    let (gpu_text, hello_text) = (std::fs::read_to_string(&gpu).unwrap(), std::fs::read_to_string(&hello).unwrap());
+    // No golden files yet: `--update` creates them and their directory.
+    std::fs::remove_dir_all(tests.join("expected")).unwrap();
+    let suite = tests.join("suite.yaml");
+    let suite_text = std::fs::read_to_string(&suite).unwrap();
+    let run = run_bin(&["test", suite.to_str().unwrap()], None);
+    assert_eq!(run.status.code(), Some(1), "{}", run.describe());
+    assert!(run.stdout_str().contains(&format!("    {} does not exist (--update writes it)\n", hello.display())));
+
+    let run = run_bin(&["test", "--update", suite.to_str().unwrap()], None);
+    assert_eq!(run.status.code(), Some(0), "{}", run.describe());
+    let out = run.stdout_str();
+    assert!(out.contains(&format!("PASS {GPU_CASE}\n    wrote {}\n", gpu.display())), "{out}");
+    assert!(out.contains(&format!("    wrote {}\n", hello.display())), "{out}");
+    assert_eq!(out.matches("wrote").count(), 2, "inline and denial expectations are not written: {out}");
+    assert_eq!(std::fs::read_to_string(&gpu).unwrap(), gpu_text);
+    assert_eq!(std::fs::read_to_string(&hello).unwrap(), hello_text);
+    assert_eq!(std::fs::read_to_string(&suite).unwrap(), suite_text, "the suite itself is never rewritten");
+
+    let run = run_bin(&["test", suite.to_str().unwrap()], None);
+    assert_eq!(run.status.code(), Some(0), "{}", run.describe());
+    assert!(!run.stdout_str().contains("wrote"), "{}", run.describe());
+
+    // A stale golden file is rewritten; an up-to-date one is left alone.
+    std::fs::write(&gpu, gpu_text.replace("value: all", "value: none")).unwrap();
+    let run = run_bin(&["test", "--update", suite.to_str().unwrap()], None);
+    assert_eq!(run.status.code(), Some(0), "{}", run.describe());
+    assert_eq!(run.stdout_str().matches("wrote").count(), 1, "{}", run.describe());
+    assert_eq!(std::fs::read_to_string(&gpu).unwrap(), gpu_text);
+}
+
+#[test]
+fn test_of_an_invalid_suite_exits_2_naming_file_and_line() {
+    let dir = examples_copy();
+    let tests = dir.path().join("examples/tests");
+    let suite = tests.join("suite.yaml");
+    let text = std::fs::read_to_string(&suite).unwrap();
+    let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+    let broken = [
+        // A typo of `pod` under `expect`: an unknown field, never a silently empty expectation.
+        (
+            "unknown field",
+            text.replace("    pod: expected/gpu-pod.yaml", "    pods: expected/gpu-pod.yaml"),
+            line_of("pod: expected/gpu-pod.yaml"),
+            "cases[0].expect.pods: unknown field `pods`",
+        ),
+        (
+            "bad YAML",
+            text.replace("  namespace: ml-team\n  pod:", "  namespace: ml-team\n   pod:"),
+            line_of("  namespace: ml-team") + 1,
+            "cases[1]: ",
+        ),
+        (
+            "missing pod file",
+            text.replace("../pods/gpu-pod.yaml", "../pods/nope.yaml"),
+            line_of("../pods/gpu-pod.yaml"),
+            "case \"a GPU pod gets the gpu template\": pod: cannot read",
+        ),
+        (
+            "missing templates",
+            text.replace("[../templates/]", "[../nope/]"),
+            line_of("templates:"),
+            "templates: cannot read",
+        ),
+    ];
+    for (what, text, line, message) in broken {
+        std::fs::write(&suite, text).unwrap();
+        let run = run_bin(&["test", suite.to_str().unwrap()], None);
+        assert_eq!(run.status.code(), Some(2), "{what}: {}", run.describe());
+        let want = format!("error: {}:{line}: {message}", suite.display());
+        assert!(run.stderr.starts_with(&want), "{what}: expected {want:?}\n{}", run.describe());
+        assert_eq!(run.stdout_str(), "0 passed, 0 failed, 1 invalid suite(s)\n", "{what}");
+    }
+    // An invalid suite next to a valid one: the valid one still runs, the exit code is 2.
+    let run = run_bin(&["test", suite.to_str().unwrap(), "examples/tests/layers.yaml"], None);
+    assert_eq!(run.status.code(), Some(2), "{}", run.describe());
+    assert!(run.stdout_str().ends_with("\n3 passed, 0 failed, 1 invalid suite(s)\n"), "{}", run.describe());
+}
+
+// ---------------------------------------------------------------------------------------------
 // validate
 
 #[test]
