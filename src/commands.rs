@@ -154,8 +154,7 @@ async fn audit(args: &AuditArgs) -> anyhow::Result<()> {
         _ => Scope::AllNamespaces,
     };
     let policy = cluster_args.names.policy();
-    let report =
-        crate::audit::audit(&client, &cluster_args.watch_namespaces, &policy, &scope, args.page_size).await?;
+    let report = crate::audit::audit(&client, &cluster_args.watch_namespaces, &policy, &scope, args.page_size).await?;
     let mut out = std::io::stdout().lock();
     match args.output {
         AuditOutput::Text => report.write_text(&mut out)?,

@@ -1870,7 +1870,7 @@ fn the_audit_cronjob_is_off_by_default_and_read_only() {
     let named_audit = |o: &&Value| o["metadata"]["name"].as_str().unwrap_or_default().ends_with("-audit");
     let objects = render_ok("ptw", "flyte", None, &[]);
     assert!(of_kind(&objects, "CronJob").is_empty(), "no CronJob by default");
-    assert!(objects.iter().filter(named_audit).next().is_none(), "nothing of the audit by default");
+    assert!(!objects.iter().any(|o| named_audit(&o)), "nothing of the audit by default");
 
     let objects = render_ok("ptw", "flyte", None, &["audit.enabled=true", "audit.args={-o,json}"]);
     let cron = one(&objects, "CronJob");
@@ -1918,26 +1918,42 @@ fn the_audit_cronjob_is_off_by_default_and_read_only() {
     // No failOn: the Job only reports. watchNamespaces: pods cluster-wide, templates in Roles.
     let objects =
         render_ok("ptw", "flyte", None, &["audit.enabled=true", "audit.failOn=null", "config.watchNamespaces={ml}"]);
-    assert_eq!(strs(&one(&objects, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]), ["audit", "--all-namespaces"]);
+    assert_eq!(
+        strs(&one(&objects, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]),
+        ["audit", "--all-namespaces"]
+    );
     let audit_rules: Vec<_> = rbac_rules(&objects)
         .into_iter()
         .filter(|(kind, ns, r)| {
             let role = objects.iter().find(|o| {
-                o["kind"] == kind.as_str() && o["metadata"]["namespace"].as_str() == ns.as_deref() && o["rules"].as_array().is_some_and(|rs| rs.contains(r))
+                o["kind"] == kind.as_str()
+                    && o["metadata"]["namespace"].as_str() == ns.as_deref()
+                    && o["rules"].as_array().is_some_and(|rs| rs.contains(r))
             });
             role.is_some_and(|o| named_audit(&o))
         })
         .collect();
     let want = [
         ("ClusterRole".to_owned(), None, json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]})),
-        ("Role".to_owned(), Some("flyte".to_owned()), json!({"apiGroups": [""], "resources": ["configmaps", "podtemplates"], "verbs": ["list"]})),
-        ("Role".to_owned(), Some("ml".to_owned()), json!({"apiGroups": [""], "resources": ["configmaps", "podtemplates"], "verbs": ["list"]})),
+        (
+            "Role".to_owned(),
+            Some("flyte".to_owned()),
+            json!({"apiGroups": [""], "resources": ["configmaps", "podtemplates"], "verbs": ["list"]}),
+        ),
+        (
+            "Role".to_owned(),
+            Some("ml".to_owned()),
+            json!({"apiGroups": [""], "resources": ["configmaps", "podtemplates"], "verbs": ["list"]}),
+        ),
     ];
     assert_eq!(audit_rules, want);
     let err = render("ptw", "flyte", None, &["audit.enabled=true", "audit.failOn={stale}"]).unwrap_err();
     assert!(err.contains("schema"), "{err}");
 
-    for sets in [vec!["--set", "audit.enabled=true"], vec!["--set", "audit.enabled=true", "--set", "config.watchNamespaces={ml}"]] {
+    for sets in [
+        vec!["--set", "audit.enabled=true"],
+        vec!["--set", "audit.enabled=true", "--set", "config.watchNamespaces={ml}"],
+    ] {
         let mut args = vec!["lint", "--strict", CHART, "--namespace", "flyte"];
         args.extend(sets);
         let out = helm(&args);

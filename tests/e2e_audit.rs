@@ -34,6 +34,8 @@ const PAGE_SIZE: usize = 500;
 
 struct Fixture {
     kubeconfig: std::path::PathBuf,
+    url: String,
+    ca_pem: String,
     state: Arc<AppState>,
     config: MutatingWebhookConfiguration,
 }
@@ -50,7 +52,7 @@ async fn start(api: &support::ApiServer) -> Fixture {
     let pki = support::TestPki::new("ptw-audit-ca");
     let webhook = support::serve_webhook(state.clone(), &pki).await;
     let config = support::chart_mutating_webhook(webhook.port, &pki.ca_pem, &[]);
-    Fixture { kubeconfig: api.kubeconfig.clone(), state, config }
+    Fixture { kubeconfig: api.kubeconfig.clone(), url: api.url.clone(), ca_pem: api.pki.ca_pem.clone(), state, config }
 }
 
 struct Cluster {
@@ -108,7 +110,9 @@ fn pod_manifest(name: &str, labels: Value) -> Pod {
 
 async fn create_pod(admin: &kube::Client, ns: &str, name: &str, labels: Value) -> Pod {
     let pods = Api::<Pod>::namespaced(admin.clone(), ns);
-    pods.create(&PostParams::default(), &pod_manifest(name, labels)).await.unwrap_or_else(|e| panic!("create {name}: {e}"))
+    pods.create(&PostParams::default(), &pod_manifest(name, labels))
+        .await
+        .unwrap_or_else(|e| panic!("create {name}: {e}"))
 }
 
 fn recorded(pod: &Pod) -> Option<&str> {
@@ -122,7 +126,8 @@ fn parse_json(out: &Output) -> (BTreeMap<String, Value>, Value) {
     let mut lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let summary = lines.pop().expect("a summary line")["summary"].clone();
     assert!(summary.is_object(), "{text}");
-    let pods = lines.into_iter().map(|p| (format!("{}/{}", p["namespace"].as_str().unwrap(), p["name"].as_str().unwrap()), p));
+    let pods =
+        lines.into_iter().map(|p| (format!("{}/{}", p["namespace"].as_str().unwrap(), p["name"].as_str().unwrap()), p));
     (pods.collect(), summary)
 }
 
@@ -183,7 +188,9 @@ async fn audit_classifies_the_selected_pods_and_pages_through_them() {
     assert_eq!(done.status.unwrap().phase.as_deref(), Some("Succeeded"));
     c.pod(NS, "plain", json!({"app": "other"})).await;
 
-    let (found, summary) = parse_json(&c.audit(&["-n", NS, "-o", "json"]));
+    let json_out = c.audit(&["-n", NS, "-o", "json"]);
+    eprintln!("audit -n {NS} -o json:\n{}", String::from_utf8_lossy(&json_out.stdout));
+    let (found, summary) = parse_json(&json_out);
     let classes: BTreeMap<&str, &str> =
         found.iter().map(|(k, v)| (k.strip_prefix("audit-a/").unwrap(), v["class"].as_str().unwrap())).collect();
     assert_eq!(
@@ -203,11 +210,16 @@ async fn audit_classifies_the_selected_pods_and_pages_through_them() {
     assert_eq!(gpu["now"], json!([format!("flyte/gpu-templates/gpu@{gpu_v2}")]));
     assert_eq!(
         gpu["reason"],
-        format!("flyte/gpu-templates/gpu changed: flyte/gpu-templates/gpu@{gpu_v1} -> flyte/gpu-templates/gpu@{gpu_v2}")
+        format!(
+            "flyte/gpu-templates/gpu changed: flyte/gpu-templates/gpu@{gpu_v1} -> flyte/gpu-templates/gpu@{gpu_v2}"
+        )
     );
     assert_eq!(found["audit-a/missed-flyte"]["now"], json!([format!("flyte/cpu-templates/cpu@{cpu}")]));
     assert_eq!(found["audit-a/missed-cpu"]["recorded"], Value::Null);
-    assert_eq!((summary["pods"].as_u64(), summary["outdated"].as_u64(), summary["missed"].as_u64()), (Some(7), Some(2), Some(2)));
+    assert_eq!(
+        (summary["pods"].as_u64(), summary["outdated"].as_u64(), summary["missed"].as_u64()),
+        (Some(7), Some(2), Some(2))
+    );
 
     // Text, for the README.
     let text = c.audit(&["-n", NS]);
@@ -232,7 +244,53 @@ async fn audit_classifies_the_selected_pods_and_pages_through_them() {
     let neither = c.audit(&[]);
     assert_eq!(neither.status.code(), Some(2), "{}", String::from_utf8_lossy(&neither.stderr));
 
+    as_the_charts_cronjob(&c, &fixture.url, &fixture.ca_pem).await;
     scale(&c).await;
+}
+
+/// The chart's audit objects applied to the API server; the binary run with the CronJob's own
+/// arguments and environment, as its ServiceAccount: the list-only RBAC is enough, and the Job
+/// fails naming the pods.
+async fn as_the_charts_cronjob(c: &Cluster, url: &str, ca_pem: &str) {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let objects =
+        support::helm_template(PLATFORM, &["--show-only", "templates/audit.yaml", "--set", "audit.enabled=true"]);
+    let of = |kind: &str| objects.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("a {kind}")).clone();
+    let sa: ServiceAccount = serde_json::from_value(of("ServiceAccount")).unwrap();
+    let name = sa.name_any();
+    let pp = PostParams::default();
+    Api::<ServiceAccount>::namespaced(c.admin.clone(), PLATFORM).create(&pp, &sa).await.unwrap();
+    let role: ClusterRole = serde_json::from_value(of("ClusterRole")).unwrap();
+    Api::<ClusterRole>::all(c.admin.clone()).create(&pp, &role).await.unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(of("ClusterRoleBinding")).unwrap();
+    Api::<ClusterRoleBinding>::all(c.admin.clone()).create(&pp, &binding).await.unwrap();
+    let token = support::service_account_token(&c.admin, PLATFORM, &name).await;
+    let kubeconfig = c.kubeconfig.with_file_name("audit-sa.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: ptw\n  cluster:\n    server: {url}\n    certificate-authority-data: {}\n\
+             users:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: sa\n  context: {{cluster: ptw, user: sa}}\ncurrent-context: sa\n",
+            support::b64(ca_pem)
+        ),
+    )
+    .unwrap();
+    let cron = of("CronJob");
+    let container = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pod-template-webhook"));
+    cmd.args(&args).arg("--kubeconfig").arg(&kubeconfig).env_remove("POD_NAMESPACE");
+    for e in container["env"].as_array().unwrap() {
+        cmd.env(e["name"].as_str().unwrap(), e["value"].as_str().unwrap());
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "the CronJob's audit ({args:?}) as {name}: {stderr}");
+    assert!(stderr.contains("audit-a/gpu-1 (outdated)") && stderr.contains("audit-a/missed-cpu (missed)"), "{stderr}");
+    assert!(!stderr.to_lowercase().contains("forbidden"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("7 pods: 1 current, 2 outdated, 2 missed, 2 untouched"), "{stdout}");
 }
 
 /// Creates (and deletes) probe pods of an environment with a template until `done` holds for one.
@@ -258,7 +316,9 @@ async fn scale(c: &Cluster) {
     let created = futures::stream::iter(0..SCALE_PODS)
         .map(|i| {
             let admin = admin.clone();
-            async move { create_pod(&admin, SCALE_NS, &format!("bulk-{i:04}"), json!({"flyte.org/environment": "cpu"})).await }
+            async move {
+                create_pod(&admin, SCALE_NS, &format!("bulk-{i:04}"), json!({"flyte.org/environment": "cpu"})).await
+            }
         })
         .buffer_unordered(16)
         .count()
