@@ -78,7 +78,8 @@ fn identity(layer: &str) -> &str {
     layer.rsplit_once('@').map_or(layer, |(id, _)| id)
 }
 
-/// Classifies a pod (its metadata: labels, annotations, namespace) against `store` and `policy`,
+/// Classifies a pod by its metadata (labels, annotations, namespace: `&pod.metadata` of a `Pod`,
+/// or a metadata-only list item) against `store` and `policy`,
 /// exactly as `serve` would record it if the pod were created now.
 pub fn classify(meta: &ObjectMeta, store: &dyn TemplateStore, policy: &Policy) -> Classified {
     let names = &policy.names;
@@ -463,6 +464,24 @@ mod tests {
         let got = classify(&meta("ml", &[], &[("flyte.org/pod-template", "missing")]), &idx, &policy);
         assert_eq!(got.class, Class::Untouched);
         assert!(got.reason.contains("not found"), "{}", got.reason);
+    }
+
+    #[test]
+    fn the_command_line_requires_a_scope_and_reads_the_classes() {
+        use clap::Parser;
+
+        use crate::cli::{Cli, Command, PodClass};
+        let parse = |args: &[&str]| Cli::try_parse_from(["ptw", "audit"].iter().chain(args));
+        let Command::Audit(args) = parse(&["-A", "--fail-on", "outdated,missed"]).unwrap().command else {
+            panic!("not audit");
+        };
+        assert!(args.all_namespaces && args.namespace.is_none());
+        assert_eq!(args.fail_on, [PodClass::Outdated, PodClass::Missed]);
+        assert_eq!(args.page_size, 500);
+        assert!(parse(&[]).is_err(), "-n or -A is required");
+        assert!(parse(&["-n", "a", "-A"]).is_err(), "not both");
+        assert!(parse(&["-A", "--fail-on", "stale"]).is_err());
+        assert!(parse(&["-A", "--page-size", "0"]).is_err());
     }
 
     #[test]
