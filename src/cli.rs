@@ -4,9 +4,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::admission::{OnProblem, Policy};
+use crate::audit::Class;
 use crate::names::Names;
 use crate::server::Limits;
 
@@ -64,6 +65,9 @@ pub enum Command {
         /// Templates to export, `NAME` (in every namespace) or `NAMESPACE/NAME`; default: all.
         names: Vec<String>,
     },
+    /// Which running pods are out of date (read-only): lists the pods the webhook selects (Pending
+    /// or Running) in pages and compares each one's applied record with what would be applied now.
+    Audit(AuditArgs),
     /// Check template ConfigMaps and PodTemplates; exits non-zero naming file, line, object (and
     /// ConfigMap key) of each error.
     Validate {
@@ -212,6 +216,56 @@ pub struct ClusterArgs {
     pub watch_namespaces: Vec<String>,
     #[command(flatten)]
     pub names: NameArgs,
+}
+
+/// `audit`: where to look, how to print, when to fail.
+#[derive(Args, Debug, Clone)]
+#[command(group(ArgGroup::new("scope").required(true).args(["namespace", "all_namespaces"])))]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Audit the pods of this namespace.
+    #[arg(short = 'n', long, env = "PTW_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Audit the pods of every namespace.
+    #[arg(short = 'A', long, env = "PTW_ALL_NAMESPACES")]
+    pub all_namespaces: bool,
+    /// `text`: a table per template, the pods not current, a summary; `json`: one object per pod
+    /// per line, then `{"summary": …}`.
+    #[arg(short = 'o', long, env = "PTW_OUTPUT", value_enum, default_value_t = AuditOutput::Text)]
+    pub output: AuditOutput,
+    /// Exit 1 when any pod is in one of these classes (comma-separated), naming them.
+    #[arg(long, env = "PTW_FAIL_ON", value_enum, value_delimiter = ',')]
+    pub fail_on: Vec<PodClass>,
+    /// Pods per LIST request (the `limit`; the rest follows with `continue` tokens).
+    #[arg(long, env = "PTW_PAGE_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub page_size: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuditOutput {
+    Text,
+    Json,
+}
+
+/// [`Class`] as a flag value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PodClass {
+    Current,
+    Outdated,
+    Missed,
+    Untouched,
+}
+
+impl From<PodClass> for Class {
+    fn from(c: PodClass) -> Self {
+        match c {
+            PodClass::Current => Class::Current,
+            PodClass::Outdated => Class::Outdated,
+            PodClass::Missed => Class::Missed,
+            PodClass::Untouched => Class::Untouched,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]

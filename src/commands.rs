@@ -9,7 +9,7 @@ use clap::Parser;
 use serde_json::Value;
 
 use crate::admission;
-use crate::cli::{Cli, Command, LogFormat, TemplateArgs};
+use crate::cli::{AuditArgs, AuditOutput, Cli, Command, LogFormat, TemplateArgs};
 use crate::manifest;
 use crate::names::Names;
 use crate::preview;
@@ -28,6 +28,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::Validate { names, paths } => validate(&names.names(), &paths),
         Command::ExportPolicy { templates, names } => export_policy(&templates, &names),
         Command::Test { names, update, files } => test(&names.policy(), &files, update),
+        Command::Audit(args) => tokio::runtime::Runtime::new()?.block_on(audit(&args)),
     }
 }
 
@@ -139,6 +140,44 @@ fn export_policy(args: &TemplateArgs, wanted: &[String]) -> anyhow::Result<()> {
     out.flush()?;
     if refused > 0 {
         eprintln!("{refused} template(s) not exported; keep them on the webhook");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn audit(args: &AuditArgs) -> anyhow::Result<()> {
+    use crate::audit::{Class, Scope};
+    use crate::store::cluster;
+    let cluster_args = &args.cluster;
+    let client = cluster::client(cluster_args.kubeconfig.as_deref(), cluster_args.context.as_deref()).await?;
+    let scope = match &args.namespace {
+        Some(ns) if !args.all_namespaces => Scope::Namespace(ns.clone()),
+        _ => Scope::AllNamespaces,
+    };
+    let policy = cluster_args.names.policy();
+    let report = crate::audit::audit(&client, &cluster_args.watch_namespaces, &policy, &scope, args.page_size).await?;
+    let mut out = std::io::stdout().lock();
+    match args.output {
+        AuditOutput::Text => report.write_text(&mut out)?,
+        AuditOutput::Json => report.write_json(&mut out)?,
+    }
+    out.flush()?;
+    let fail_on: Vec<Class> = args.fail_on.iter().map(|c| Class::from(*c)).collect();
+    let failing: Vec<String> = report
+        .in_classes(&fail_on)
+        .map(|p| format!("{}/{} ({})", p.namespace, p.name, p.classified.class.as_str()))
+        .collect();
+    if !failing.is_empty() {
+        const SHOWN: usize = 50;
+        let more = failing.len().saturating_sub(SHOWN);
+        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        let classes: Vec<&str> = fail_on.iter().map(|c| c.as_str()).collect();
+        eprintln!(
+            "error: {} pod(s) {}: {}{more}",
+            failing.len(),
+            classes.join(" or "),
+            failing[..failing.len().min(SHOWN)].join(", ")
+        );
         std::process::exit(1);
     }
     Ok(())

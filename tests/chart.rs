@@ -1868,3 +1868,99 @@ fn the_task_name_selection_follows_its_names_and_turns_off() {
     let env = env_of(&one(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]);
     assert_eq!(env["PTW_TASK_NAME_LABEL"], "");
 }
+
+#[test]
+fn the_audit_cronjob_is_off_by_default_and_read_only() {
+    let named_audit = |o: &&Value| o["metadata"]["name"].as_str().unwrap_or_default().ends_with("-audit");
+    let objects = render_ok("ptw", "flyte", None, &[]);
+    assert!(of_kind(&objects, "CronJob").is_empty(), "no CronJob by default");
+    assert!(!objects.iter().any(|o| named_audit(&o)), "nothing of the audit by default");
+
+    let objects = render_ok("ptw", "flyte", None, &["audit.enabled=true", "audit.args={-o,json}"]);
+    let cron = one(&objects, "CronJob");
+    assert_eq!(cron["spec"]["concurrencyPolicy"], "Forbid");
+    let job = &cron["spec"]["jobTemplate"]["spec"];
+    assert_eq!(job["backoffLimit"], 0, "a failed audit is a finding, not retried");
+    let pod = &job["template"]["spec"];
+    check_pod_security(pod, "audit");
+    let container = &pod["containers"][0];
+    assert_eq!(strs(&container["args"]), ["audit", "--all-namespaces", "--fail-on", "outdated,missed", "-o", "json"]);
+    let deploy = one(&objects, "Deployment");
+    let webhook = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["image"], webhook["image"], "the same image");
+    // The webhook's names and policy, so the audit judges pods by the webhook's rules.
+    let (audit_env, webhook_env) = (env_of(container), env_of(webhook));
+    for (name, value) in &audit_env {
+        if name != "PTW_LOG_FORMAT" && name != "RUST_LOG" {
+            assert_eq!(webhook_env.get(name), Some(value), "{name}");
+        }
+    }
+    for name in ["PTW_PLATFORM_NAMESPACE", "PTW_ENVIRONMENT_LABEL", "PTW_TASK_NAME_LABEL", "PTW_APPLIED_ANNOTATION"] {
+        assert!(audit_env.contains_key(name), "{name}");
+    }
+    // Its own ServiceAccount, bound to a ClusterRole that lists and does nothing else.
+    let sa = pod["serviceAccountName"].as_str().unwrap();
+    assert_ne!(sa, deploy["spec"]["template"]["spec"]["serviceAccountName"], "not the webhook's identity");
+    assert!(of_kind(&objects, "ServiceAccount").iter().any(|s| s["metadata"]["name"] == sa));
+    let role = of_kind(&objects, "ClusterRole").into_iter().find(|r| r["metadata"]["name"] == sa).expect("audit role");
+    assert_eq!(
+        role["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+            {"apiGroups": [""], "resources": ["configmaps", "podtemplates"], "verbs": ["list"]},
+        ])
+    );
+    let binding =
+        of_kind(&objects, "ClusterRoleBinding").into_iter().find(|b| b["metadata"]["name"] == sa).expect("binding");
+    assert_eq!(binding["roleRef"]["name"], sa);
+    assert_eq!(binding["subjects"], json!([{"kind": "ServiceAccount", "name": sa, "namespace": "flyte"}]));
+    // The webhook's own objects do not change when the audit is on.
+    let without = render_ok("ptw", "flyte", None, &[]);
+    let others: Vec<&Value> = objects.iter().filter(|o| !named_audit(o)).collect();
+    assert_eq!(others, without.iter().collect::<Vec<_>>());
+
+    // No failOn: the Job only reports. watchNamespaces: pods cluster-wide, templates in Roles.
+    let objects =
+        render_ok("ptw", "flyte", None, &["audit.enabled=true", "audit.failOn=null", "config.watchNamespaces={ml}"]);
+    assert_eq!(
+        strs(&one(&objects, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]),
+        ["audit", "--all-namespaces"]
+    );
+    let audit_rules: Vec<_> = rbac_rules(&objects)
+        .into_iter()
+        .filter(|(kind, ns, r)| {
+            let role = objects.iter().find(|o| {
+                o["kind"] == kind.as_str()
+                    && o["metadata"]["namespace"].as_str() == ns.as_deref()
+                    && o["rules"].as_array().is_some_and(|rs| rs.contains(r))
+            });
+            role.is_some_and(|o| named_audit(&o))
+        })
+        .collect();
+    let want = [
+        ("ClusterRole".to_owned(), None, json!({"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]})),
+        (
+            "Role".to_owned(),
+            Some("flyte".to_owned()),
+            json!({"apiGroups": [""], "resources": ["configmaps", "podtemplates"], "verbs": ["list"]}),
+        ),
+        (
+            "Role".to_owned(),
+            Some("ml".to_owned()),
+            json!({"apiGroups": [""], "resources": ["configmaps", "podtemplates"], "verbs": ["list"]}),
+        ),
+    ];
+    assert_eq!(audit_rules, want);
+    let err = render("ptw", "flyte", None, &["audit.enabled=true", "audit.failOn={stale}"]).unwrap_err();
+    assert!(err.contains("schema"), "{err}");
+
+    for sets in [
+        vec!["--set", "audit.enabled=true"],
+        vec!["--set", "audit.enabled=true", "--set", "config.watchNamespaces={ml}"],
+    ] {
+        let mut args = vec!["lint", "--strict", CHART, "--namespace", "flyte"];
+        args.extend(sets);
+        let out = helm(&args);
+        assert!(out.ok && out.stdout.contains("0 chart(s) failed"), "helm lint: {}{}", out.stdout, out.stderr);
+    }
+}

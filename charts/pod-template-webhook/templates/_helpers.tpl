@@ -266,3 +266,44 @@ seccompProfile:
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end -}}
+
+{{/*
+Environment of the binary that names what the webhook reads and how it decides (labels,
+annotations, policy, the default template): one list for `serve` (the Deployment) and `audit` (the
+CronJob), so that the audit judges pods by the webhook's own rules.
+*/}}
+{{- define "ptw.policyEnv" -}}
+- name: PTW_ENVIRONMENT_LABEL
+  value: {{ .Values.config.environmentLabel | quote }}
+- name: PTW_MANAGED_LABEL
+  value: {{ .Values.config.managedLabel | quote }}
+- name: PTW_MANAGED_VALUE
+  value: {{ .Values.config.managedValue | quote }}
+- name: PTW_TASK_NAME_LABEL
+  value: {{ .Values.config.taskNameLabel | quote }}
+- name: PTW_TEMPLATE_ANNOTATION
+  value: {{ .Values.config.templateAnnotation | quote }}
+- name: PTW_SOURCE_LABEL
+  value: {{ .Values.config.sourceLabel | quote }}
+- name: PTW_APPLIED_ANNOTATION
+  value: {{ .Values.config.appliedAnnotation | quote }}
+- name: PTW_MODE_ANNOTATION
+  value: {{ .Values.config.modeAnnotation | quote }}
+- name: PTW_ON_MISSING_TEMPLATE
+  value: {{ .Values.config.onMissingTemplate | quote }}
+- name: PTW_ON_BROKEN_TEMPLATE
+  value: {{ .Values.config.onBrokenTemplate | quote }}
+- name: PTW_ON_CONFLICT
+  value: {{ .Values.config.onConflict | quote }}
+{{- with .Values.config.defaultTemplate }}
+- name: PTW_DEFAULT_TEMPLATE
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* RBAC rules of `audit` for the template sources: it lists them once, never watches or gets. */}}
+{{- define "ptw.auditTemplateRules" -}}
+- apiGroups: [""]
+  resources: ["configmaps", "podtemplates"]
+  verbs: ["list"]
+{{- end -}}
