@@ -100,7 +100,9 @@ async fn explain(args: ExplainArgs) -> anyhow::Result<()> {
     };
     let discovery = Discovery { names: args.webhook_configurations.clone(), selector: args.webhook_selector.clone() };
     let inputs = crate::explain::gather(&client, &args.namespace, target, &discovery).await?;
-    let store = cluster::load_once(&client, &c.names.names(), &c.watch_namespaces).await.context("cannot read the templates")?;
+    let store = cluster::load_once(&client, &c.names.names(), &c.watch_namespaces)
+        .await
+        .context("cannot read the templates")?;
     let report = crate::explain::report(&inputs, &store, &c.names.policy())?;
     match args.output {
         Output::Text => print!("{}", report.to_text()),

@@ -258,7 +258,11 @@ pub fn report(inputs: &Inputs, store: &dyn TemplateStore, policy: &Policy) -> Re
         patch_operations: 0,
         patch: Vec::new(),
         explanation: String::new(),
-        record: RecordReport { applied: meta_map("annotations").remove(&names.applied_annotation), now: None, state: "" },
+        record: RecordReport {
+            applied: meta_map("annotations").remove(&names.applied_annotation),
+            now: None,
+            state: "",
+        },
     };
     let preview = preview::preview(pod, &inputs.namespace, store, policy)?;
     report.warnings = preview.warnings().to_vec();
@@ -423,7 +427,8 @@ impl Report {
             }
         }
         if !self.configurations.is_empty() {
-            let sent = if self.sent { "sent to the webhook" } else { "not sent to the webhook by any entry: not mutated" };
+            let sent =
+                if self.sent { "sent to the webhook" } else { "not sent to the webhook by any entry: not mutated" };
             line(format!("  => {sent}"));
         }
         line(String::new());
@@ -434,7 +439,7 @@ impl Report {
         }
         for l in &self.layers {
             line(format!("  {} {:?}: {} ({})", l.role, l.name, l.object, l.source));
-            line(format!("    kind {}, version {}, namespaces searched {:?}, {}", l.kind, l.version, l.searched, l.state));
+            line(format!("    version {}, namespaces searched {}, {}", l.version, l.searched.join(" → "), l.state));
         }
         for n in &self.not_applied {
             line(format!("  {n}"));

@@ -157,7 +157,9 @@ fn layers(report: &Value) -> Vec<(String, String, String, Vec<String>)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| (s(&l["role"]), s(&l["source"]), s(&l["kind"]), l["searched"].as_array().unwrap().iter().map(s).collect()))
+        .map(|l| {
+            (s(&l["role"]), s(&l["source"]), s(&l["kind"]), l["searched"].as_array().unwrap().iter().map(s).collect())
+        })
         .collect()
 }
 
@@ -177,7 +179,8 @@ async fn explain_live_and_file_pods() {
     let state = &fixture.state;
     let v1 = platform_default(&admin, state, "labels: {platform: v1}").await;
     let gpu = gpu_template(&admin, state).await;
-    let (default_v1, gpu_source) = (format!("flyte/platform-defaults/defaults@{v1}"), format!("ml-team/podtemplate:gpu/gpu@{gpu}"));
+    let (default_v1, gpu_source) =
+        (format!("flyte/platform-defaults/defaults@{v1}"), format!("ml-team/podtemplate:gpu/gpu@{gpu}"));
 
     // (b) A live pod the webhook mutated: sent by the label entry, its layers and where they were
     // found, and a record equal to what would be applied now.
@@ -208,7 +211,9 @@ async fn explain_live_and_file_pods() {
     let (code, text, err) = explain(kc, &["-n", TEAM, "train"]).await;
     assert_eq!(code, 0, "{err}");
     eprintln!("--- explain -n {TEAM} train (current)\n{text}");
-    assert!(text.contains(&format!("{} (labelled app.kubernetes.io/part-of=pod-template-webhook)", fixture.configuration)));
+    assert!(
+        text.contains(&format!("{} (labelled app.kubernetes.io/part-of=pod-template-webhook)", fixture.configuration))
+    );
     assert!(text.contains(&format!("    {LABEL_ENTRY}: sent\n")), "{text}");
 
     // The platform default changes: the pod is outdated, both records shown, and the patch it
@@ -233,7 +238,10 @@ async fn explain_live_and_file_pods() {
     let manifest = pod("predict", json!({"flyte.org/environment": "gpu"}));
     std::fs::write(&file, pod_template_webhook::yaml::to_string(&manifest).unwrap()).unwrap();
     let report = explain_json(kc, &["-n", TEAM, "-f", file.to_str().unwrap()]).await;
-    assert_eq!((&report["from"], &report["sent"], &report["record"]["state"]), (&json!("file"), &json!(true), &json!("new")));
+    assert_eq!(
+        (&report["from"], &report["sent"], &report["record"]["state"]),
+        (&json!("file"), &json!(true), &json!("new"))
+    );
     let paths = patch(&report);
     let template = format!("template {gpu_source}");
     assert_eq!(paths.get("/spec/nodeSelector"), Some(&template), "{paths:?}");
@@ -243,10 +251,18 @@ async fn explain_live_and_file_pods() {
 
     // (d) A pod without labels: neither entry's objectSelector takes it, and the webhook was not called.
     let before = fixture.reviews.lock().unwrap().get(TEAM).copied().unwrap_or(0);
-    create(&admin, TEAM, &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "plain"},
-        "spec": {"containers": [{"name": "main", "image": "registry.example/web:1"}]}}))
+    create(
+        &admin,
+        TEAM,
+        &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "plain"},
+        "spec": {"containers": [{"name": "main", "image": "registry.example/web:1"}]}}),
+    )
     .await;
-    assert_eq!(fixture.reviews.lock().unwrap().get(TEAM).copied().unwrap_or(0), before, "the API server did not call it");
+    assert_eq!(
+        fixture.reviews.lock().unwrap().get(TEAM).copied().unwrap_or(0),
+        before,
+        "the API server did not call it"
+    );
     let report = explain_json(kc, &["-n", TEAM, "plain"]).await;
     assert_eq!((&report["sent"], &report["record"]["state"]), (&json!(false), &json!("not sent")));
     let entries = verdicts(&report);

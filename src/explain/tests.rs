@@ -53,11 +53,12 @@ fn inputs(pod: Value, live: bool) -> Inputs {
 
 #[test]
 fn a_pod_from_a_file_gets_its_layers_paths_and_record() {
-    let report = report(&inputs(pod(json!({"flyte.org/environment": "gpu"}), json!({})), false), &store(), &policy())
-        .unwrap();
+    let report =
+        report(&inputs(pod(json!({"flyte.org/environment": "gpu"}), json!({})), false), &store(), &policy()).unwrap();
     assert!(report.sent);
     assert_eq!(report.rule, "label flyte.org/environment");
-    let layers: Vec<_> = report.layers.iter().map(|l| (l.role.as_str(), l.source.as_str(), l.searched.clone())).collect();
+    let layers: Vec<_> =
+        report.layers.iter().map(|l| (l.role.as_str(), l.source.as_str(), l.searched.clone())).collect();
     assert_eq!(
         layers,
         [
@@ -86,7 +87,10 @@ fn records_current_outdated_missed() {
     };
     assert_eq!(state(json!({"flyte.org/pod-template-applied": now}), true).state, "current");
     let old = state(json!({"flyte.org/pod-template-applied": "ml/ml-templates/gpu@3"}), true);
-    assert_eq!((old.state, old.applied.as_deref(), old.now.as_deref()), ("outdated", Some("ml/ml-templates/gpu@3"), Some(now)));
+    assert_eq!(
+        (old.state, old.applied.as_deref(), old.now.as_deref()),
+        ("outdated", Some("ml/ml-templates/gpu@3"), Some(now))
+    );
     assert_eq!(state(json!({}), true).state, "missed");
 }
 
