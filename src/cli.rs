@@ -88,6 +88,42 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Why was (or wasn't) this pod changed: would the webhook's configurations send it, which
+    /// templates apply and where they were found, the patch it would get now, its applied record.
+    Explain(ExplainArgs),
+}
+
+/// `explain`: a pod of the cluster by name, or a pod manifest.
+#[derive(Args, Debug, Clone)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Namespace of the pod (a manifest's own namespace wins).
+    #[arg(short = 'n', long, env = "PTW_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Name of a pod in the cluster.
+    #[arg(required_unless_present = "filename", conflicts_with = "filename")]
+    pub pod: Option<String>,
+    /// A pod manifest (YAML or JSON; `-` reads stdin), created or not.
+    #[arg(short = 'f', long, env = "PTW_FILENAME")]
+    pub filename: Option<String>,
+    /// MutatingWebhookConfiguration(s) to evaluate, by name; repeatable. Default: those labelled
+    /// --webhook-selector.
+    #[arg(long = "webhook-configuration", env = "PTW_WEBHOOK_CONFIGURATIONS", value_delimiter = ',')]
+    pub webhook_configurations: Vec<String>,
+    /// Label selector of the webhook's MutatingWebhookConfigurations (the chart's labels).
+    #[arg(long, env = "PTW_WEBHOOK_SELECTOR", default_value = crate::explain::DEFAULT_CONFIGURATION_SELECTOR)]
+    pub webhook_selector: String,
+    /// Output format.
+    #[arg(short = 'o', long, env = "PTW_OUTPUT", value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// How the cluster commands print their report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
 }
 
 /// Names and policy shared by every command (SPEC §2, §5).
@@ -232,20 +268,14 @@ pub struct AuditArgs {
     pub all_namespaces: bool,
     /// `text`: a table per template, the pods not current, a summary; `json`: one object per pod
     /// per line, then `{"summary": …}`.
-    #[arg(short = 'o', long, env = "PTW_OUTPUT", value_enum, default_value_t = AuditOutput::Text)]
-    pub output: AuditOutput,
+    #[arg(short = 'o', long, env = "PTW_OUTPUT", value_enum, default_value_t = Output::Text)]
+    pub output: Output,
     /// Exit 1 when any pod is in one of these classes (comma-separated), naming them.
     #[arg(long, env = "PTW_FAIL_ON", value_enum, value_delimiter = ',')]
     pub fail_on: Vec<PodClass>,
     /// Pods per LIST request (the `limit`; the rest follows with `continue` tokens).
     #[arg(long, env = "PTW_PAGE_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
     pub page_size: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum AuditOutput {
-    Text,
-    Json,
 }
 
 /// [`Class`] as a flag value.

@@ -9,7 +9,7 @@ use clap::Parser;
 use serde_json::Value;
 
 use crate::admission;
-use crate::cli::{AuditArgs, AuditOutput, Cli, Command, LogFormat, TemplateArgs};
+use crate::cli::{AuditArgs, Cli, Command, ExplainArgs, LogFormat, Output, TemplateArgs};
 use crate::manifest;
 use crate::names::Names;
 use crate::preview;
@@ -29,6 +29,7 @@ pub fn run() -> anyhow::Result<()> {
         Command::ExportPolicy { templates, names } => export_policy(&templates, &names),
         Command::Test { names, update, files } => test(&names.policy(), &files, update),
         Command::Audit(args) => tokio::runtime::Runtime::new()?.block_on(audit(&args)),
+        Command::Explain(args) => tokio::runtime::Runtime::new()?.block_on(explain(args)),
     }
 }
 
@@ -82,6 +83,32 @@ fn render(args: &TemplateArgs, namespace: &str, pod_path: &str, explain: bool) -
     print!("{}", yaml::to_string(&preview.pod)?);
     if explain {
         print!("{}", preview::explanation(&preview, &store, &policy)?);
+    }
+    Ok(())
+}
+
+async fn explain(args: ExplainArgs) -> anyhow::Result<()> {
+    use crate::explain::{Discovery, Target};
+    use crate::store::cluster;
+    let c = &args.cluster;
+    let client = cluster::client(c.kubeconfig.as_deref(), c.context.as_deref()).await?;
+    let target = match (&args.pod, &args.filename) {
+        (Some(name), _) => Target::Live(name.clone()),
+        (None, Some(path)) => {
+            let text = String::from_utf8(read_input(path)?).context("the pod manifest is not UTF-8")?;
+            Target::File(yaml::from_str(&text).with_context(|| format!("{path}: not a YAML or JSON pod"))?)
+        }
+        (None, None) => bail!("give a pod name or -f POD.yaml"),
+    };
+    let discovery = Discovery { names: args.webhook_configurations.clone(), selector: args.webhook_selector.clone() };
+    let inputs = crate::explain::gather(&client, &args.namespace, target, &discovery).await?;
+    let store = cluster::load_once(&client, &c.names.names(), &c.watch_namespaces)
+        .await
+        .context("cannot read the templates")?;
+    let report = crate::explain::report(&inputs, &store, &c.names.policy())?;
+    match args.output {
+        Output::Text => print!("{}", report.to_text()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
     }
     Ok(())
 }
@@ -158,8 +185,8 @@ async fn audit(args: &AuditArgs) -> anyhow::Result<()> {
     let report = crate::audit::audit(&client, &cluster_args.watch_namespaces, &policy, &scope, args.page_size).await?;
     let mut out = std::io::stdout().lock();
     match args.output {
-        AuditOutput::Text => report.write_text(&mut out)?,
-        AuditOutput::Json => report.write_json(&mut out)?,
+        Output::Text => report.write_text(&mut out)?,
+        Output::Json => report.write_json(&mut out)?,
     }
     out.flush()?;
     let fail_on: Vec<Class> = args.fail_on.iter().map(|c| Class::from(*c)).collect();

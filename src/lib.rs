@@ -13,6 +13,7 @@ pub mod cli;
 pub mod commands;
 pub mod doc;
 pub mod environment;
+pub mod explain;
 pub mod export;
 pub mod manifest;
 pub mod merge;
