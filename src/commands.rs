@@ -82,7 +82,7 @@ fn render(args: &TemplateArgs, namespace: &str, pod_path: &str, explain: bool) -
     }
     print!("{}", yaml::to_string(&preview.pod)?);
     if explain {
-        print!("{}", preview::explanation(&preview, &store, &policy)?);
+        print!("{}", preview::explain(&preview, &store, &policy)?.to_comments());
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use serde::Serialize;
@@ -160,6 +161,8 @@ pub struct Report {
     pub patch_operations: usize,
     /// Every path the patch changes and the layer that set it.
     pub patch: Vec<PatchPath>,
+    /// What each shadow template (§10) would change: never applied.
+    pub shadows: Vec<admission::ShadowEffect>,
     /// What `render --explain` prints for the pod, verbatim.
     pub explanation: String,
     pub record: RecordReport,
@@ -211,6 +214,8 @@ pub struct RecordReport {
     /// `current`, `outdated`, `missed` (no record, yet templates apply), `untouched` (nothing
     /// applies), `new` (a pod from a file that templates apply to), `denied`, or `not sent`.
     pub state: &'static str,
+    /// What differs, as `audit` says it.
+    pub reason: String,
 }
 
 /// Explains `inputs.pod` against `store` as `serve` with `policy` would see it.
@@ -257,11 +262,13 @@ pub fn report(inputs: &Inputs, store: &dyn TemplateStore, policy: &Policy) -> Re
         warnings: Vec::new(),
         patch_operations: 0,
         patch: Vec::new(),
+        shadows: Vec::new(),
         explanation: String::new(),
         record: RecordReport {
             applied: meta_map("annotations").remove(&names.applied_annotation),
             now: None,
             state: "",
+            reason: String::new(),
         },
     };
     let preview = preview::preview(pod, &inputs.namespace, store, policy)?;
@@ -280,8 +287,11 @@ pub fn report(inputs: &Inputs, store: &dyn TemplateStore, policy: &Policy) -> Re
     };
     report.rule = requested.rule(names);
     report.templates = requested.names().to_vec();
-    report.explanation = preview::explanation(&preview, store, policy)?;
-    report.patch = patch_paths(&report.explanation);
+    let explained = preview::explain(&preview, store, policy)?;
+    report.explanation = explained.to_comments();
+    report.patch =
+        explained.changes.iter().map(|(path, layer)| PatchPath { path: path.clone(), layer: layer.clone() }).collect();
+    report.shadows = explained.shadows;
     let plan = match admission::plan(&inputs.namespace, &requested, store, policy) {
         Ok(plan) => plan,
         Err(_) => {
@@ -296,15 +306,23 @@ pub fn report(inputs: &Inputs, store: &dyn TemplateStore, policy: &Policy) -> Re
     if !plan.layers.is_empty() {
         report.record.now = Some(admission::applied_record(&plan.layers, &requested, names));
     }
-    report.record.state = match (&report.record.applied, &report.record.now) {
+    // A live pod is classified exactly as `audit` classifies it.
+    let classified = match inputs.live {
+        true => {
+            let mut meta: ObjectMeta = serde_json::from_value(pod["metadata"].clone()).unwrap_or_default();
+            meta.namespace.get_or_insert_with(|| inputs.namespace.clone());
+            Some(crate::audit::classify(&meta, store, policy))
+        }
+        false => None,
+    };
+    report.record.state = match &classified {
         _ if !sent => "not sent",
         _ if report.denied.is_some() => "denied",
-        (Some(applied), Some(now)) if applied == now => "current",
-        (Some(_), _) => "outdated",
-        (None, Some(_)) if inputs.live => "missed",
-        (None, Some(_)) => "new",
-        (None, None) => "untouched",
+        Some(c) => c.class.as_str(),
+        None if report.record.now.is_some() => "new",
+        None => "untouched",
     };
+    report.record.reason = classified.map(|c| c.reason).unwrap_or_default();
     Ok(report)
 }
 
@@ -376,17 +394,6 @@ fn not_applied(
     out
 }
 
-/// The `# path  <- layer` lines of an explanation.
-fn patch_paths(explanation: &str) -> Vec<PatchPath> {
-    let lines = explanation.lines().filter_map(|l| l.strip_prefix("# /").map(|rest| format!("/{rest}")));
-    lines
-        .filter_map(|l| {
-            let (path, layer) = l.split_once("  <- ")?;
-            Some(PatchPath { path: path.trim_end().to_owned(), layer: layer.to_owned() })
-        })
-        .collect()
-}
-
 impl Report {
     /// The report in sections: `Pod`, `Webhook configuration`, `Templates`, `Patch`, `Record`.
     pub fn to_text(&self) -> String {
@@ -441,6 +448,13 @@ impl Report {
             line(format!("  {} {:?}: {} ({})", l.role, l.name, l.object, l.source));
             line(format!("    version {}, namespaces searched {}, {}", l.version, l.searched.join(" → "), l.state));
         }
+        for s in &self.shadows {
+            let what = match &s.outcome {
+                admission::ShadowOutcome::Evaluated { paths, .. } => format!("would change {}", paths.join(", ")),
+                admission::ShadowOutcome::Broken(error) => error.clone(),
+            };
+            line(format!("  shadow {:?}: {} (never applied): {}: {what}", s.key, s.template, s.result()));
+        }
         for n in &self.not_applied {
             line(format!("  {n}"));
         }
@@ -464,7 +478,10 @@ impl Report {
         line("Record".into());
         line(format!("  applied: {}", self.record.applied.as_deref().unwrap_or("(none)")));
         line(format!("  now:     {}", self.record.now.as_deref().unwrap_or("(none)")));
-        line(format!("  => {}", self.record.state));
+        match self.record.reason.as_str() {
+            "" => line(format!("  => {}", self.record.state)),
+            reason => line(format!("  => {}: {reason}", self.record.state)),
+        }
         out
     }
 }

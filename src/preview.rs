@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::admission::{self, BadReview, Decision, Outcome, Policy, Requested, ShadowOutcome};
+use crate::admission::{self, BadReview, Decision, Outcome, Policy, Requested, ShadowEffect, ShadowOutcome};
 use crate::environment::BadList;
 use crate::store::TemplateStore;
 
@@ -79,56 +79,78 @@ pub fn preview(
     Ok(Preview { original: pod.clone(), namespace, pod: mutated, decision })
 }
 
-/// `render --explain`: YAML comments naming which rule chose the templates and, for every JSON
-/// path the webhook changed, the layer that set it (or the webhook itself, for the record); then
-/// every path each shadow template would change (§10).
-pub fn explanation(preview: &Preview, store: &dyn TemplateStore, policy: &Policy) -> Result<String, PreviewError> {
+/// Where every change of a preview came from (SPEC §8 "Seeing it", §10): for `render
+/// --explain` (as YAML comments) and `explain` (as data).
+#[derive(Debug, Clone, Default)]
+pub struct Explained {
+    /// Which rule chose the templates, in words.
+    pub rule: String,
+    /// The plan's refusal: nothing else is known then.
+    pub denied: Option<String>,
+    /// Some template applies to the pod (it may already have all it sets).
+    pub applies: bool,
+    /// Every JSON path the webhook changes and the layer that set it (or the webhook itself, for
+    /// the record), in the merged pod's order.
+    pub changes: Vec<(String, String)>,
+    /// What each shadow template would change.
+    pub shadows: Vec<ShadowEffect>,
+}
+
+/// Where every change of `preview` came from: the rule, the layer behind each path, the shadows.
+pub fn explain(preview: &Preview, store: &dyn TemplateStore, policy: &Policy) -> Result<Explained, PreviewError> {
     let names = &policy.names;
-    let namespace = preview.namespace.as_str();
     let requested = Requested::from_pod(&preview.original, names)?;
-    let mut out = String::from("# --explain: JSON path changed <- the layer that set it\n");
-    out.push_str(&match &requested {
-        Requested::Nothing => "# no template named by the pod (annotation, label or task-name)\n".to_owned(),
-        Requested::Annotation(list) => format!("# templates from {}: {}\n", requested.rule(names), list.join(", ")),
-        _ => format!("# environment from {}: {}\n", requested.rule(names), requested.names().join(", ")),
-    });
-    let plan = match admission::plan(namespace, &requested, store, policy) {
-        Ok(plan) => plan,
-        Err(refusal) => {
-            out.push_str(&format!("# denied: {}\n", refusal.message));
-            return Ok(out);
-        }
+    let rule = match &requested {
+        Requested::Nothing => "no template named by the pod (annotation, label or task-name)".to_owned(),
+        Requested::Annotation(list) => format!("templates from {}: {}", requested.rule(names), list.join(", ")),
+        _ => format!("environment from {}: {}", requested.rule(names), requested.names().join(", ")),
     };
-    if plan.layers.is_empty() {
-        out.push_str("# (no template applies to this pod)\n");
-    }
+    let plan = match admission::plan(&preview.namespace, &requested, store, policy) {
+        Ok(plan) => plan,
+        Err(refusal) => return Ok(Explained { rule, denied: Some(refusal.message), ..Explained::default() }),
+    };
     let layers: Vec<_> = plan.layers.iter().map(admission::PlannedLayer::layer).collect();
     let (merged, changes) = crate::merge::explain(&preview.original, &layers);
+    let mut changes: Vec<(String, String)> =
+        changes.into_iter().map(|c| (c.path, plan.layers[c.layer].describe(&names.platform_namespace))).collect();
     let record = format!("/metadata/annotations/{}", names.applied_annotation.replace('~', "~0").replace('/', "~1"));
-    let recorded = preview.pod.pointer(&record).is_some() && merged.pointer(&record) != preview.pod.pointer(&record);
-    let mut lines: Vec<(&str, String)> =
-        changes.iter().map(|c| (c.path.as_str(), plan.layers[c.layer].describe(&names.platform_namespace))).collect();
-    if recorded {
-        lines.push((&record, "the webhook: the record of the layers applied".to_owned()));
+    if preview.pod.pointer(&record).is_some() && merged.pointer(&record) != preview.pod.pointer(&record) {
+        changes.push((record, "the webhook: the record of the layers applied".to_owned()));
     }
-    let width = lines.iter().map(|(path, _)| path.len()).max().unwrap_or(0);
-    for (path, by) in lines {
-        out.push_str(&format!("# {path:width$}  <- {by}\n"));
-    }
-    for effect in admission::shadow_effects(&preview.original, &plan) {
-        let template = &effect.template;
-        match &effect.outcome {
-            ShadowOutcome::Broken(error) => out.push_str(&format!("# shadow {template} (not applied): {error}\n")),
-            ShadowOutcome::Evaluated { paths, conflicts } => {
-                out.push_str(&format!("# shadow {template} (not applied) would change {} fields\n", paths.len()));
-                for path in paths {
-                    out.push_str(&format!("#   {path}\n"));
-                }
-                for conflict in conflicts {
-                    out.push_str(&format!("#   would conflict: {conflict}\n"));
+    let shadows = admission::shadow_effects(&preview.original, &plan);
+    Ok(Explained { rule, denied: None, applies: !plan.layers.is_empty(), changes, shadows })
+}
+
+impl Explained {
+    /// `render --explain`: the same as YAML comments, after the pod.
+    pub fn to_comments(&self) -> String {
+        let mut out = format!("# --explain: JSON path changed <- the layer that set it\n# {}\n", self.rule);
+        if let Some(denied) = &self.denied {
+            out.push_str(&format!("# denied: {denied}\n"));
+            return out;
+        }
+        if !self.applies {
+            out.push_str("# (no template applies to this pod)\n");
+        }
+        let width = self.changes.iter().map(|(path, _)| path.len()).max().unwrap_or(0);
+        for (path, by) in &self.changes {
+            out.push_str(&format!("# {path:width$}  <- {by}\n"));
+        }
+        for effect in &self.shadows {
+            let template = &effect.template;
+            match &effect.outcome {
+                ShadowOutcome::Broken(error) => out.push_str(&format!("# shadow {template} (not applied): {error}\n")),
+                ShadowOutcome::Evaluated { paths, conflicts } => {
+                    out.push_str(&format!("# shadow {template} (not applied) would change {} fields\n", paths.len()));
+                    for path in paths {
+                        out.push_str(&format!("#   {path}\n"));
+                    }
+                    for conflict in conflicts {
+                        out.push_str(&format!("#   would conflict: {conflict}\n"));
+                    }
                 }
             }
         }
+        out
     }
-    Ok(out)
 }

@@ -230,7 +230,13 @@ async fn explain_live_and_file_pods() {
     let (code, text, _) = explain(kc, &["-n", TEAM, "train"]).await;
     assert_eq!(code, 0);
     eprintln!("--- explain -n {TEAM} train (after the default changed)\n{text}");
-    assert!(text.contains(&format!("  applied: {applied}\n")) && text.contains("  => outdated\n"), "{text}");
+    assert!(
+        text.contains(&format!("  applied: {applied}\n"))
+            && text.contains(&format!(
+                "  => outdated: flyte/platform-defaults/defaults changed: {default_v1} -> {default_v2}\n"
+            )),
+        "{text}"
+    );
 
     // (c) A pod not created yet, from a file: every path the webhook would set, with its layer.
     let dir = tempfile::tempdir().unwrap();
@@ -248,6 +254,24 @@ async fn explain_live_and_file_pods() {
     assert_eq!(paths.get("/spec/containers/0/env"), Some(&template), "{paths:?}");
     assert_eq!(paths.get("/metadata/labels/tier"), Some(&format!("platform default {default_v2}")), "{paths:?}");
     assert!(Api::<Pod>::namespaced(admin.clone(), TEAM).get_opt("predict").await.unwrap().is_none(), "not created");
+
+    // A shadow ConfigMap key of the same name in the team namespace would hide the PodTemplate
+    // if enforced: explain shows what it would change, and the patch stays the PodTemplate's.
+    let shadow: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "gpu-next", "labels": {"flyte.org/pod-templates": "true"},
+                     "annotations": {"flyte.org/pod-template-mode": "shadow"}},
+        "data": {"gpu": "podSpec: {nodeSelector: {gpu: h100}}"},
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(admin.clone(), TEAM).create(&PostParams::default(), &shadow).await.unwrap();
+    let report = explain_json(kc, &["-n", TEAM, "-f", file.to_str().unwrap()]).await;
+    assert_eq!(patch(&report).get("/spec/nodeSelector"), Some(&template), "a shadow is never applied");
+    assert_eq!(report["shadows"][0]["template"], format!("{TEAM}/gpu-next/gpu"), "{report}");
+    let paths = report["shadows"][0]["outcome"]["evaluated"]["paths"].as_array().unwrap();
+    assert!(paths.contains(&json!("/spec/nodeSelector/gpu")), "{paths:?}");
+    let (_, text, _) = explain(kc, &["-n", TEAM, "-f", file.to_str().unwrap()]).await;
+    assert!(text.contains(&format!("  shadow \"gpu\": {TEAM}/gpu-next/gpu (never applied): would_change: ")), "{text}");
+    Api::<ConfigMap>::namespaced(admin.clone(), TEAM).delete("gpu-next", &Default::default()).await.unwrap();
 
     // (d) A pod without labels: neither entry's objectSelector takes it, and the webhook was not called.
     let before = fixture.reviews.lock().unwrap().get(TEAM).copied().unwrap_or(0);

@@ -13,7 +13,7 @@ use crate::store::EntryState;
 const LISTED_PATHS: usize = 10;
 
 /// What one shadow template would do to the pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ShadowEffect {
     /// `namespace/source/key`, as in the record but without the version.
     pub template: String,
@@ -22,7 +22,8 @@ pub struct ShadowEffect {
     pub outcome: ShadowOutcome,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ShadowOutcome {
     /// The JSON paths of the pod it would change, and the conflicts it would cause (§8).
     Evaluated { paths: Vec<String>, conflicts: Vec<String> },
