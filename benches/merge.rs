@@ -22,6 +22,7 @@
 //! - `environment` the flyte full path with the template chosen by the environment label, the
 //!   same with SPEC §9's task-name rule off, and the pod as Flyte 2 creates it (no label;
 //!   `flyte.org/managed` + `task-name: hello_world.train`), in one run; the summary prints ratios.
+//! - `shadow` the flyte full path without and with one shadow template in reach (SPEC §10).
 //!
 //! Before the benchmarks, each input's size, patch operation count and patch size are printed
 //! (with the operation count `json_patch::diff` would give, for comparison), after checking that
@@ -361,6 +362,7 @@ fn benches(c: &mut Criterion) {
 
     bench_layers(c, &flyte);
     bench_environment(c, &flyte, &store);
+    bench_shadow(c, &flyte);
 
     let mut g = c.benchmark_group("scaling");
     for n in SCALING {
@@ -422,6 +424,30 @@ fn bench_environment(c: &mut Criterion, flyte: &[u8], store: &TemplateIndex) {
     g.finish();
 }
 
+/// What a shadow template costs the pods it reaches (SPEC §10): the flyte pod with its template,
+/// and the same with a shadow of that template in the pod's namespace (evaluated, not applied).
+fn bench_shadow(c: &mut Criterion, flyte: &[u8]) {
+    use pod_template_webhook::template::{Mode, SourceObject};
+    let mut catalog = Catalog::new("flyte");
+    assert!(catalog.apply("flyte", "platform-pod-templates", Some("1"), &example_templates()).is_empty());
+    let plain = catalog.index();
+    let next = BTreeMap::from([(
+        "hello_world".to_owned(),
+        "podSpec: {nodeSelector: {gpu: a100}, containers: [{name: primary, env: [{name: hello, value: next}]}]}"
+            .to_owned(),
+    )]);
+    let object = SourceObject::ConfigMap(&next);
+    assert!(catalog.apply_source("flytesnacks-development", "next", Some("2"), object, Ok(Mode::Shadow)).is_empty());
+    let shadowed = catalog.index();
+    let policy = Policy::default();
+    let decision = admission::mutate(admission::parse_review(flyte).unwrap(), &shadowed, &policy).unwrap();
+    assert_eq!(decision.shadows.iter().map(|s| s.result()).collect::<Vec<_>>(), ["would_change"]);
+    let mut g = c.benchmark_group("shadow");
+    g.bench_function("without", |b| b.iter(|| full_path(black_box(flyte), &plain, &policy)));
+    g.bench_function("with_one_shadow", |b| b.iter(|| full_path(black_box(flyte), &shadowed, &policy)));
+    g.finish();
+}
+
 const SCALING: [usize; 4] = [100, 500, 1500, 3000];
 
 /// Reads criterion's point estimate (mean, ns) for `group/function[/param]`.
@@ -476,6 +502,14 @@ fn summary() {
             label / 1e3,
             off / label,
             task / label
+        );
+    }
+    if let (Some(without), Some(with)) = (estimate(&["shadow", "without"]), estimate(&["shadow", "with_one_shadow"])) {
+        eprintln!(
+            "shadow: without {:.2} us, with one shadow {:.2} us (x{:.2})",
+            without / 1e3,
+            with / 1e3,
+            with / without
         );
     }
     let stages: Vec<String> = ["1_parse_review", "2_merge", "3_diff", "4_mutate", "5_response_body"]
