@@ -18,7 +18,7 @@ mod review;
 mod shadow;
 mod validate;
 use plan::describe_conflict;
-pub use plan::{applied_record, plan, Plan, PlannedLayer, ShadowLayer};
+pub use plan::{applied_record, plan, AppliedRecord, Plan, PlannedLayer, ShadowLayer};
 pub use review::{parse_review, response_body, BadReview, Decision, GroupVersionResource, Request, Response, Status};
 pub use shadow::{shadow_effects, ShadowEffect, ShadowOutcome};
 pub use validate::validate_templates;

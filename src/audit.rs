@@ -13,7 +13,7 @@ use kube::api::{Api, ListParams};
 use kube::Client;
 use serde::Serialize;
 
-use crate::admission::{self, Policy, Requested};
+use crate::admission::{self, AppliedRecord, Policy, Requested};
 use crate::names::Names;
 use crate::store::cluster;
 use crate::store::TemplateStore;
@@ -58,21 +58,6 @@ pub struct Classified {
     pub reason: String,
 }
 
-/// An applied record split into its layers and the rule suffix (`; environment from task-name …`).
-struct Record<'a> {
-    layers: Vec<&'a str>,
-    rule: &'a str,
-}
-
-impl<'a> Record<'a> {
-    fn parse(record: &'a str) -> Self {
-        // Template keys, object names and versions never hold `;` or `,` (ConfigMap keys are
-        // `[-._a-zA-Z0-9]+`, versions are resourceVersions or hashes).
-        let (layers, rule) = record.find("; ").map_or((record, ""), |at| record.split_at(at));
-        Record { layers: layers.split(',').map(str::trim).filter(|l| !l.is_empty()).collect(), rule }
-    }
-}
-
 /// `ns/source/key` of a recorded layer, without its version.
 fn identity(layer: &str) -> &str {
     layer.rsplit_once('@').map_or(layer, |(id, _)| id)
@@ -87,7 +72,7 @@ pub fn classify(meta: &ObjectMeta, store: &dyn TemplateStore, policy: &Policy) -
     let record = meta.annotations.as_ref().and_then(|a| a.get(&names.applied_annotation)).filter(|r| !r.is_empty());
     let now = would_record(meta, namespace, store, policy);
     let now_layers = |now: Option<&str>| -> Vec<String> {
-        Record::parse(now.unwrap_or_default()).layers.into_iter().map(str::to_owned).collect()
+        AppliedRecord::parse(now.unwrap_or_default()).layers.into_iter().map(str::to_owned).collect()
     };
     let Some(record) = record else {
         return match now {
@@ -114,12 +99,12 @@ pub fn classify(meta: &ObjectMeta, store: &dyn TemplateStore, policy: &Policy) -
             },
         };
     };
-    let recorded = Record::parse(record);
+    let recorded = AppliedRecord::parse(record);
     let recorded_layers: Vec<String> = recorded.layers.iter().map(|l| (*l).to_owned()).collect();
     let (class, now, reason) = match now {
         Ok(Some(now)) if now == *record => (Class::Current, now_layers(Some(&now)), String::new()),
         Ok(now) => {
-            let reason = differences(&recorded, &Record::parse(now.as_deref().unwrap_or_default()));
+            let reason = differences(&recorded, &AppliedRecord::parse(now.as_deref().unwrap_or_default()));
             (Class::Outdated, now_layers(now.as_deref()), reason)
         }
         Err(denied) => (Class::Outdated, vec![], format!("would be denied now: {denied}")),
@@ -141,7 +126,7 @@ fn would_record(
 }
 
 /// What changed between a recorded and a current record, layer by layer.
-fn differences(recorded: &Record<'_>, now: &Record<'_>) -> String {
+fn differences(recorded: &AppliedRecord<'_>, now: &AppliedRecord<'_>) -> String {
     let mut out = Vec::new();
     for layer in &recorded.layers {
         match now.layers.iter().find(|n| identity(n) == identity(layer)) {

@@ -168,6 +168,23 @@ pub fn applied_record(layers: &[PlannedLayer], requested: &Requested, names: &Na
     record
 }
 
+/// An applied record read back (`audit`, `explain`): its layers, and the rule suffix
+/// (`; environment from task-name …`) or "".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedRecord<'a> {
+    pub layers: Vec<&'a str>,
+    pub rule: &'a str,
+}
+
+impl<'a> AppliedRecord<'a> {
+    /// The inverse of [`applied_record`]: template keys, object names and versions never hold
+    /// `;` or `,` (ConfigMap keys are `[-._a-zA-Z0-9]+`, versions resourceVersions or hashes).
+    pub fn parse(record: &'a str) -> Self {
+        let (layers, rule) = record.find("; ").map_or((record, ""), |at| record.split_at(at));
+        AppliedRecord { layers: layers.split(',').map(str::trim).filter(|l| !l.is_empty()).collect(), rule }
+    }
+}
+
 pub(super) fn describe_conflict(c: &Conflict, layers: &[PlannedLayer]) -> String {
     let source = |i: usize| &layers[i].entry.source;
     format!(

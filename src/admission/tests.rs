@@ -638,3 +638,24 @@ fn a_shadow_that_sets_less_reports_what_would_be_gone() {
         "the platform's env var would be gone (a pointer into the pod as it is now)"
     );
 }
+
+#[test]
+fn an_applied_record_reads_back_into_its_layers_and_rule() {
+    let policy = Policy { default_template: Some("defaults".into()), ..Policy::default() };
+    let store = index(&[("flyte", "platform", "defaults", "{}"), ("flyte", "platform", "say", "{}")]);
+    let task_named = |r: &mut Value| {
+        let labels = &mut r["request"]["object"]["metadata"]["labels"];
+        labels.as_object_mut().unwrap().remove("flyte.org/environment");
+        labels["task-name"] = json!("say.hello");
+    };
+    let d = decide(&review(task_named), &store, &policy);
+    let record = d.applied.unwrap();
+    assert_eq!(
+        AppliedRecord::parse(&record),
+        AppliedRecord {
+            layers: vec!["flyte/platform/defaults@7", "flyte/platform/say@7"],
+            rule: "; environment from task-name say.hello"
+        }
+    );
+    assert_eq!(AppliedRecord::parse(""), AppliedRecord { layers: vec![], rule: "" });
+}
