@@ -103,7 +103,9 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
         Err(bad) => return Ok(Refusal::from(bad).apply(decision)),
     };
     decision.template = Some(requested.names().join(",")).filter(|n| !n.is_empty());
-    let plan = match plan(&decision.namespace, &requested, store, policy) {
+    // Every lookup of this admission in one index (see TemplateStore::snapshot).
+    let snapshot = store.snapshot();
+    let plan = match plan(&decision.namespace, &requested, &*snapshot, policy) {
         Ok(plan) => plan,
         Err(refusal) => return Ok(refusal.apply(decision)),
     };

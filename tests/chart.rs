@@ -1802,6 +1802,11 @@ impl TemplateStore for LazyStore {
         store.lookup(namespace, name)
     }
 
+    fn snapshot(&self) -> pod_template_webhook::store::Snapshot<'_> {
+        let store = self.0.lock().unwrap().clone().expect("the webhook was called before its store exists");
+        pod_template_webhook::store::Snapshot::Current(store.current())
+    }
+
     fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<pod_template_webhook::store::TemplateEntry>> {
         self.0.lock().unwrap().as_ref()?.lookup_shadow(namespace, name)
     }

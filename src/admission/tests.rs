@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::json;
 
@@ -658,4 +659,60 @@ fn an_applied_record_reads_back_into_its_layers_and_rule() {
         }
     );
     assert_eq!(AppliedRecord::parse(""), AppliedRecord { layers: vec![], rule: "" });
+}
+
+/// A store publishing a new index on every read, like a cluster store under template churn.
+struct Churning {
+    versions: std::sync::Mutex<Vec<Arc<TemplateIndex>>>,
+    snapshots: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::store::TemplateStore for Churning {
+    fn lookup(&self, _: &str, _: &str) -> crate::store::Lookup {
+        panic!("an admission looks up in its snapshot only")
+    }
+
+    fn lookup_shadow(&self, _: &str, _: &str) -> Option<Arc<crate::store::TemplateEntry>> {
+        panic!("an admission looks up in its snapshot only")
+    }
+
+    fn snapshot(&self) -> crate::store::Snapshot<'_> {
+        let n = self.snapshots.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        crate::store::Snapshot::Current(self.versions.lock().unwrap()[n % 2].clone())
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    fn stats(&self) -> crate::store::StoreStats {
+        Default::default()
+    }
+}
+
+#[test]
+fn one_admission_reads_one_index_version() {
+    let version = |v: &str| {
+        let mut c = Catalog::new("flyte");
+        let data = BTreeMap::from([
+            ("defaults".to_owned(), format!("labels: {{defaults: '{v}'}}")),
+            ("hello_world".to_owned(), format!("labels: {{named: '{v}'}}")),
+        ]);
+        c.apply("flyte", "platform", Some(v), &data);
+        Arc::new(c.index())
+    };
+    let store = Churning { versions: std::sync::Mutex::new(vec![version("1"), version("2")]), snapshots: 0.into() };
+    let policy = Policy { default_template: Some("defaults".into()), ..Policy::default() };
+    for expected in ["1", "2", "1"] {
+        let d = decide_with(&review(|_| {}), &store, &policy);
+        assert_eq!(
+            d.applied.as_deref(),
+            Some(&*format!("flyte/platform/defaults@{expected},flyte/platform/hello_world@{expected}"))
+        );
+    }
+    assert_eq!(store.snapshots.load(std::sync::atomic::Ordering::SeqCst), 3, "one snapshot per admission");
+}
+
+fn decide_with(r: &Value, store: &dyn crate::store::TemplateStore, policy: &Policy) -> Decision {
+    mutate(parse_review(&serde_json::to_vec(r).unwrap()).unwrap(), store, policy).unwrap()
 }

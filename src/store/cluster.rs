@@ -96,6 +96,13 @@ impl ClusterStore {
     }
 }
 
+impl ClusterStore {
+    /// The index published last.
+    pub fn current(&self) -> Arc<TemplateIndex> {
+        self.index.load_full()
+    }
+}
+
 impl TemplateStore for ClusterStore {
     fn lookup(&self, namespace: &str, name: &str) -> Lookup {
         self.index.load().lookup(namespace, name)
@@ -103,6 +110,10 @@ impl TemplateStore for ClusterStore {
 
     fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<super::TemplateEntry>> {
         self.index.load().lookup_shadow(namespace, name)
+    }
+
+    fn snapshot(&self) -> super::Snapshot<'_> {
+        super::Snapshot::Current(self.current())
     }
 
     fn is_ready(&self) -> bool {

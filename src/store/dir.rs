@@ -46,6 +46,10 @@ impl TemplateStore for DirStore {
         self.index.lookup_shadow(namespace, name)
     }
 
+    fn snapshot(&self) -> super::Snapshot<'_> {
+        super::Snapshot::Fixed(&self.index)
+    }
+
     fn is_ready(&self) -> bool {
         true
     }

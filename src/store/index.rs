@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Lookup, StoreStats, TemplateEntry, TemplateStore};
+use super::{Lookup, Snapshot, StoreStats, TemplateEntry, TemplateStore};
 
 /// An immutable snapshot of all templates, keyed by namespace then template name.
 #[derive(Debug, Default)]
@@ -58,6 +58,10 @@ impl TemplateStore for TemplateIndex {
 
     fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<TemplateEntry>> {
         TemplateIndex::lookup_shadow(self, namespace, name)
+    }
+
+    fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot::Fixed(self)
     }
 
     fn is_ready(&self) -> bool {

@@ -23,10 +23,31 @@ pub trait TemplateStore: Send + Sync {
     /// The shadow template (§10) `name` that would serve a pod in `namespace` if shadow sources
     /// were enforced; `None` when there is none or an enforced one would still win.
     fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<TemplateEntry>>;
+    /// One consistent view of the templates: an admission takes one and makes every lookup in
+    /// it, so a template update in between can never give one pod layers of two versions.
+    fn snapshot(&self) -> Snapshot<'_>;
     /// True once the templates have been loaded (the initial list, in a cluster).
     fn is_ready(&self) -> bool;
     /// Counts for metrics and readiness.
     fn stats(&self) -> StoreStats;
+}
+
+/// An index an admission reads from start to end: a fixed one borrowed, or the current one of a
+/// store that publishes new ones, held for as long as the admission runs.
+pub enum Snapshot<'a> {
+    Fixed(&'a TemplateIndex),
+    Current(Arc<TemplateIndex>),
+}
+
+impl std::ops::Deref for Snapshot<'_> {
+    type Target = TemplateIndex;
+
+    fn deref(&self) -> &TemplateIndex {
+        match self {
+            Snapshot::Fixed(index) => index,
+            Snapshot::Current(index) => index,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
