@@ -78,6 +78,15 @@ async fn create(admin: &kube::Client, name: &str, env: &str) -> (Value, Vec<Stri
     (serde_json::from_slice(&body).unwrap(), warnings)
 }
 
+/// Waits until the webhook holds `key` of `config_map` (at its version) as a shadow template.
+async fn shadow_loaded(store: &dyn TemplateStore, key: &str, config_map: &ConfigMap) {
+    let version = config_map.resource_version();
+    support::wait_for("the shadow is loaded", LIMIT, || {
+        store.lookup_shadow(TEAM, key).is_some_and(|e| Some(&e.source.version) == version.as_ref())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_templates_through_the_api_server() {
     let fixture = support::fixture("e2e-shadow", |api, rt| rt.block_on(start(api)));
@@ -91,12 +100,7 @@ async fn shadow_templates_through_the_api_server() {
     let base = platform.create(&pp, &config_map("base", None, "gpu", "labels: {team: ml}")).await.unwrap();
     let next = "labels: {team: ml}\npodSpec:\n  nodeSelector: {gpu: a100}\n  containers:\n  - {name: primary, env: [{name: TZ, value: UTC}]}\n";
     let next = team.create(&pp, &config_map("gpu-next", Some("shadow"), "gpu", next)).await.unwrap();
-    support::wait_for("the shadow is loaded", LIMIT, || {
-        store
-            .lookup_shadow(TEAM, "gpu")
-            .is_some_and(|e| Some(&e.source.version) == next.metadata.resource_version.as_ref())
-    })
-    .await;
+    shadow_loaded(&*store, "gpu", &next).await;
     let (pod, warnings) = create(&admin, "tried", "gpu").await;
     let applied = pod["metadata"]["annotations"]["flyte.org/pod-template-applied"].as_str().unwrap();
     assert_eq!(applied, format!("flyte/base/gpu@{}", base.resource_version().unwrap()), "only the enforced layer");
@@ -113,12 +117,7 @@ async fn shadow_templates_through_the_api_server() {
 
     // A broken shadow template never denies, whatever the policy says of broken templates.
     let etl = team.create(&pp, &config_map("etl-next", Some("shadow"), "etl", "podSpec: [")).await.unwrap();
-    support::wait_for("the broken shadow is loaded", LIMIT, || {
-        store
-            .lookup_shadow(TEAM, "etl")
-            .is_some_and(|e| Some(&e.source.version) == etl.metadata.resource_version.as_ref())
-    })
-    .await;
+    shadow_loaded(&*store, "etl", &etl).await;
     let (pod, warnings) = create(&admin, "etl", "etl").await;
     assert!(pod["metadata"]["annotations"].get("flyte.org/pod-template-applied").is_none(), "{pod}");
     assert!(
