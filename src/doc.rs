@@ -89,9 +89,12 @@ pub enum Node<'a> {
 /// The text of a request's object, checked by serde_json, with the position of every
 /// bracket's match, found in one pass. Opening a level then skips each nested value in one
 /// lookup instead of scanning it: each byte is scanned about once, however deep the merge goes.
-#[derive(Debug)]
+///
+/// A template keeps its podSpec as an owned document (`Document<'static>`) of canonical JSON:
+/// a fraction of the memory of a `serde_json::Value` tree, read by the merge the same way.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Document<'a> {
-    text: &'a str,
+    text: Cow<'a, str>,
     /// (opening, closing) byte offsets of every `{}` and `[]` pair, by opening offset.
     pairs: Vec<(u32, u32)>,
 }
@@ -103,11 +106,22 @@ impl<'a> Document<'a> {
 
     /// Any text: what is not valid JSON just fails to open (the tests feed it broken text).
     pub(crate) fn over(text: &'a str) -> Self {
-        Document { text, pairs: bracket_pairs(text.as_bytes()).unwrap_or_default() }
+        Document { pairs: bracket_pairs(text.as_bytes()).unwrap_or_default(), text: Cow::Borrowed(text) }
+    }
+
+    /// A document owning its text (valid JSON, as serde_json writes it).
+    pub fn owned(text: String) -> Document<'static> {
+        let mut pairs = bracket_pairs(text.as_bytes()).unwrap_or_default();
+        pairs.shrink_to_fit();
+        Document { text: Cow::Owned(text), pairs }
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
     }
 
     pub fn root(&self) -> Node<'_> {
-        Node::Raw(Raw { text: self.text, doc: self })
+        Node::Raw(Raw { text: &self.text, doc: self })
     }
 
     /// The offset after the bracket matching the one at `open`.
@@ -294,6 +308,15 @@ impl<'a> Object<'a> {
             }
             self.entries = unique.entries;
         }
+    }
+}
+
+impl<'a> IntoIterator for Object<'a> {
+    type Item = (Cow<'a, str>, Node<'a>);
+    type IntoIter = std::vec::IntoIter<(Cow<'a, str>, Node<'a>)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.into_iter()
     }
 }
 

@@ -356,13 +356,13 @@ impl Gen {
             })
             .collect();
         let mut mutations = vec![concat(&meta_terms)];
-        if !t.pod_spec.is_empty() {
+        if t.has_pod_spec() {
             for list in [containers(t), init_containers(t)] {
                 mutations.extend(self.container_list(t, &list));
             }
             let spec = At { cel: "object.spec".into(), path: Pointer::fixed("/spec"), map: false };
             let terms: Vec<String> = t
-                .pod_spec
+                .pod_spec()
                 .iter()
                 .filter(|(key, _)| !matches!(key.as_str(), "containers" | "initContainers"))
                 .map(|(key, base)| self.fill_field(&spec, key, base, Ctx::PodSpec))
@@ -389,8 +389,9 @@ impl Gen {
 
     /// Fills the pod's containers of one list from the template's, then adds the template's others.
     fn container_list(&mut self, t: &PodTemplate, list: &ContainerList) -> Vec<String> {
+        let spec = t.pod_spec();
         let templates: &[Value] =
-            t.pod_spec.get(list.rule.field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            spec.get(list.rule.field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         if templates.is_empty() {
             return Vec::new();
         }
@@ -627,7 +628,7 @@ fn default_pull_policy(image: &str) -> String {
 fn containers(t: &PodTemplate) -> ContainerList {
     // §4 "Primary container of the pod", on the merged annotations (the metadata mutation ran).
     let sidecars: Vec<String> =
-        t.container_names("containers").into_iter().filter(|n| !t.is_reserved_name(n)).collect();
+        t.container_names("containers").iter().filter(|n| !t.is_reserved_name(n)).cloned().collect();
     let sidecars = cel_list(&sidecars);
     let annotation = |key: &str| {
         let (has, value) = map_entry("object.metadata.annotations", key);
@@ -651,7 +652,7 @@ fn containers(t: &PodTemplate) -> ContainerList {
 
 fn init_containers(t: &PodTemplate) -> ContainerList {
     // The pod's first init container the template does not define by name.
-    let defined = cel_list(&t.container_names("initContainers"));
+    let defined = cel_list(t.container_names("initContainers"));
     let primary = format!(
         "(has(object.spec.initContainers) && object.spec.initContainers.exists(x, !(x.name in {defined})) ? \
          object.spec.initContainers.filter(x, !(x.name in {defined}))[0].name : \"\")"
@@ -665,13 +666,13 @@ fn with_default(t: &PodTemplate, list: &ContainerList, container: &Value, defaul
     let Some(default) = default else {
         return container.clone();
     };
-    let only_default = PodTemplate {
-        primary_container_name: t.primary_container_name.clone(),
-        primary_container_name_set: t.primary_container_name_set,
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        pod_spec: Map::from_iter([(list.rule.field.to_owned(), json!([default]))]),
-    };
+    let only_default = PodTemplate::new(
+        t.primary_container_name.clone(),
+        t.primary_container_name_set,
+        BTreeMap::new(),
+        BTreeMap::new(),
+        Map::from_iter([(list.rule.field.to_owned(), json!([default]))]),
+    );
     let pod = json!({"metadata": {}, "spec": {list.rule.field: [container]}});
     merge_pod(&pod, &only_default).pod["spec"][list.rule.field][0].clone()
 }

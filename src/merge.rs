@@ -43,9 +43,26 @@ pub fn merge_pod(pod: &Value, template: &PodTemplate) -> Merged {
     Merged { pod: doc.to_value(), warnings }
 }
 
+/// [`merge_pod`] with the template's podSpec read as a `serde_json::Value` tree, as templates
+/// were kept before they became canonical JSON text: the oracle of the differential tests
+/// (`tests/merge_props.rs`, the `merge_patch` fuzz target) that the compact form merges the same.
+pub fn merge_pod_reference(pod: &Value, template: &PodTemplate) -> Merged {
+    let spec = Value::Object(template.pod_spec());
+    let raw = RawValue::from_string(pod.to_string()).expect("a Value serializes to valid JSON");
+    let document = Document::new(&raw);
+    let mut doc = document.root();
+    let warnings = merge_spec(&mut doc, template, &Node::Value(Cow::Borrowed(&spec)));
+    Merged { pod: doc.to_value(), warnings }
+}
+
 /// Merges `template` into the pod document `pod`, in place; returns the warnings. Only the
 /// parts of the pod the template touches are opened; values are borrowed from the template.
 pub fn merge<'a>(pod: &mut Node<'a>, template: &'a PodTemplate) -> Vec<String> {
+    merge_spec(pod, template, &template.spec())
+}
+
+/// [`merge`] with the template's podSpec given as `pod_spec`.
+fn merge_spec<'a>(pod: &mut Node<'a>, template: &'a PodTemplate, pod_spec: &Node<'a>) -> Vec<String> {
     let mut warnings = Vec::new();
     let Some(root) = pod.as_object_mut() else {
         return warnings;
@@ -60,7 +77,7 @@ pub fn merge<'a>(pod: &mut Node<'a>, template: &'a PodTemplate) -> Vec<String> {
     let annotations = meta.get("annotations");
     let named = [DEFAULT_CONTAINER_ANNOTATION, PRIMARY_CONTAINER_ANNOTATION].map(|k| annotations?.str_field(k));
 
-    if !template.pod_spec.is_empty() {
+    if template.has_pod_spec() {
         let spec = root.object_entry("spec");
         // Opened once here: names are read several times below, and most containers get filled.
         for field in ["containers", "initContainers"] {
@@ -68,16 +85,17 @@ pub fn merge<'a>(pod: &mut Node<'a>, template: &'a PodTemplate) -> Vec<String> {
                 c.as_object_mut();
             }
         }
+        let template_spec = entries(pod_spec);
         let primary = primary_container(spec, &named, &pod_name, template);
-        ContainerList::containers(primary.as_deref()).merge(spec, template, &mut warnings);
+        ContainerList::containers(primary.as_deref()).merge(spec, template, &template_spec, &mut warnings);
         let primary_init = primary_init_container(spec, template);
-        ContainerList::init_containers(primary_init.as_deref()).merge(spec, template, &mut warnings);
+        ContainerList::init_containers(primary_init.as_deref()).merge(spec, template, &template_spec, &mut warnings);
 
-        for (key, base) in &template.pod_spec {
-            if matches!(key.as_str(), "containers" | "initContainers") {
+        for (key, base) in template_spec {
+            if matches!(&*key, "containers" | "initContainers") {
                 continue;
             }
-            fill_field(spec, key, base, Ctx::PodSpec);
+            fill_field(spec, key, &base, Ctx::PodSpec);
         }
     }
     warnings
@@ -90,73 +108,87 @@ fn is_api_default(ctx: Ctx, key: &str, value: &Value, owner: &Object<'_>) -> boo
     api_default(ctx, key, image).is_some_and(|default| *value == default)
 }
 
+/// The entries of a template object (one level of its text, split), or none.
+fn entries<'a>(node: &Node<'a>) -> Object<'a> {
+    node.entries().map(Cow::into_owned).unwrap_or_default()
+}
+
+/// The elements of a template array (one level of its text, split), or none.
+fn elements<'a>(node: &Node<'a>) -> Vec<Node<'a>> {
+    node.elements().map(Cow::into_owned).unwrap_or_default()
+}
+
 /// Fills `owner[key]` from the template's `base`, the pod's value winning.
-fn fill_field<'a>(owner: &mut Object<'a>, key: &'a str, base: &'a Value, ctx: Ctx) {
-    let replace = match owner.get(key) {
+fn fill_field<'a>(owner: &mut Object<'a>, key: Cow<'a, str>, base: &Node<'a>, ctx: Ctx) {
+    let replace = match owner.get(&key) {
         None => true,
         Some(v) => match v.kind() {
             Kind::Null => true,
             Kind::Object | Kind::Array => false,
             _ => {
                 let v = v.to_value();
-                is_api_default(ctx, key, &v, owner) && v != *base
+                is_api_default(ctx, &key, &v, owner) && *base != v
             }
         },
     };
     if replace {
-        owner.insert(key, Node::Value(Cow::Borrowed(base)));
+        owner.insert(key, base.clone());
         return;
     }
-    let Some(overlay) = owner.get_mut(key) else {
+    let Some(overlay) = owner.get_mut(&key) else {
         return;
     };
-    match base {
-        Value::Object(b) if !b.is_empty() => {
-            if let Some(o) = overlay.as_object_mut() {
-                let child = ctx.child(key);
+    match base.kind() {
+        Kind::Object => {
+            let b = entries(base);
+            if let (false, Some(o)) = (b.is_empty(), overlay.as_object_mut()) {
+                let child = ctx.child(&key);
                 for (k, bv) in b {
-                    fill_field(o, k, bv, child);
+                    fill_field(o, k, &bv, child);
                 }
             }
         }
-        Value::Array(b) if !b.is_empty() => {
-            if let Some(o) = overlay.as_array_mut() {
-                merge_list(o, b, list_rule(key));
+        Kind::Array => {
+            let b = elements(base);
+            if let (false, Some(o)) = (b.is_empty(), overlay.as_array_mut()) {
+                merge_list(o, b, list_rule(&key));
             }
         }
         _ => {}
     }
 }
 
-fn merge_list<'a>(overlay: &mut Vec<Node<'a>>, base: &'a [Value], rule: ListRule) {
+fn merge_list<'a>(overlay: &mut Vec<Node<'a>>, base: Vec<Node<'a>>, rule: ListRule) {
     // The pod's entries as values, for the (rare) comparisons of whole entries.
     let mut existing: Option<Vec<Value>> = None;
     let mut contains =
         |b: &Value| existing.get_or_insert_with(|| overlay.iter().map(Node::to_value).collect()).contains(b);
-    let added: Vec<&'a Value> = match rule {
-        ListRule::Atomic if overlay.is_empty() => base.iter().collect(),
+    let added: Vec<Node<'a>> = match rule {
+        ListRule::Atomic if overlay.is_empty() => base,
         ListRule::Atomic => return,
         ListRule::Keyed(key) => {
             let mut seen: HashSet<String> = overlay.iter().filter_map(|o| key.of(o)).collect();
-            base.iter()
-                .filter(|b| match key.of(&Node::Value(Cow::Borrowed(b))) {
+            base.into_iter()
+                .filter(|b| match key.of(b) {
                     Some(k) => seen.insert(k),
-                    None => !contains(b),
+                    None => !contains(&b.to_value()),
                 })
                 .collect()
         }
         ListRule::Union => {
-            let mut added: Vec<&'a Value> = Vec::new();
+            let (mut added, mut added_values) = (Vec::new(), Vec::new());
             for b in base {
-                if !contains(b) && !added.contains(&b) {
+                let value = b.to_value();
+                if !contains(&value) && !added_values.contains(&value) {
                     added.push(b);
+                    added_values.push(value);
                 }
             }
             added
         }
     };
     if !added.is_empty() {
-        overlay.splice(0..0, added.into_iter().map(|v| Node::Value(Cow::Borrowed(v))));
+        overlay.splice(0..0, added);
     }
 }
 
@@ -229,18 +261,25 @@ impl<'a> ContainerList<'a> {
         ContainerList { rule: &rules::INIT_CONTAINERS, primary }
     }
 
-    fn merge<'t>(&self, spec: &mut Object<'t>, t: &'t PodTemplate, warnings: &mut Vec<String>) {
+    fn merge<'t>(
+        &self,
+        spec: &mut Object<'t>,
+        t: &'t PodTemplate,
+        template_spec: &Object<'t>,
+        warnings: &mut Vec<String>,
+    ) {
         let field = self.rule.field;
-        let templates: &'t [Value] =
-            t.pod_spec.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        let templates = template_spec.get(field).map(elements).unwrap_or_default();
         if templates.is_empty() {
             return;
         }
-        let find = |name: &str| templates.iter().find(|c| c.get("name").and_then(Value::as_str) == Some(name));
+        // Every template container has a name (validated), so the names match the list.
+        let names = t.container_names(field);
+        let find = |name: &str| names.iter().position(|n| n == name).map(|i| &templates[i]);
         let default = find(self.rule.default_name);
         let primary_template = find(self.rule.primary_template(t));
 
-        let added = self.to_add(spec, t, templates, default, warnings);
+        let added = self.to_add(spec, t, &templates, default, warnings);
         if !spec.contains_key(field) {
             spec.insert(field, Node::empty_array());
         }
@@ -278,8 +317,8 @@ impl<'a> ContainerList<'a> {
         &self,
         spec: &Object<'t>,
         t: &'t PodTemplate,
-        templates: &'t [Value],
-        default: Option<&'t Value>,
+        templates: &[Node<'t>],
+        default: Option<&Node<'t>>,
         warnings: &mut Vec<String>,
     ) -> Vec<Node<'t>> {
         let (field, other) = (self.rule.field, self.rule.other);
@@ -287,24 +326,23 @@ impl<'a> ContainerList<'a> {
         // Container names are unique across both lists of a pod.
         let other_names = container_names(spec, other);
         let mut added = Vec::new();
-        for tc in templates {
-            let name = tc.get("name").and_then(Value::as_str).unwrap_or_default();
-            if t.is_reserved_name(name) || own_names.iter().any(|n| n == name) {
+        for (tc, name) in templates.iter().zip(t.container_names(field)) {
+            if t.is_reserved_name(name) || own_names.contains(name) {
                 continue;
             }
-            if other_names.iter().any(|n| n == name) {
+            if other_names.contains(name) {
                 warnings.push(format!(
                     "template container {name:?} not added to {field}: the pod has a container of that name in {other}"
                 ));
                 continue;
             }
-            if tc.get("image").and_then(Value::as_str).is_none_or(str::is_empty) {
+            if tc.str_field("image").is_none_or(|image| image.is_empty()) {
                 warnings.push(format!(
                     "template container {name:?} matches no container of the pod and has no image: not added"
                 ));
                 continue;
             }
-            let mut sidecar = Node::Value(Cow::Borrowed(tc));
+            let mut sidecar = tc.clone();
             if let (Some(c), Some(default)) = (sidecar.as_object_mut(), default) {
                 fill_object(c, default);
             }
@@ -315,12 +353,10 @@ impl<'a> ContainerList<'a> {
 }
 
 /// Fills a container from a template container (all fields but `name`).
-fn fill_object<'a>(overlay: &mut Object<'a>, base: &'a Value) {
-    if let Some(b) = base.as_object() {
-        for (k, bv) in b {
-            if k != "name" {
-                fill_field(overlay, k, bv, Ctx::Container);
-            }
+fn fill_object<'a>(overlay: &mut Object<'a>, base: &Node<'a>) {
+    for (k, bv) in entries(base) {
+        if k != "name" {
+            fill_field(overlay, k, &bv, Ctx::Container);
         }
     }
 }

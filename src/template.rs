@@ -9,6 +9,8 @@ use std::fmt;
 use k8s_openapi::api::core::v1::PodSpec;
 use serde_json::{Map, Value};
 
+use crate::doc::{Document, Node};
+
 mod configmap;
 mod podtemplate;
 mod source;
@@ -28,9 +30,14 @@ pub struct PodTemplate {
     pub primary_container_name_set: bool,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
-    /// A (possibly partial) core/v1 PodSpec, validated against the typed model and kept as JSON:
-    /// the merge works on JSON so that fields the pod carries are never lost in a typed round trip.
-    pub pod_spec: Map<String, Value>,
+    /// A (possibly partial) core/v1 PodSpec, validated against the typed model and kept as
+    /// canonical JSON (keys sorted, no whitespace) with its bracket pairs: the merge reads it
+    /// as it reads the pod ([`crate::doc`]), and a template costs about its own size in memory
+    /// instead of the ~15x of a `serde_json::Value` tree (a B-tree node per object).
+    spec: Document<'static>,
+    /// The names of the template's `containers` and `initContainers`, in order: read once here,
+    /// asked for several times by every merge.
+    container_names: [Vec<String>; 2],
 }
 
 /// Whether a source's templates are applied (SPEC §10): the source object's mode annotation.
@@ -125,10 +132,57 @@ pub enum TemplateError {
 }
 
 impl PodTemplate {
-    /// The names of the template's containers in `field` (`containers`, `initContainers`).
-    pub fn container_names(&self, field: &str) -> Vec<String> {
-        let list = self.pod_spec.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-        list.iter().filter_map(|c| c.get("name")?.as_str().map(str::to_owned)).collect()
+    /// A template from its parts; `pod_spec` must be validated already ([`validate_pod_spec`]).
+    pub fn new(
+        primary_container_name: String,
+        primary_container_name_set: bool,
+        labels: BTreeMap<String, String>,
+        annotations: BTreeMap<String, String>,
+        pod_spec: Map<String, Value>,
+    ) -> Self {
+        let names = |field: &str| {
+            let list = pod_spec.get(field).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            list.iter().filter_map(|c| c.get("name")?.as_str().map(str::to_owned)).collect()
+        };
+        let container_names = [names("containers"), names("initContainers")];
+        // Exactly as long as the text: templates are kept for as long as they serve.
+        let text = String::from(Value::Object(pod_spec).to_string().into_boxed_str());
+        PodTemplate {
+            primary_container_name,
+            primary_container_name_set,
+            labels,
+            annotations,
+            spec: Document::owned(text),
+            container_names,
+        }
+    }
+
+    /// The podSpec as a document node, for the merge.
+    pub fn spec(&self) -> Node<'_> {
+        self.spec.root()
+    }
+
+    /// The podSpec as a value: for tools, tests and composing layers, not the one-template path.
+    pub fn pod_spec(&self) -> Map<String, Value> {
+        match serde_json::from_str(self.spec.text()) {
+            Ok(Value::Object(map)) => map,
+            _ => unreachable!("the spec is the JSON text of a map, written by serde_json"),
+        }
+    }
+
+    /// True when the template has a podSpec with any field.
+    pub fn has_pod_spec(&self) -> bool {
+        self.spec.text() != "{}"
+    }
+
+    /// The names of the template's containers in `field` (`containers`, `initContainers`), in
+    /// the order of the list.
+    pub fn container_names(&self, field: &str) -> &[String] {
+        match field {
+            "containers" => &self.container_names[0],
+            "initContainers" => &self.container_names[1],
+            _ => &[],
+        }
     }
 
     /// Container names with a meaning of their own; never added to a pod as containers (§4).
@@ -271,20 +325,20 @@ mod tests {
         let t = PodTemplate::parse(r#"{"labels": {"a": "b"}, "podSpec": {"nodeSelector": {"gpu": "true"}}}"#).unwrap();
         assert_eq!(t.primary_container_name, "primary");
         assert_eq!(t.labels["a"], "b");
-        assert_eq!(t.pod_spec["nodeSelector"]["gpu"], "true");
+        assert_eq!(t.pod_spec()["nodeSelector"]["gpu"], "true");
     }
 
     #[test]
     fn empty_known_fields_are_not_unknown() {
         let t = PodTemplate::parse("podSpec: {securityContext: {}, containers: [{name: p, env: [], resources: {}}]}")
             .unwrap();
-        assert_eq!(t.pod_spec["containers"][0]["env"], serde_json::json!([]));
+        assert_eq!(t.pod_spec()["containers"][0]["env"], serde_json::json!([]));
     }
 
     #[test]
     fn empty_template_is_valid() {
         let t = PodTemplate::parse("{}").unwrap();
-        assert!(t.pod_spec.is_empty() && t.labels.is_empty());
+        assert!(t.pod_spec().is_empty() && t.labels.is_empty());
     }
 
     #[test]
@@ -317,8 +371,8 @@ mod tests {
             "podSpec: {containers: [{name: p, resources: {limits: {nvidia.com/gpu: 1, cpu: 0.5}}}]}",
         )
         .unwrap();
-        assert_eq!(t.pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], "1");
-        assert_eq!(t.pod_spec["containers"][0]["resources"]["limits"]["cpu"], "0.5");
+        assert_eq!(t.pod_spec()["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], "1");
+        assert_eq!(t.pod_spec()["containers"][0]["resources"]["limits"]["cpu"], "0.5");
     }
 
     #[test]
@@ -410,11 +464,11 @@ mod tests {
              containers: [{name: p, ports: [{containerPort: 8080.0}], resources: {limits: {cpu: 2.0, memory: 0.5}}}]}",
         )
         .unwrap();
-        assert_eq!(t.pod_spec["activeDeadlineSeconds"], serde_json::json!(3600));
-        assert_eq!(t.pod_spec["tolerations"][0]["tolerationSeconds"], serde_json::json!(300));
-        assert_eq!(t.pod_spec["containers"][0]["ports"][0]["containerPort"], serde_json::json!(8080));
+        assert_eq!(t.pod_spec()["activeDeadlineSeconds"], serde_json::json!(3600));
+        assert_eq!(t.pod_spec()["tolerations"][0]["tolerationSeconds"], serde_json::json!(300));
+        assert_eq!(t.pod_spec()["containers"][0]["ports"][0]["containerPort"], serde_json::json!(8080));
         assert_eq!(
-            t.pod_spec["containers"][0]["resources"]["limits"],
+            t.pod_spec()["containers"][0]["resources"]["limits"],
             serde_json::json!({"cpu": "2", "memory": "0.5"})
         );
         let err = PodTemplate::parse("podSpec: {terminationGracePeriodSeconds: 30.5}").unwrap_err().to_string();

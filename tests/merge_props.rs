@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use k8s_openapi::api::core::v1::Pod;
 use pod_template_webhook::admission::{mutate, parse_review, Policy};
-use pod_template_webhook::merge::{compose, merge_pod, Layer, Role};
+use pod_template_webhook::merge::{compose, merge_pod, merge_pod_reference, Layer, Role};
 use pod_template_webhook::store::Catalog;
 use pod_template_webhook::template::PodTemplate;
 use proptest::prelude::*;
@@ -141,6 +141,13 @@ proptest! {
     #[test]
     fn patch_applies_merge_is_idempotent_and_result_is_a_valid_pod(pod in pod(), text in template()) {
         let template = PodTemplate::parse(&text).unwrap();
+
+        // The compact template (canonical JSON text) merges exactly as its value tree: the
+        // same pod, the same warnings.
+        let compact = merge_pod(&pod, &template);
+        let reference = merge_pod_reference(&pod, &template);
+        prop_assert_eq!(serde_json::to_string(&compact.pod).unwrap(), serde_json::to_string(&reference.pod).unwrap());
+        prop_assert_eq!(&compact.warnings, &reference.warnings);
 
         // Idempotence of the pure merge.
         let once = merge_pod(&pod, &template).pod;

@@ -67,7 +67,7 @@ fn scalars_mean_what_the_golden_table_says() {
     );
     for s in SCALARS {
         let value = outcome(yaml::from_str::<Value>(&format!("v: {s}\n")).map(|v| v["v"].clone()));
-        let template = |field: &str| PodTemplate::parse(&format!("podSpec:\n  {field}\n")).map(|t| t.pod_spec);
+        let template = |field: &str| PodTemplate::parse(&format!("podSpec:\n  {field}\n")).map(|t| t.pod_spec());
         let env = outcome(
             template(&format!("containers: [{{name: primary, env: [{{name: A, value: {s}}}]}}]"))
                 .map(|spec| spec["containers"][0]["env"][0]["value"].clone()),

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use pod_template_webhook::admission::{mutate, parse_review, response_body, Decision, Policy};
 use pod_template_webhook::doc::{check, Document};
-use pod_template_webhook::merge::{compose, merge, merge_pod, Layer, Role};
+use pod_template_webhook::merge::{compose, merge, merge_pod, merge_pod_reference, Layer, Role};
 use pod_template_webhook::names::Names;
 use pod_template_webhook::patch;
 use pod_template_webhook::store::dir::DirStore;
@@ -141,6 +141,9 @@ pub fn merge_patch(data: &[u8]) -> bool {
 
     // The plain path.
     let merged = merge_pod(&pod, &composition.template).pod;
+    // The template kept as canonical JSON text merges exactly as its value tree did.
+    let reference = merge_pod_reference(&pod, &composition.template);
+    assert_eq!(bytes(&reference.pod), bytes(&merged), "the compact template merges another pod than its value tree");
     let mut plain = pod.clone();
     json_patch::patch(&mut plain, &json_patch::diff(&pod, &merged)).expect("json_patch's diff applies");
     assert_eq!(bytes(&plain), bytes(&merged));

@@ -60,15 +60,9 @@ pub fn compose<'t>(layers: &[Layer<'t>]) -> Composition<'t> {
     // The highest layer that names the primary container decides its name for all layers: each
     // layer's own primary container is that container.
     let named_primary = layers.iter().rev().map(|l| l.template).find(|t| t.primary_container_name_set);
-    let mut out = PodTemplate {
-        primary_container_name: named_primary
-            .map_or(DEFAULT_PRIMARY_CONTAINER_NAME, |t| t.primary_container_name.as_str())
-            .to_owned(),
-        primary_container_name_set: named_primary.is_some(),
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-        pod_spec: Map::new(),
-    };
+    let primary_container_name =
+        named_primary.map_or(DEFAULT_PRIMARY_CONTAINER_NAME, |t| t.primary_container_name.as_str()).to_owned();
+    let (mut labels, mut annotations, mut pod_spec) = (BTreeMap::new(), BTreeMap::new(), Map::new());
     let mut c = Composer { track: layers.iter().filter(|l| l.role == Role::Named).count() >= 2, ..Composer::default() };
     let mut named_primary_so_far: Option<(usize, &str)> = None;
     for (i, layer) in layers.iter().enumerate() {
@@ -82,25 +76,26 @@ pub fn compose<'t>(layers: &[Layer<'t>]) -> Composition<'t> {
             }
             named_primary_so_far = Some((i, name));
         }
-        c.string_map(&mut out.labels, &t.labels, "metadata.labels");
-        c.string_map(&mut out.annotations, &t.annotations, "metadata.annotations");
-        let spec = with_primary_named(t, &out.primary_container_name);
+        c.string_map(&mut labels, &t.labels, "metadata.labels");
+        c.string_map(&mut annotations, &t.annotations, "metadata.annotations");
+        let spec = with_primary_named(t, &primary_container_name);
         c.push(|p| p.push_str("spec"));
-        c.object(&mut out.pod_spec, &spec);
+        c.object(&mut pod_spec, &spec);
         c.pop();
     }
+    let set = named_primary.is_some();
+    let out = PodTemplate::new(primary_container_name, set, labels, annotations, pod_spec);
     Composition { template: Cow::Owned(out), conflicts: c.conflicts }
 }
 
 /// The layer's podSpec with its primary container renamed to the composition's primary name.
 /// A container already carrying that name is folded under it (the layer's primary wins).
-fn with_primary_named<'t>(t: &'t PodTemplate, primary: &str) -> Cow<'t, Map<String, Value>> {
+fn with_primary_named(t: &PodTemplate, primary: &str) -> Map<String, Value> {
     let own = t.primary_container_name.as_str();
-    let containers = t.pod_spec.get("containers").and_then(Value::as_array);
-    if own == primary || !containers.is_some_and(|l| l.iter().any(named(own))) {
-        return Cow::Borrowed(&t.pod_spec);
+    let mut spec = t.pod_spec();
+    if own == primary || !t.container_names("containers").iter().any(|n| n == own) {
+        return spec;
     }
-    let mut spec = t.pod_spec.clone();
     let list = spec.get_mut("containers").and_then(Value::as_array_mut).expect("checked above");
     let at = list.iter().position(named(own)).expect("checked above");
     let mut renamed = list.remove(at);
@@ -113,7 +108,7 @@ fn with_primary_named<'t>(t: &'t PodTemplate, primary: &str) -> Cow<'t, Map<Stri
         renamed = folded;
     }
     list.insert(at.min(list.len()), renamed);
-    Cow::Owned(spec)
+    spec
 }
 
 fn named(name: &str) -> impl Fn(&Value) -> bool + '_ {

@@ -273,7 +273,7 @@ mod a_new_row {
 
     fn template(entries: Value) -> PodTemplate {
         let pod_spec: Map<String, Value> = [("testKeyedList".to_owned(), entries)].into_iter().collect();
-        PodTemplate { pod_spec, ..PodTemplate::parse("{}").unwrap() }
+        PodTemplate::new("primary".into(), false, Default::default(), Default::default(), pod_spec)
     }
 
     #[test]

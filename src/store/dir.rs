@@ -131,7 +131,7 @@ mod tests {
         assert!(entry.source.to_string().starts_with("flyte/podtemplate:gpu/gpu@sha256:"), "{}", entry.source);
         let EntryState::Ready(t) = &entry.state else { panic!("{entry:?}") };
         assert_eq!((t.primary_container_name.as_str(), t.labels["team"].as_str()), ("main", "ml"));
-        assert_eq!(t.pod_spec["containers"][0]["env"][0]["name"], "A");
+        assert_eq!(t.pod_spec()["containers"][0]["env"][0]["name"], "A");
         assert!(store.lookup("other", "tenant").entry.is_none());
         assert!(matches!(store.lookup("team", "tenant").entry.unwrap().state, EntryState::Ready(_)));
         assert!(matches!(store.lookup("team", "broken").entry.unwrap().state, EntryState::Broken(_)), "an error entry");

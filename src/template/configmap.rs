@@ -66,12 +66,12 @@ impl PodTemplate {
                 return Err(TemplateError::Syntax(format!("podSpec must be a mapping, found {}", kind_of(&other))))
             }
         };
-        Ok(PodTemplate {
+        Ok(PodTemplate::new(
             primary_container_name,
             primary_container_name_set,
-            labels: labels.unwrap_or_default(),
-            annotations: annotations.unwrap_or_default(),
+            labels.unwrap_or_default(),
+            annotations.unwrap_or_default(),
             pod_spec,
-        })
+        ))
     }
 }

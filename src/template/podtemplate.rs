@@ -94,13 +94,13 @@ pub(super) fn parse_pod_template_object(object: &Value) -> Result<PodTemplate, T
         }
         Some(_) => return Err(field_error("template.spec", "must be a mapping")),
     };
-    Ok(PodTemplate {
-        primary_container_name_set: named_primary.is_some(),
-        primary_container_name: named_primary.unwrap_or_else(|| DEFAULT_PRIMARY_CONTAINER_NAME.to_owned()),
-        labels: labels.unwrap_or_default(),
-        annotations: annotations.unwrap_or_default(),
+    Ok(PodTemplate::new(
+        named_primary.as_deref().unwrap_or(DEFAULT_PRIMARY_CONTAINER_NAME).to_owned(),
+        named_primary.is_some(),
+        labels.unwrap_or_default(),
+        annotations.unwrap_or_default(),
         pod_spec,
-    })
+    ))
 }
 
 /// An RFC 1123 label: what a container name must be.

@@ -143,8 +143,8 @@ mod tests {
         assert!(t.primary_container_name_set);
         assert_eq!(t.labels, BTreeMap::from([("team".to_owned(), "ml".to_owned())]));
         assert_eq!(t.annotations, BTreeMap::from([("cost-center".to_owned(), "42".to_owned())]));
-        assert_eq!(t.pod_spec["containers"][0]["env"][0]["value"], "b");
-        assert_eq!(t.pod_spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], "1");
+        assert_eq!(t.pod_spec()["containers"][0]["env"][0]["value"], "b");
+        assert_eq!(t.pod_spec()["containers"][0]["resources"]["limits"]["nvidia.com/gpu"], "1");
     }
 
     #[test]
@@ -154,10 +154,10 @@ mod tests {
             let t = pod_template("t", &object).unwrap();
             assert_eq!(t.primary_container_name, "primary");
             assert!(!t.primary_container_name_set);
-            assert!(t.pod_spec.is_empty() && t.labels.is_empty());
+            assert!(t.pod_spec().is_empty() && t.labels.is_empty());
         }
         let empty = pod_template("t", &json!({"template": {}})).unwrap();
-        assert!(empty.pod_spec.is_empty());
+        assert!(empty.pod_spec().is_empty());
     }
 
     #[test]
@@ -212,7 +212,7 @@ mod tests {
         }}});
         let t = pod_template("t", &object).unwrap();
         assert_eq!(
-            Value::Object(t.pod_spec),
+            Value::Object(t.pod_spec()),
             json!({
                 "containers": [
                     {"name": "default", "image": "docker.io/rwgrim/docker-noop",
@@ -226,8 +226,8 @@ mod tests {
         let chosen =
             json!({"template": {"spec": {"restartPolicy": "OnFailure", "securityContext": {"runAsNonRoot": true}}}});
         let t = pod_template("t", &chosen).unwrap();
-        assert_eq!(t.pod_spec["restartPolicy"], "OnFailure");
-        assert_eq!(t.pod_spec["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(t.pod_spec()["restartPolicy"], "OnFailure");
+        assert_eq!(t.pod_spec()["securityContext"]["runAsNonRoot"], true);
     }
 
     #[test]

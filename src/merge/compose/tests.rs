@@ -38,7 +38,7 @@ fn higher_layer_wins_and_defaults_are_overridden_silently() {
         (N, tpl("labels: {tier: gpu}\npodSpec: {nodeSelector: {pool: gpu, zone: a}}")),
     ]);
     assert_eq!(t.labels, BTreeMap::from([("team".into(), "ml".into()), ("tier".into(), "gpu".into())]));
-    assert_eq!(Value::Object(t.pod_spec), json!({"nodeSelector": {"pool": "gpu", "zone": "a"}}));
+    assert_eq!(Value::Object(t.pod_spec()), json!({"nodeSelector": {"pool": "gpu", "zone": "a"}}));
     assert!(conflicts.is_empty(), "a default is there to be overridden: {conflicts:?}");
 }
 
@@ -77,7 +77,7 @@ podSpec:
         ],
         "identical values (label `same`, env SAME) are no conflict"
     );
-    let primary = &t.pod_spec["containers"][0];
+    let primary = &t.pod_spec()["containers"][0];
     assert_eq!(primary["command"], json!(["b"]), "the later template wins");
     assert_eq!(primary["env"], json!([{"name": "MODE", "value": "b"}, {"name": "SAME", "value": "x"}]));
     assert_eq!(t.labels["team"], "b");
@@ -100,7 +100,7 @@ fn each_override_is_one_conflict_naming_the_template_that_set_the_value() {
         (N, tpl("podSpec: {schedulerName: b}")),
         (N, tpl("podSpec: {schedulerName: c}")),
     ]);
-    assert_eq!(t.pod_spec["schedulerName"], "c");
+    assert_eq!(t.pod_spec()["schedulerName"], "c");
     assert_eq!(conflicts, [conflict("spec.schedulerName", 1, 2), conflict("spec.schedulerName", 2, 3)]);
 }
 
@@ -126,9 +126,9 @@ fn lists_keep_lower_entries_first_without_duplicates() {
         (N, tpl("podSpec: {tolerations: [{key: b}, {key: c}], imagePullSecrets: [{name: y}, {name: x}], containers: [{name: default, envFrom: [{configMapRef: {name: c}}]}]}")),
     ]);
     assert!(conflicts.is_empty());
-    assert_eq!(t.pod_spec["tolerations"], json!([{"key": "a"}, {"key": "b"}, {"key": "c"}]));
-    assert_eq!(t.pod_spec["imagePullSecrets"], json!([{"name": "y"}, {"name": "x"}]));
-    assert_eq!(t.pod_spec["containers"][0]["envFrom"], json!([{"configMapRef": {"name": "c"}}]));
+    assert_eq!(t.pod_spec()["tolerations"], json!([{"key": "a"}, {"key": "b"}, {"key": "c"}]));
+    assert_eq!(t.pod_spec()["imagePullSecrets"], json!([{"name": "y"}, {"name": "x"}]));
+    assert_eq!(t.pod_spec()["containers"][0]["envFrom"], json!([{"configMapRef": {"name": "c"}}]));
 }
 
 #[test]
@@ -140,11 +140,11 @@ fn the_highest_named_primary_wins_and_every_layers_primary_is_that_container() {
     ]);
     assert!(t.primary_container_name_set);
     assert_eq!(t.primary_container_name, "main", "the last layer does not name its primary: `main` stays");
-    let names: Vec<&str> =
-        t.pod_spec["containers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let spec = t.pod_spec();
+    let names: Vec<&str> = spec["containers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["main"], "each layer's primary container is the one primary");
     let env: Vec<&str> =
-        t.pod_spec["containers"][0]["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+        spec["containers"][0]["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
     assert_eq!(env, ["FROM_DEFAULT", "FROM_MAIN", "FROM_LAST"]);
     assert!(conflicts.is_empty());
 
