@@ -9,9 +9,9 @@ use serde_json::Value;
 use crate::doc::{Document, Node};
 use crate::environment::BadList;
 pub use crate::environment::Requested;
-use crate::merge::{compose, merge, Layer};
+use crate::merge::{compose, merge, Composition, Layer};
 use crate::names::Names;
-use crate::store::TemplateStore;
+use crate::store::{TemplateIndex, TemplateStore};
 
 mod plan;
 mod review;
@@ -118,7 +118,7 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
         decision.response.warnings = Some(plan.warnings).filter(|w| !w.is_empty());
         decision
     } else {
-        apply(decision, &document, pod, plan, &requested, policy)
+        apply(decision, &document, pod, plan, &snapshot, &requested, policy)
     };
     if !shadows.is_empty() {
         let messages: Vec<String> = shadows.iter().flat_map(|s| s.messages(policy)).collect();
@@ -136,6 +136,7 @@ fn apply(
     document: &Document<'_>,
     pod: Node<'_>,
     plan: Plan,
+    index: &TemplateIndex,
     requested: &Requested,
     policy: &Policy,
 ) -> Decision {
@@ -144,7 +145,15 @@ fn apply(
     let mut pod: Node<'_> = pod;
     let mut warnings = plan.warnings;
     let layers: Vec<Layer<'_>> = plan.layers.iter().map(PlannedLayer::layer).collect();
-    let composition = compose(&layers);
+    // One template is merged as it is; several are composed once per index version.
+    let (single, cached);
+    let composition: &Composition<'_> = if layers.len() == 1 {
+        single = compose(&layers);
+        &single
+    } else {
+        cached = index.composed(&layers);
+        &cached
+    };
     if !composition.conflicts.is_empty() {
         let described = composition.conflicts.iter().map(|c| describe_conflict(c, &plan.layers));
         match policy.on_conflict {

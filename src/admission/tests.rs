@@ -362,6 +362,68 @@ fn defaults_stack_platform_then_namespace_then_the_named_template() {
 }
 
 #[test]
+fn layers_are_composed_once_per_index_version_and_answer_the_same() {
+    let (index, policy) = (layered(), with_defaults());
+    let (gpu, base) = (annotated("base, gpu"), annotated("gpu, base"));
+    let first = decide(&gpu, &index, &policy);
+    assert_eq!(index.compositions_cached(), 1);
+    let again = decide(&gpu, &index, &policy);
+    assert_eq!(index.compositions_cached(), 1, "the second pod reuses the composition");
+    assert_eq!((body(&first), patched(&gpu, &first)), (body(&again), patched(&gpu, &again)));
+    assert_eq!(env_of(&patched(&gpu, &again))[0]["value"], "gpu");
+    // Another order is another composition, with its own answer.
+    let other = decide(&base, &index, &policy);
+    assert_eq!(index.compositions_cached(), 2);
+    assert_eq!(env_of(&patched(&base, &other))[0]["value"], "base");
+    // One template is merged as it is, never cached.
+    decide(&review(|_| {}), &hello(), &Policy::default());
+    let single = hello();
+    decide(&review(|_| {}), &single, &Policy::default());
+    assert_eq!(single.compositions_cached(), 0);
+}
+
+#[test]
+fn a_new_index_version_never_serves_an_old_composition() {
+    let policy = with_defaults();
+    let r = annotated("base, gpu");
+    let mut c = catalog(&[
+        ("flyte", "platform", "defaults", "labels: {team: platform}"),
+        ("flyte", "platform", "base", "podSpec: {containers: [{name: primary, env: [{name: MODE, value: base}]}]}"),
+        ("flyte", "gpu", "gpu", "podSpec: {containers: [{name: primary, env: [{name: MODE, value: gpu}]}]}"),
+    ]);
+    let before = c.index();
+    assert_eq!(env_of(&patched(&r, &decide(&r, &before, &policy)))[0]["value"], "gpu");
+    assert_eq!(before.compositions_cached(), 1);
+    // The same catalog, one key updated: the next index composes again.
+    let gpu = "podSpec: {containers: [{name: primary, env: [{name: MODE, value: gpu-v8}]}]}";
+    c.apply("flyte", "gpu", Some("8"), &BTreeMap::from([("gpu".to_owned(), gpu.to_owned())]));
+    let after = c.index();
+    assert_eq!(after.compositions_cached(), 0, "a new index starts without compositions");
+    let d = decide(&r, &after, &policy);
+    assert_eq!(env_of(&patched(&r, &d))[0]["value"], "gpu-v8");
+    assert!(d.applied.unwrap().ends_with("flyte/gpu/gpu@8"));
+}
+
+#[test]
+fn the_composition_cache_is_bounded() {
+    let texts: Vec<String> = (0..40).map(|i| format!("labels: {{t{i}: x}}")).collect();
+    let entries: Vec<(&str, &str, String, &str)> =
+        texts.iter().enumerate().map(|(i, t)| ("flyte", "platform", format!("t{i}"), t.as_str())).collect();
+    let borrowed: Vec<(&str, &str, &str, &str)> = entries.iter().map(|(a, b, k, t)| (*a, *b, k.as_str(), *t)).collect();
+    let index = index(&borrowed);
+    let policy = Policy::default();
+    for i in 0..40 {
+        for j in 0..40 {
+            if i != j {
+                let d = decide(&annotated(&format!("t{i}, t{j}")), &index, &policy);
+                assert_eq!(d.outcome, Outcome::Mutated);
+            }
+        }
+    }
+    assert_eq!(index.compositions_cached(), 1024, "1,560 combinations asked, the first 1,024 kept");
+}
+
+#[test]
 fn defaults_apply_to_pods_whose_environment_has_no_template() {
     let r = review(|r| r["request"]["object"]["metadata"]["labels"]["flyte.org/environment"] = json!("nothing-here"));
     let d = decide(&r, &layered(), &with_defaults());

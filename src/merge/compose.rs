@@ -18,7 +18,7 @@ use crate::doc::Node;
 use crate::template::{PodTemplate, DEFAULT_PRIMARY_CONTAINER_NAME};
 
 /// What a layer is for: decides whether overriding it is a conflict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// The platform default or the namespace default: higher layers override it silently.
     Default,
@@ -50,6 +50,13 @@ pub struct Composition<'t> {
     /// Borrowed when there is a single layer: the one-template path does no extra work.
     pub template: Cow<'t, PodTemplate>,
     pub conflicts: Vec<Conflict>,
+}
+
+impl Composition<'_> {
+    /// The composition owning its template (to be kept beyond the layers' borrow).
+    pub fn into_owned(self) -> Composition<'static> {
+        Composition { template: Cow::Owned(self.template.into_owned()), conflicts: self.conflicts }
+    }
 }
 
 /// Composes `layers` (lowest first) into the one template the pod is merged with.

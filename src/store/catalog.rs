@@ -225,7 +225,13 @@ impl Catalog {
             tracing::info!(namespace = %s.namespace, key = %s.key, %winner, %ignored, "template name no longer defined twice");
         }
         self.shadowed = shadowed;
-        TemplateIndex { platform_namespace: self.platform_namespace.clone(), by_namespace, shadows, stats }
+        TemplateIndex {
+            platform_namespace: self.platform_namespace.clone(),
+            by_namespace,
+            shadows,
+            stats,
+            compositions: Default::default(),
+        }
     }
 }
 

@@ -2,9 +2,18 @@
 //! looked up in the pod's namespace, then the platform namespace.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use super::{Lookup, Snapshot, StoreStats, TemplateEntry, TemplateStore};
+use crate::merge::{compose, Composition, Layer, Role};
+use crate::template::PodTemplate;
+
+/// At most this many layer combinations are kept composed per index version: pods can name any
+/// combination of templates, and memory must stay bounded by what exists, not by what is asked.
+const COMPOSITIONS_MAX: usize = 1024;
+
+/// The layers of a composition, by identity: the templates this index holds, and their roles.
+type LayersKey = Vec<(usize, Role)>;
 
 /// An immutable snapshot of all templates, keyed by namespace then template name.
 #[derive(Debug, Default)]
@@ -15,6 +24,10 @@ pub struct TemplateIndex {
     /// namespace and name, each the entry that would serve if its source were enforced.
     pub(super) shadows: HashMap<String, HashMap<String, Arc<TemplateEntry>>>,
     pub(super) stats: StoreStats,
+    /// Layers composed once per index version (§8): pods naming the same templates share one
+    /// composition instead of composing it again; a new index starts empty, so a template
+    /// update is never served from an old composition.
+    pub(super) compositions: RwLock<HashMap<LayersKey, Arc<Composition<'static>>>>,
 }
 
 impl TemplateIndex {
@@ -47,6 +60,26 @@ impl TemplateIndex {
 
     pub fn stats(&self) -> StoreStats {
         self.stats
+    }
+
+    /// How many layer combinations this index keeps composed.
+    pub fn compositions_cached(&self) -> usize {
+        self.compositions.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The composition of `layers` (two or more, templates of this index), composed on first use.
+    pub fn composed(&self, layers: &[Layer<'_>]) -> Arc<Composition<'static>> {
+        let key: LayersKey =
+            layers.iter().map(|l| (std::ptr::from_ref::<PodTemplate>(l.template) as usize, l.role)).collect();
+        if let Some(found) = self.compositions.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return found.clone();
+        }
+        let composition = Arc::new(compose(layers).into_owned());
+        let mut cache = self.compositions.write().unwrap_or_else(|e| e.into_inner());
+        if cache.len() < COMPOSITIONS_MAX {
+            cache.insert(key, composition.clone());
+        }
+        composition
     }
 }
 
