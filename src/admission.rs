@@ -87,7 +87,10 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
         return Ok(decision);
     }
     let raw = req.object.as_deref().ok_or(BadReview::NoObject)?;
-    let document = Document::new(raw);
+    let document = match req.object_pairs {
+        Some(pairs) => Document::with_pairs(raw, pairs),
+        None => Document::new(raw),
+    };
     let mut pod = document.root();
     let meta = pod.as_object_mut().ok_or(BadReview::NotAnObject)?.get_mut("metadata").and_then(Node::as_object_mut);
     let meta_field = |field: &str| meta.as_ref().and_then(|m| m.get(field)?.as_str());

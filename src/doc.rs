@@ -36,26 +36,57 @@ pub enum Unreadable {
 /// numbers and strings are only parsed when they could fail (an exponent or more than 15
 /// characters; a `\u`).
 pub fn check(b: &[u8]) -> Result<(), Unreadable> {
-    let mut depth = 0usize;
+    scan(b, true).map(drop)
+}
+
+/// [`check`] and the bracket pairs of `b` ([`Document`]) in the same pass: a review body is
+/// checked once, and the object's document reuses the pairs instead of scanning again.
+pub fn check_and_pair(b: &[u8]) -> Result<Vec<(u32, u32)>, Unreadable> {
+    scan(b, true)
+}
+
+/// The bracket pairs of `part` (offsets in `part`), a value found in `body`, from the pairs of
+/// `body` ([`check_and_pair`]). `part` may be a copy (serde_json copies a `RawValue`): equal text
+/// has equal pairs. `None` when `part` is not a bracketed value of `body`.
+pub fn pairs_within(part: &str, body: &[u8], body_pairs: &[(u32, u32)]) -> Option<Vec<(u32, u32)>> {
+    let part = part.trim().as_bytes();
+    let at = body_pairs.iter().position(|&(open, close)| {
+        (close - open) as usize + 1 == part.len() && body.get(open as usize..=close as usize) == Some(part)
+    })?;
+    let (open, close) = body_pairs[at];
+    Some(body_pairs[at..].iter().take_while(|p| p.0 <= close).map(|p| (p.0 - open, p.1 - open)).collect())
+}
+
+/// The one pass behind [`check`] and [`bracket_pairs`]: every `{}`/`[]` pair by opening offset,
+/// and with `checking`, the checks of [`check`].
+fn scan(b: &[u8], checking: bool) -> Result<Vec<(u32, u32)>, Unreadable> {
+    // Each pair gets its slot when it opens, so the list comes out sorted; `open` holds the
+    // slots of the brackets not closed yet (its length is the depth).
+    let (mut pairs, mut open) = (Vec::new(), Vec::new());
     let mut i = 0;
     while i < b.len() {
         match b[i] {
             b'"' => {
                 let (end, has_u_escape) = split::string_end_noting_u_escapes(b, i);
-                if has_u_escape && serde_json::from_slice::<String>(&b[i..end]).is_err() {
+                if checking && has_u_escape && serde_json::from_slice::<String>(&b[i..end]).is_err() {
                     return Err(Unreadable::Escape(i));
                 }
                 i = end;
                 continue;
             }
             b'{' | b'[' => {
-                depth += 1;
-                if depth > MAX_DEPTH {
+                open.push(pairs.len());
+                if checking && open.len() > MAX_DEPTH {
                     return Err(Unreadable::TooDeep);
                 }
+                pairs.push((i as u32, u32::MAX));
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b'-' | b'0'..=b'9' => {
+            b'}' | b']' => {
+                if let Some(slot) = open.pop() {
+                    pairs[slot].1 = i as u32;
+                }
+            }
+            b'-' | b'0'..=b'9' if checking => {
                 let len =
                     b[i..].iter().take_while(|c| matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')).count();
                 let token = &b[i..i + len];
@@ -72,7 +103,11 @@ pub fn check(b: &[u8]) -> Result<(), Unreadable> {
         }
         i += 1;
     }
-    Ok(())
+    // Unclosed brackets (broken text only) have no end: drop them rather than mislead.
+    if !open.is_empty() {
+        pairs.retain(|p| p.1 != u32::MAX);
+    }
+    Ok(pairs)
 }
 
 /// One JSON value of a document.
@@ -109,6 +144,12 @@ impl<'a> Document<'a> {
         Document { pairs: bracket_pairs(text.as_bytes()).unwrap_or_default(), text: Cow::Borrowed(text) }
     }
 
+    /// The document of `raw` with its bracket pairs known already ([`pairs_within`]): no
+    /// second pass over the text.
+    pub fn with_pairs(raw: &'a RawValue, pairs: Vec<(u32, u32)>) -> Self {
+        Document { text: Cow::Borrowed(raw.get().trim()), pairs }
+    }
+
     /// A document owning its text (valid JSON, as serde_json writes it).
     pub fn owned(text: String) -> Document<'static> {
         let mut pairs = bracket_pairs(text.as_bytes()).unwrap_or_default();
@@ -134,34 +175,7 @@ impl<'a> Document<'a> {
 /// The bracket pairs of `b`, sorted by opening offset (`None` past 4 GiB).
 fn bracket_pairs(b: &[u8]) -> Option<Vec<(u32, u32)>> {
     u32::try_from(b.len()).ok()?;
-    // Each pair gets its slot when it opens, so the list comes out sorted; `open` holds the
-    // slots of the brackets not closed yet.
-    let (mut pairs, mut open) = (Vec::new(), Vec::new());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'"' => {
-                i = split::string_end(b, i).unwrap_or(b.len());
-                continue;
-            }
-            b'{' | b'[' => {
-                open.push(pairs.len());
-                pairs.push((i as u32, u32::MAX));
-            }
-            b'}' | b']' => {
-                if let Some(slot) = open.pop() {
-                    pairs[slot].1 = i as u32;
-                }
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    // Unclosed brackets (broken text only) have no end: drop them rather than mislead.
-    if !open.is_empty() {
-        pairs.retain(|p| p.1 != u32::MAX);
-    }
-    Some(pairs)
+    scan(b, false).ok()
 }
 
 /// A part of a [`Document`]: valid JSON without surrounding whitespace.
@@ -840,6 +854,28 @@ mod tests {
         assert!(neg_zero.root() != json!(0));
         let (big, exp) = (raw("18446744073709551616"), raw("1.8446744073709552e19"));
         assert!(Document::new(&big).root().equals(&Document::new(&exp).root()), "both read as the same f64");
+    }
+
+    #[test]
+    fn an_objects_pairs_from_the_body_are_those_of_its_own_scan() {
+        let object = r#"{"metadata": {"name": "p", "labels": {"a": "[{"}}, "spec": {"containers": [{"name": "c", "args": ["}", "\"]"]}]}}"#;
+        let bodies = [
+            format!(r#"{{"request": {{"uid": "u", "object": {object}}}}}"#),
+            // The same text twice (an update's oldObject): either occurrence has the same pairs.
+            format!(r#"{{"request": {{"oldObject": {object}, "object": {object}, "x": [[1], {{}}]}}}}"#),
+        ];
+        for body in &bodies {
+            let pairs = check_and_pair(body.as_bytes()).unwrap();
+            let raw = serde_json::from_str::<Box<RawValue>>(object).unwrap();
+            let within = pairs_within(raw.get(), body.as_bytes(), &pairs).expect("found in the body");
+            assert_eq!(within, bracket_pairs(object.as_bytes()).unwrap(), "{body}");
+            let document = Document::with_pairs(&raw, within);
+            assert_eq!(document.root().to_value(), serde_json::from_str::<Value>(object).unwrap());
+        }
+        assert_eq!(
+            pairs_within(r#"{"not": "there"}"#, bodies[0].as_bytes(), &check_and_pair(bodies[0].as_bytes()).unwrap()),
+            None
+        );
     }
 
     #[test]

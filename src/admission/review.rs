@@ -29,6 +29,10 @@ pub struct Request {
     pub operation: String,
     #[serde(default)]
     pub object: Option<Box<RawValue>>,
+    /// The bracket pairs of `object`, found by the pass that checked the body
+    /// ([`crate::doc::check_and_pair`]), so that the object's document is not scanned again.
+    #[serde(skip)]
+    pub object_pairs: Option<Vec<(u32, u32)>>,
     // `dryRun` is not read: a dry run is answered exactly like a real request (the webhook has
     // no side effects), which `dry_run_is_answered_byte_for_byte_like_a_real_request` checks.
 }
@@ -168,8 +172,9 @@ pub enum BadReview {
 /// Parses a review body (JSON).
 pub fn parse_review(body: &[u8]) -> Result<Request, BadReview> {
     let envelope: Envelope = serde_json::from_slice(body).map_err(BadReview::Json)?;
-    crate::doc::check(body).map_err(BadReview::Unreadable)?;
+    let pairs = crate::doc::check_and_pair(body).map_err(BadReview::Unreadable)?;
     let mut req = envelope.request.ok_or(BadReview::NoRequest)?;
+    req.object_pairs = req.object.as_ref().and_then(|o| crate::doc::pairs_within(o.get(), body, &pairs));
     req.api_version = envelope.api_version.unwrap_or_else(|| "admission.k8s.io/v1".to_owned());
     req.kind = envelope.kind.unwrap_or_else(|| "AdmissionReview".to_owned());
     Ok(req)
