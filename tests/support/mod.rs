@@ -103,7 +103,7 @@ fn lock_file(f: &std::fs::File) {
 
 /// Starts `cmd` so that it dies with the thread that started it (PR_SET_PDEATHSIG): a test
 /// process that ends, even by a panic or a kill, leaves no etcd or API server behind.
-fn spawn_tied(cmd: &mut Command, log: &Path) -> Child {
+pub fn spawn_tied(cmd: &mut Command, log: &Path) -> Child {
     let out = std::fs::File::create(log).unwrap();
     cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
