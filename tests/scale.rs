@@ -50,6 +50,8 @@ struct Size {
     unlabelled_bytes: usize,
     burst: usize,
     clients: usize,
+    /// Creations from one client, one at a time: the webhook call without a saturated machine.
+    sequential: usize,
     /// The floor (webhook vs `--noop-handler` webhook): rounds and pods per variant and round.
     floor: Option<(usize, usize)>,
 }
@@ -63,6 +65,7 @@ fn small() {
         unlabelled_bytes: 10 * 1024,
         burst: 200,
         clients: 16,
+        sequential: 20,
         floor: None,
     };
     run(&size);
@@ -78,13 +81,17 @@ fn full() {
         unlabelled_bytes: 10 * 1024,
         burst: 3000,
         clients: 16,
+        sequential: 300,
         floor: Some((env_usize("PTW_SCALE_FLOOR_ROUNDS", 5), env_usize("PTW_SCALE_FLOOR_PODS", 600))),
     };
     run(&size);
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name}={v}: not a number"))).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name}={v}: not a number")))
+        .unwrap_or(default)
 }
 
 /// The API server and etcd live on this (the test's) thread, and so does the webhook process:
@@ -113,7 +120,6 @@ fn var0(t: usize, key: usize) -> String {
 fn template_map(t: usize, keys: usize) -> BTreeMap<String, String> {
     (0..keys).map(|k| (env_name(k), realistic_template(t, k))).collect()
 }
-
 
 async fn create_objects(admin: &kube::Client, size: &Size, extra: &[(&str, usize)]) {
     let started = Instant::now();
@@ -211,11 +217,15 @@ impl Webhook {
             };
             cmd.env(var, overrides.get(var).cloned().unwrap_or(value));
         }
-        let rendered: Vec<&str> = container["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+        let rendered: Vec<&str> =
+            container["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
         for var in overrides.keys() {
             assert!(rendered.contains(var), "the chart's Deployment no longer sets {var}");
         }
-        assert!(rendered.contains(&"MIMALLOC_ARENA_EAGER_COMMIT"), "the chart runs the binary with MIMALLOC_ARENA_EAGER_COMMIT");
+        assert!(
+            rendered.contains(&"MIMALLOC_ARENA_EAGER_COMMIT"),
+            "the chart runs the binary with MIMALLOC_ARENA_EAGER_COMMIT"
+        );
         let log = dir.join(format!("{name}.log"));
         let started = Instant::now();
         let child = support::spawn_tied(&mut cmd, &log);
@@ -326,8 +336,9 @@ async fn create_pods(clients: &[kube::Client], targets: Vec<Target>) -> Creation
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(t) = targets.get(i) else { break };
                 let sent = Instant::now();
-                let created =
-                    Api::<Pod>::namespaced(client.clone(), &t.ns).create(&dry_run(), &pod(&format!("bench-{i}"), t.key)).await;
+                let created = Api::<Pod>::namespaced(client.clone(), &t.ns)
+                    .create(&dry_run(), &pod(&format!("bench-{i}"), t.key))
+                    .await;
                 latencies.push(sent.elapsed());
                 let outcome = match (created, &t.expect) {
                     (Err(e), _) => Err(format!("{}/bench-{i}: {e}", t.ns)),
@@ -363,8 +374,10 @@ async fn admission_buckets(admin: &kube::Client, name: &str) -> Vec<(f64, f64)> 
         let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         *buckets.entry(le).or_default() += count;
     }
-    let mut out: Vec<(f64, f64)> =
-        buckets.into_iter().map(|(le, c)| (if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() }, c)).collect();
+    let mut out: Vec<(f64, f64)> = buckets
+        .into_iter()
+        .map(|(le, c)| (if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() }, c))
+        .collect();
     out.sort_by(|a, b| a.0.total_cmp(&b.0));
     out
 }
@@ -384,6 +397,13 @@ fn histogram_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Histogram {
     let calls = buckets.last().map_or(0.0, |(_, c)| *c);
     let bound = |q: f64| buckets.iter().find(|(_, c)| *c >= q * calls && calls > 0.0).map_or(f64::NAN, |(le, _)| *le);
     Histogram { calls, p50: bound(0.5), p99: bound(0.99), buckets }
+}
+
+impl Histogram {
+    fn counts(&self) -> String {
+        let counts: Vec<String> = self.buckets.iter().map(|(le, c)| format!("{}: {c}", bucket_text(*le))).collect();
+        counts.join(", ")
+    }
 }
 
 fn bucket_text(le: f64) -> String {
@@ -419,6 +439,7 @@ struct Report {
     update: Duration,
     burst: Creations,
     histogram: Histogram,
+    sequential: (Creations, Histogram),
     floor: Option<String>,
     failures: Vec<String>,
 }
@@ -436,8 +457,19 @@ impl std::fmt::Display for Report {
         writeln!(f, "{:<52} {:>13.1} MB", "peak VmRSS (VmHWM)", mb(self.after_kb.1))?;
         writeln!(f, "{:<52} {:>13.0} ms  ≤ 2000 ms", "template update to the next pod", ms(self.update))?;
         writeln!(f, "{:<52} {:>16}  0", "failed creations (burst)", b.failures.len())?;
-        writeln!(f, "{:<52} {:>11.0} /s", format!("burst: {} dry-run creations, wall", b.latencies.len()), b.per_second())?;
-        writeln!(f, "{:<52} {:>10.1} / {:.1} ms", "burst: client latency p50 / p99", ms(b.quantile(0.5)), ms(b.quantile(0.99)))?;
+        writeln!(
+            f,
+            "{:<52} {:>11.0} /s",
+            format!("burst: {} dry-run creations, wall", b.latencies.len()),
+            b.per_second()
+        )?;
+        writeln!(
+            f,
+            "{:<52} {:>10.1} / {:.1} ms",
+            "burst: client latency p50 / p99",
+            ms(b.quantile(0.5)),
+            ms(b.quantile(0.99))
+        )?;
         let h = &self.histogram;
         writeln!(
             f,
@@ -446,8 +478,22 @@ impl std::fmt::Display for Report {
             bucket_text(h.p99)
         )?;
         writeln!(f, "{:<52} {:>16}", "API server p50", bucket_text(h.p50))?;
-        let counts: Vec<String> = h.buckets.iter().map(|(le, c)| format!("{}: {c}", bucket_text(*le))).collect();
-        writeln!(f, "  API server buckets (cumulative): {}", counts.join(", "))?;
+        writeln!(f, "  API server buckets (cumulative): {}", h.counts())?;
+        let (c, h) = &self.sequential;
+        writeln!(
+            f,
+            "{:<52} {:>10.1} / {:.1} ms",
+            format!("one client, {} creations: latency p50 / p99", c.latencies.len()),
+            ms(c.quantile(0.5)),
+            ms(c.quantile(0.99))
+        )?;
+        writeln!(
+            f,
+            "{:<52} {:>16}",
+            "  API server p99 / p50",
+            format!("{} / {}", bucket_text(h.p99), bucket_text(h.p50))
+        )?;
+        writeln!(f, "  API server buckets (cumulative): {}", h.counts())?;
         if let Some(floor) = &self.floor {
             write!(f, "{floor}")?;
         }
@@ -514,9 +560,21 @@ async fn scenario(api: &support::ApiServer, size: &Size) -> Report {
     let burst = create_pods(&clients, targets).await;
     let histogram = histogram_delta(&before, &admission_buckets(&admin, WEBHOOK).await);
     assert!(histogram.calls >= size.burst as f64, "the API server counted {} calls to {WEBHOOK}", histogram.calls);
+    let targets: Vec<Target> = (0..size.sequential)
+        .map(|i| {
+            let (t, key) = ((i * 7) % size.namespaces, i % size.keys);
+            Target { ns: tenant(t), key, expect: Some(expect(t, key)) }
+        })
+        .collect();
+    let before = admission_buckets(&admin, WEBHOOK).await;
+    let sequential = create_pods(&clients[..1], targets).await;
+    let sequential = (sequential, histogram_delta(&before, &admission_buckets(&admin, WEBHOOK).await));
 
     let floor = match size.floor {
-        Some((rounds, pods)) => Some(floor(api, &admin, &pki, webhook_dir.path(), &clients, floor_tenant, rounds, pods).await),
+        Some((rounds, pods)) => Some(
+            floor(api, &admin, &pki, webhook_dir.path(), &clients, floor_tenant, rounds, pods, webhook.child.id())
+                .await,
+        ),
         None => None,
     };
     let after_kb = webhook.rss_kb();
@@ -530,13 +588,23 @@ async fn scenario(api: &support::ApiServer, size: &Size) -> Report {
         size.burst,
         size.clients
     );
-    let failures = burst.failures.clone();
-    Report { size: size_text, ready, idle_kb, after_kb, update, burst, histogram, floor, failures }
+    let failures = burst.failures.iter().chain(&sequential.0.failures).cloned().collect();
+    Report { size: size_text, ready, idle_kb, after_kb, update, burst, histogram, sequential, floor, failures }
+}
+
+/// CPU time (user + system) a process has used so far, from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / ticks
 }
 
 /// The floor as the API server sees it: the same dry-run creations answered by the webhook, by
 /// the `--noop-handler` webhook (the TLS and HTTP stack alone) and by no webhook, alternating
-/// rounds in one run.
+/// rounds in one run; with 16 clients and with one, and the CPU each process spent per creation.
 #[cfg(feature = "noop-handler")]
 #[allow(clippy::too_many_arguments)]
 async fn floor(
@@ -548,6 +616,7 @@ async fn floor(
     floor_tenant: usize,
     rounds: usize,
     pods: usize,
+    webhook_pid: u32,
 ) -> String {
     const NOOP: &str = "noop.pod-templates.flyte.org";
     let mut noop = Webhook::start(dir, &api.kubeconfig, pki, "noop", &["--noop-handler"]);
@@ -562,39 +631,86 @@ async fn floor(
     Api::<MutatingWebhookConfiguration>::all(admin.clone()).create(&PostParams::default(), &config).await.unwrap();
     noop.ready().await;
     // The no-op webhook changes nothing: wait until the API server counts calls to it.
-    let calls = |b: Vec<(f64, f64)>| b.last().map_or(0.0, |(_, c)| *c);
+    let total = |b: Vec<(f64, f64)>| b.last().map_or(0.0, |(_, c)| *c);
     let started = Instant::now();
-    while calls(admission_buckets(admin, NOOP).await) == 0.0 {
+    while total(admission_buckets(admin, NOOP).await) == 0.0 {
         let _ = Api::<Pod>::namespaced(admin.clone(), "floor-noop").create(&dry_run(), &pod("probe", 0)).await;
         assert!(started.elapsed() < LIMIT, "the API server does not call the no-op webhook");
     }
     probe_until(admin, "floor-real", 0, |p| var0_of(p) == Some(var0(floor_tenant, 0).as_str())).await;
 
+    let (apiserver, etcd) = api.pids();
+    let processes = [
+        ("kube-apiserver", apiserver.to_string()),
+        ("etcd", etcd.to_string()),
+        ("webhook", webhook_pid.to_string()),
+        ("noop", noop.child.id().to_string()),
+        ("clients", "self".to_string()),
+    ];
     let variants = [("webhook", "floor-real", true), ("noop", "floor-noop", false), ("none", "floor-none", false)];
-    let targets = |ns: &str, merged: bool| -> Vec<Target> {
+    let targets = |ns: &str, merged: bool, pods: usize| -> Vec<Target> {
         (0..pods)
-            .map(|i| Target {
-                ns: ns.into(),
-                key: i % 10,
-                expect: merged.then(|| var0(floor_tenant, i % 10)),
-            })
+            .map(|i| Target { ns: ns.into(), key: i % 10, expect: merged.then(|| var0(floor_tenant, i % 10)) })
             .collect()
     };
     // A warm-up pass of each, not counted.
     for (_, ns, merged) in variants {
-        let warm = create_pods(clients, targets(ns, merged).into_iter().take(pods / 4).collect()).await;
+        let warm = create_pods(clients, targets(ns, merged, pods / 4)).await;
         assert!(warm.failures.is_empty(), "{:?}", &warm.failures[..warm.failures.len().min(5)]);
     }
-    let mut results: BTreeMap<&str, Vec<Creations>> = BTreeMap::new();
-    for round in 0..rounds {
-        // The order rotates, so no variant always follows the same one.
-        for v in 0..variants.len() {
-            let (name, ns, merged) = variants[(round + v) % variants.len()];
-            let done = create_pods(clients, targets(ns, merged)).await;
-            assert!(done.failures.is_empty(), "{name}: {:?}", &done.failures[..done.failures.len().min(5)]);
-            results.entry(name).or_default().push(done);
+    let mut out = String::new();
+    let before = (admission_buckets(admin, WEBHOOK).await, admission_buckets(admin, NOOP).await);
+    for (clients, pods) in [(clients, pods), (&clients[..1], pods / 3)] {
+        let mut results: BTreeMap<&str, Vec<Creations>> = BTreeMap::new();
+        let mut cpu: BTreeMap<(&str, &str), f64> = BTreeMap::new();
+        for round in 0..rounds {
+            // The order rotates, so no variant always follows the same one.
+            for v in 0..variants.len() {
+                let (name, ns, merged) = variants[(round + v) % variants.len()];
+                let used: Vec<f64> = processes.iter().map(|(_, pid)| cpu_seconds(pid)).collect();
+                let done = create_pods(clients, targets(ns, merged, pods)).await;
+                for ((process, pid), used) in processes.iter().zip(used) {
+                    *cpu.entry((name, process)).or_default() += cpu_seconds(pid) - used;
+                }
+                assert!(done.failures.is_empty(), "{name}: {:?}", &done.failures[..done.failures.len().min(5)]);
+                results.entry(name).or_default().push(done);
+            }
         }
+        out += &floor_text(
+            &results,
+            &cpu,
+            &processes.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            rounds,
+            pods,
+            clients.len(),
+        );
     }
+    let calls = (
+        histogram_delta(&before.0, &admission_buckets(admin, WEBHOOK).await),
+        histogram_delta(&before.1, &admission_buckets(admin, NOOP).await),
+    );
+    for (name, h) in [("webhook", &calls.0), ("noop", &calls.1)] {
+        out += &format!(
+            "API server, its calls to {name} in all rounds: p50 {}, p99 {}; {}\n",
+            bucket_text(h.p50),
+            bucket_text(h.p99),
+            h.counts()
+        );
+    }
+    let (rss, hwm) = noop.rss_kb();
+    out += &format!("no-op webhook VmRSS {:.1} MB (peak {:.1} MB)\n", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+    out
+}
+
+#[cfg(feature = "noop-handler")]
+fn floor_text(
+    results: &BTreeMap<&str, Vec<Creations>>,
+    cpu: &BTreeMap<(&str, &str), f64>,
+    processes: &[&str],
+    rounds: usize,
+    pods: usize,
+    clients: usize,
+) -> String {
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
@@ -604,19 +720,22 @@ async fn floor(
         median(results[a].iter().zip(&results[b]).map(|(x, y)| f(x, y)).collect())
     };
     let mut out = format!(
-        "-- the floor: {rounds} rounds × {pods} dry-run creations per variant, {} clients, variants alternating\n",
-        clients.len()
+        "-- the floor, {clients} client(s): {rounds} rounds × {pods} dry-run creations per variant, variants alternating\n"
     );
-    for (name, _, _) in variants {
+    for name in ["webhook", "noop", "none"] {
         let r = &results[name];
         let rates: Vec<String> = r.iter().map(|c| format!("{:.0}", c.per_second())).collect();
+        let creations = (rounds * pods) as f64;
+        let cpus: Vec<String> =
+            processes.iter().map(|p| format!("{p} {:.3}", cpu[&(name, *p)] * 1000.0 / creations)).collect();
         out += &format!(
-            "{:<10} creations/s median {:>6.0} (rounds: {}), latency p50 median {:.2} ms, p99 median {:.2} ms\n",
+            "{:<8} creations/s median {:>5.0} (rounds: {}); latency p50 {:.2} ms, p99 {:.2} ms (medians of rounds)\n         CPU ms per creation: {}\n",
             name,
             median(r.iter().map(Creations::per_second).collect()),
             rates.join(" "),
             median(r.iter().map(|c| ms(c.quantile(0.5))).collect()),
             median(r.iter().map(|c| ms(c.quantile(0.99))).collect()),
+            cpus.join(", "),
         );
     }
     let throughput = per_round("noop", "webhook", &|noop, real| noop.per_second() / real.per_second());
@@ -631,8 +750,6 @@ async fn floor(
         "webhook vs no webhook: time per creation",
         none
     );
-    let (rss, hwm) = noop.rss_kb();
-    out += &format!("no-op webhook VmRSS {:.1} MB (peak {:.1} MB)\n", rss as f64 / 1024.0, hwm as f64 / 1024.0);
     out
 }
 
@@ -647,6 +764,7 @@ async fn floor(
     _: usize,
     _: usize,
     _: usize,
+    _: u32,
 ) -> String {
     "-- the floor: skipped (build with --features noop-handler: scripts/scale-bench.sh)\n".into()
 }

@@ -250,6 +250,11 @@ impl ApiServer {
         self.wait_ready(&ca, &admin);
     }
 
+    /// The process ids of (kube-apiserver, etcd), for CPU accounting.
+    pub fn pids(&self) -> (u32, u32) {
+        (self.apiserver.id(), self.etcd.id())
+    }
+
     pub async fn client(&self) -> kube::Client {
         kube::Client::try_from(self.config().await).unwrap()
     }
