@@ -103,7 +103,7 @@ fn lock_file(f: &std::fs::File) {
 
 /// Starts `cmd` so that it dies with the thread that started it (PR_SET_PDEATHSIG): a test
 /// process that ends, even by a panic or a kill, leaves no etcd or API server behind.
-fn spawn_tied(cmd: &mut Command, log: &Path) -> Child {
+pub fn spawn_tied(cmd: &mut Command, log: &Path) -> Child {
     let out = std::fs::File::create(log).unwrap();
     cmd.stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
     // SAFETY: the closure runs in the child between fork and exec, where only async-signal-safe
@@ -248,6 +248,11 @@ impl ApiServer {
         self.apiserver = spawn_tied(&mut self.apiserver_cmd, &log);
         let (ca, admin) = (self.dir.path().join("ca.crt"), self.admin.clone());
         self.wait_ready(&ca, &admin);
+    }
+
+    /// The process ids of (kube-apiserver, etcd), for CPU accounting.
+    pub fn pids(&self) -> (u32, u32) {
+        (self.apiserver.id(), self.etcd.id())
     }
 
     pub async fn client(&self) -> kube::Client {
