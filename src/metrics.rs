@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use templates::{ShadowEvaluations, TemplateAdmissions};
 
+use crate::template::SourceKind;
+
 /// Latency buckets in seconds, sub-millisecond first: admissions take microseconds.
 const BUCKETS: [f64; 14] =
     [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -16,6 +18,10 @@ const BUCKETS: [f64; 14] =
 /// Where a certificate check can fail: the files (`--tls-cert`), the builtin mode's Secret, or
 /// the caBundle patch of the webhook configuration.
 pub const CERTIFICATE_ERROR_SOURCES: [&str; 3] = ["files", "secret", "ca_bundle"];
+
+/// The kinds of template source object, as the `kind` label of the template watch's series.
+pub const SOURCE_KINDS: [(SourceKind, &str); 2] =
+    [(SourceKind::ConfigMap, "ConfigMap"), (SourceKind::PodTemplate, "PodTemplate")];
 
 /// Results an admission can end with.
 pub const RESULTS: [&str; 4] = ["mutated", "unchanged", "denied", "error"];
@@ -33,7 +39,8 @@ pub struct Metrics {
     certificate_errors: [AtomicU64; CERTIFICATE_ERROR_SOURCES.len()],
     tls_handshake_failures: AtomicU64,
     template_watch_errors: AtomicU64,
-    template_relists: AtomicU64,
+    /// By source kind, in [`SOURCE_KINDS`] order.
+    template_relists: [AtomicU64; 2],
     templates_reloads: AtomicU64,
     template_watch: TaskHealth,
     certificate_watch: TaskHealth,
@@ -70,6 +77,10 @@ impl TaskHealth {
     }
 }
 
+fn kind_index(kind: SourceKind) -> usize {
+    SOURCE_KINDS.iter().position(|(k, _)| *k == kind).expect("every kind is listed")
+}
+
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
@@ -85,13 +96,15 @@ impl Metrics {
         self.template_watch_errors.load(Relaxed)
     }
 
-    /// Counts a relist of the template watch after its first list (the watch expired or failed).
-    pub fn template_relist(&self) {
-        self.template_relists.fetch_add(1, Relaxed);
+    /// Counts a relist of the template watch of `kind` after its first list (the watch expired
+    /// or failed).
+    pub fn template_relist(&self, kind: SourceKind) {
+        self.template_relists[kind_index(kind)].fetch_add(1, Relaxed);
     }
 
-    pub fn template_relists(&self) -> u64 {
-        self.template_relists.load(Relaxed)
+    /// Relists of the template watch of `kind`.
+    pub fn template_relists(&self, kind: SourceKind) -> u64 {
+        self.template_relists[kind_index(kind)].load(Relaxed)
     }
 
     /// Counts a TLS handshake that failed or timed out.
@@ -177,9 +190,12 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {p}_template_watch_errors_total Errors of the template watch (API server unreachable, watch expired); the cache keeps serving.");
             let _ = writeln!(out, "# TYPE {p}_template_watch_errors_total counter");
             let _ = writeln!(out, "{p}_template_watch_errors_total {}", self.template_watch_errors.load(Relaxed));
-            let _ = writeln!(out, "# HELP {p}_template_relists_total Relists of the template watch after its first list (the watch expired, 410 Gone, or failed); the last complete index serves meanwhile.");
+            let _ = writeln!(out, "# HELP {p}_template_relists_total Relists of the template watch after its first list (the watch expired, 410 Gone, or failed), by source kind; the last complete index serves meanwhile.");
             let _ = writeln!(out, "# TYPE {p}_template_relists_total counter");
-            let _ = writeln!(out, "{p}_template_relists_total {}", self.template_relists.load(Relaxed));
+            for (i, (_, kind)) in SOURCE_KINDS.iter().enumerate() {
+                let n = self.template_relists[i].load(Relaxed);
+                let _ = writeln!(out, "{p}_template_relists_total{{kind=\"{kind}\"}} {n}");
+            }
         }
         let _ = writeln!(out, "# HELP {p}_tls_handshake_failures_total TLS handshakes that failed or timed out (an untrusted certificate: check the caBundle).");
         let _ = writeln!(out, "# TYPE {p}_tls_handshake_failures_total counter");
@@ -285,8 +301,10 @@ mod tests {
         assert!(m.render(0, 0, 0).contains("pod_template_webhook_template_watch_up 1\n"));
         m.template_watch_error();
         assert!(m.render(0, 0, 0).contains("pod_template_webhook_template_watch_errors_total 1\n"));
-        m.template_relist();
-        assert!(m.render(0, 0, 0).contains("pod_template_webhook_template_relists_total 1\n"));
+        m.template_relist(SourceKind::PodTemplate);
+        let text = m.render(0, 0, 0);
+        assert!(text.contains("pod_template_webhook_template_relists_total{kind=\"PodTemplate\"} 1\n"), "{text}");
+        assert!(text.contains("pod_template_webhook_template_relists_total{kind=\"ConfigMap\"} 0\n"), "{text}");
         m.template_watch(false);
         let text = m.render(0, 0, 0);
         assert!(text.contains("pod_template_webhook_template_watch_up 0\n"), "{text}");

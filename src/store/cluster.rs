@@ -91,9 +91,8 @@ impl ClusterStore {
         let scopes = scopes(&names, watch_namespaces);
         let watched = store.clone();
         let (m, state) = (metrics.clone(), store.clone());
-        let run = move || {
-            watch(watched.clone(), client.clone(), names.clone(), scopes.clone(), metrics.clone(), options)
-        };
+        let run =
+            move || watch(watched.clone(), client.clone(), names.clone(), scopes.clone(), metrics.clone(), options);
         let on_state = move |running: bool| {
             m.template_watch(running);
             if !running {
@@ -359,7 +358,7 @@ impl<K: SourceResource> Watches<K> {
             }
             Ok(Event::Init) => {
                 if self.lists[i].start() {
-                    metrics.template_relist();
+                    metrics.template_relist(K::KIND);
                     tracing::info!(kind = ?K::KIND, namespace = namespace(), "relisting the templates; the last complete index serves until the list is done");
                 }
                 false

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use super::{Lookup, Snapshot, StoreStats, TemplateEntry, TemplateStore};
 
-/// An immutable snapshot of all templates, keyed by namespace then template name.
-#[derive(Debug, Default)]
+/// An immutable snapshot of all templates, keyed by namespace then template name. Equal when
+/// every template (source and parsed content) is.
+#[derive(Debug, Default, PartialEq)]
 pub struct TemplateIndex {
     pub(super) platform_namespace: String,
     pub(super) by_namespace: HashMap<String, HashMap<String, Arc<TemplateEntry>>>,
