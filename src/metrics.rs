@@ -9,8 +9,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use templates::{ShadowEvaluations, TemplateAdmissions};
 
-use crate::template::SourceKind;
-
 /// Latency buckets in seconds, sub-millisecond first: admissions take microseconds.
 const BUCKETS: [f64; 14] =
     [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -19,9 +17,9 @@ const BUCKETS: [f64; 14] =
 /// the caBundle patch of the webhook configuration.
 pub const CERTIFICATE_ERROR_SOURCES: [&str; 3] = ["files", "secret", "ca_bundle"];
 
-/// The kinds of template source object, as the `kind` label of the template watch's series.
-pub const SOURCE_KINDS: [(SourceKind, &str); 2] =
-    [(SourceKind::ConfigMap, "ConfigMap"), (SourceKind::PodTemplate, "PodTemplate")];
+/// The kinds of template source object (their Kubernetes kinds), the `kind` label of the
+/// template watch's series.
+pub const SOURCE_KINDS: [&str; 2] = ["ConfigMap", "PodTemplate"];
 
 /// Results an admission can end with.
 pub const RESULTS: [&str; 4] = ["mutated", "unchanged", "denied", "error"];
@@ -77,10 +75,6 @@ impl TaskHealth {
     }
 }
 
-fn kind_index(kind: SourceKind) -> usize {
-    SOURCE_KINDS.iter().position(|(k, _)| *k == kind).expect("every kind is listed")
-}
-
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
@@ -96,15 +90,17 @@ impl Metrics {
         self.template_watch_errors.load(Relaxed)
     }
 
-    /// Counts a relist of the template watch of `kind` after its first list (the watch expired
-    /// or failed).
-    pub fn template_relist(&self, kind: SourceKind) {
-        self.template_relists[kind_index(kind)].fetch_add(1, Relaxed);
+    /// Counts a relist of the template watch of `kind` (one of [`SOURCE_KINDS`]) after its first
+    /// list (the watch expired or failed).
+    pub fn template_relist(&self, kind: &str) {
+        if let Some(i) = SOURCE_KINDS.iter().position(|k| *k == kind) {
+            self.template_relists[i].fetch_add(1, Relaxed);
+        }
     }
 
     /// Relists of the template watch of `kind`.
-    pub fn template_relists(&self, kind: SourceKind) -> u64 {
-        self.template_relists[kind_index(kind)].load(Relaxed)
+    pub fn template_relists(&self, kind: &str) -> u64 {
+        SOURCE_KINDS.iter().position(|k| *k == kind).map_or(0, |i| self.template_relists[i].load(Relaxed))
     }
 
     /// Counts a TLS handshake that failed or timed out.
@@ -192,7 +188,7 @@ impl Metrics {
             let _ = writeln!(out, "{p}_template_watch_errors_total {}", self.template_watch_errors.load(Relaxed));
             let _ = writeln!(out, "# HELP {p}_template_relists_total Relists of the template watch after its first list (the watch expired, 410 Gone, or failed), by source kind; the last complete index serves meanwhile.");
             let _ = writeln!(out, "# TYPE {p}_template_relists_total counter");
-            for (i, (_, kind)) in SOURCE_KINDS.iter().enumerate() {
+            for (i, kind) in SOURCE_KINDS.iter().enumerate() {
                 let n = self.template_relists[i].load(Relaxed);
                 let _ = writeln!(out, "{p}_template_relists_total{{kind=\"{kind}\"}} {n}");
             }
@@ -301,7 +297,7 @@ mod tests {
         assert!(m.render(0, 0, 0).contains("pod_template_webhook_template_watch_up 1\n"));
         m.template_watch_error();
         assert!(m.render(0, 0, 0).contains("pod_template_webhook_template_watch_errors_total 1\n"));
-        m.template_relist(SourceKind::PodTemplate);
+        m.template_relist("PodTemplate");
         let text = m.render(0, 0, 0);
         assert!(text.contains("pod_template_webhook_template_relists_total{kind=\"PodTemplate\"} 1\n"), "{text}");
         assert!(text.contains("pod_template_webhook_template_relists_total{kind=\"ConfigMap\"} 0\n"), "{text}");

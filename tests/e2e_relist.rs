@@ -29,7 +29,6 @@ use pod_template_webhook::server::{self, AppState, Limits};
 use pod_template_webhook::store::cluster::{self, ClusterStore, WatchOptions};
 use pod_template_webhook::store::{EntryState, TemplateStore};
 use pod_template_webhook::supervise::Fatal;
-use pod_template_webhook::template::SourceKind;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -161,7 +160,7 @@ impl Poller {
 }
 
 fn all_relists(metrics: &Metrics) -> u64 {
-    metrics.template_relists(SourceKind::ConfigMap) + metrics.template_relists(SourceKind::PodTemplate)
+    metrics.template_relists("ConfigMap") + metrics.template_relists("PodTemplate")
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -241,10 +240,10 @@ fn a_relist_under_churn_never_serves_a_partial_index_and_publishes_once() {
         // The watch comes back: resumed from a compacted resourceVersion, it is answered 410 Gone
         // and the ConfigMaps are listed again. Churn starts with that list and goes on after it.
         let (reloads, relists) = (metrics.templates_reloads(), all_relists(&metrics));
-        let cm_relists = metrics.template_relists(SourceKind::ConfigMap);
+        let cm_relists = metrics.template_relists("ConfigMap");
         bindings.create(&PostParams::default(), &binding).await.unwrap();
         support::wait_for("the ConfigMaps relist starts", Duration::from_secs(90), || {
-            metrics.template_relists(SourceKind::ConfigMap) > cm_relists
+            metrics.template_relists("ConfigMap") > cm_relists
         })
         .await;
         let (stop_churn, writes) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));

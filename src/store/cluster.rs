@@ -358,7 +358,7 @@ impl<K: SourceResource> Watches<K> {
             }
             Ok(Event::Init) => {
                 if self.lists[i].start() {
-                    metrics.template_relist(K::KIND);
+                    metrics.template_relist(&K::kind(&()));
                     tracing::info!(kind = ?K::KIND, namespace = namespace(), "relisting the templates; the last complete index serves until the list is done");
                 }
                 false
