@@ -289,7 +289,7 @@ fn a_relist_under_churn_never_serves_a_partial_index_and_publishes_once() {
         let relisted = all_relists(&metrics) - relists;
         let seen_writes = writes.load(Ordering::Relaxed);
         eprintln!(
-            "{publishes} index publishes for {relisted} relists ({} templates listed) and {seen_writes} writes; {rounds} lookup rounds, none failed",
+            "{publishes} index publishes for {relisted} relists ({} templates in the index) and {seen_writes} writes; {rounds} lookup rounds, none failed",
             expected.stats().templates
         );
         // Each write is at most one batch, each relist one publish at its end (+2: a list of each
