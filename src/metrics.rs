@@ -17,6 +17,10 @@ const BUCKETS: [f64; 14] =
 /// the caBundle patch of the webhook configuration.
 pub const CERTIFICATE_ERROR_SOURCES: [&str; 3] = ["files", "secret", "ca_bundle"];
 
+/// The kinds of template source object (their Kubernetes kinds), the `kind` label of the
+/// template watch's series.
+pub const SOURCE_KINDS: [&str; 2] = ["ConfigMap", "PodTemplate"];
+
 /// Results an admission can end with.
 pub const RESULTS: [&str; 4] = ["mutated", "unchanged", "denied", "error"];
 
@@ -33,6 +37,9 @@ pub struct Metrics {
     certificate_errors: [AtomicU64; CERTIFICATE_ERROR_SOURCES.len()],
     tls_handshake_failures: AtomicU64,
     template_watch_errors: AtomicU64,
+    /// By source kind, in [`SOURCE_KINDS`] order.
+    template_relists: [AtomicU64; 2],
+    templates_reloads: AtomicU64,
     template_watch: TaskHealth,
     certificate_watch: TaskHealth,
     /// Admissions by template name and result.
@@ -83,6 +90,19 @@ impl Metrics {
         self.template_watch_errors.load(Relaxed)
     }
 
+    /// Counts a relist of the template watch of `kind` (one of [`SOURCE_KINDS`]) after its first
+    /// list (the watch expired or failed).
+    pub fn template_relist(&self, kind: &str) {
+        if let Some(i) = SOURCE_KINDS.iter().position(|k| *k == kind) {
+            self.template_relists[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Relists of the template watch of `kind`.
+    pub fn template_relists(&self, kind: &str) -> u64 {
+        SOURCE_KINDS.iter().position(|k| *k == kind).map_or(0, |i| self.template_relists[i].load(Relaxed))
+    }
+
     /// Counts a TLS handshake that failed or timed out.
     pub fn tls_handshake_failed(&self) {
         self.tls_handshake_failures.fetch_add(1, Relaxed);
@@ -114,9 +134,22 @@ impl Metrics {
         self.cert_reload_time.store(now(), Relaxed);
     }
 
+    /// A new template index was published (a load, or a batch of watch events), with
+    /// `parse_errors` templates that failed to parse not counted yet.
     pub fn templates_reloaded(&self, parse_errors: usize) {
-        self.template_parse_errors.fetch_add(parse_errors as u64, Relaxed);
+        self.template_parse_errors(parse_errors);
+        self.templates_reloads.fetch_add(1, Relaxed);
         self.template_reload_time.store(now(), Relaxed);
+    }
+
+    /// Times a template index was published.
+    pub fn templates_reloads(&self) -> u64 {
+        self.templates_reloads.load(Relaxed)
+    }
+
+    /// Counts templates that failed to parse when loaded.
+    pub fn template_parse_errors(&self, count: usize) {
+        self.template_parse_errors.fetch_add(count as u64, Relaxed);
     }
 
     /// The template watch task is running (`true`) or has stopped and is being restarted.
@@ -153,6 +186,12 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {p}_template_watch_errors_total Errors of the template watch (API server unreachable, watch expired); the cache keeps serving.");
             let _ = writeln!(out, "# TYPE {p}_template_watch_errors_total counter");
             let _ = writeln!(out, "{p}_template_watch_errors_total {}", self.template_watch_errors.load(Relaxed));
+            let _ = writeln!(out, "# HELP {p}_template_relists_total Relists of the template watch after its first list (the watch expired, 410 Gone, or failed), by source kind; the last complete index serves meanwhile.");
+            let _ = writeln!(out, "# TYPE {p}_template_relists_total counter");
+            for (i, kind) in SOURCE_KINDS.iter().enumerate() {
+                let n = self.template_relists[i].load(Relaxed);
+                let _ = writeln!(out, "{p}_template_relists_total{{kind=\"{kind}\"}} {n}");
+            }
         }
         let _ = writeln!(out, "# HELP {p}_tls_handshake_failures_total TLS handshakes that failed or timed out (an untrusted certificate: check the caBundle).");
         let _ = writeln!(out, "# TYPE {p}_tls_handshake_failures_total counter");
@@ -203,6 +242,9 @@ impl Metrics {
         for (name, help, value) in gauges {
             let _ = writeln!(out, "# HELP {p}_{name} {help}\n# TYPE {p}_{name} gauge\n{p}_{name} {value}");
         }
+        let _ = writeln!(out, "# HELP {p}_templates_reloads_total Template indexes published (a load, or a batch of watch events; a relist publishes once, at its end).");
+        let _ = writeln!(out, "# TYPE {p}_templates_reloads_total counter");
+        let _ = writeln!(out, "{p}_templates_reloads_total {}", self.templates_reloads.load(Relaxed));
         let _ = writeln!(out, "# HELP {p}_template_parse_errors_total Template keys that failed to parse when loaded.");
         let _ = writeln!(out, "# TYPE {p}_template_parse_errors_total counter");
         let _ = writeln!(out, "{p}_template_parse_errors_total {}", self.template_parse_errors.load(Relaxed));
@@ -240,6 +282,11 @@ mod tests {
         assert!(text.contains("pod_template_webhook_templates_loaded 7"));
         assert!(text.contains("pod_template_webhook_template_errors 3"));
         assert!(text.contains("pod_template_webhook_templates_stale 1"));
+        assert!(text.contains("pod_template_webhook_templates_reloads_total 0\n"));
+        m.templates_reloaded(2);
+        let text = m.render(0, 0, 0);
+        assert!(text.contains("pod_template_webhook_templates_reloads_total 1\n"), "{text}");
+        assert!(text.contains("pod_template_webhook_template_parse_errors_total 2\n"), "{text}");
     }
 
     #[test]
@@ -250,6 +297,10 @@ mod tests {
         assert!(m.render(0, 0, 0).contains("pod_template_webhook_template_watch_up 1\n"));
         m.template_watch_error();
         assert!(m.render(0, 0, 0).contains("pod_template_webhook_template_watch_errors_total 1\n"));
+        m.template_relist("PodTemplate");
+        let text = m.render(0, 0, 0);
+        assert!(text.contains("pod_template_webhook_template_relists_total{kind=\"PodTemplate\"} 1\n"), "{text}");
+        assert!(text.contains("pod_template_webhook_template_relists_total{kind=\"ConfigMap\"} 0\n"), "{text}");
         m.template_watch(false);
         let text = m.render(0, 0, 0);
         assert!(text.contains("pod_template_webhook_template_watch_up 0\n"), "{text}");

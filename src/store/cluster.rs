@@ -1,20 +1,25 @@
-//! The in-cluster template source: kube-runtime reflectors over the ConfigMaps and the
-//! PodTemplates carrying the source label, cluster-wide or in the watched namespaces plus the
-//! platform namespace. Templates are parsed on watch events; admissions read the published index
-//! and make no API call.
-
-use std::collections::HashSet;
+//! The in-cluster template source: a kube-runtime watcher per scope (cluster-wide, or each watched
+//! namespace plus the platform namespace) over the ConfigMaps and the PodTemplates carrying the
+//! source label. One writer applies the watch events to a [`Catalog`], parsing each template once,
+//! and publishes `catalog.index()`; admissions read the published index and make no API call.
+//!
+//! Publishing is batched: the events ready at once (a burst of updates, a listed page) are
+//! applied, then one index is published. Nothing is published while any watch lists (the first
+//! list, or a relist after a watch expired with 410 Gone or failed): admissions keep the last
+//! complete index, and at the list's end the objects it did not show are removed and one index is
+//! published. No reflector cache: only the names a running list showed are kept, to find those
+//! deletions.
+use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use futures::stream::BoxStream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, PodTemplate};
 use k8s_openapi::NamespaceResourceScope;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -41,6 +46,14 @@ impl From<kube::Error> for ClusterError {
     }
 }
 
+/// How the store watches; the default is kube's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WatchOptions {
+    /// Seconds after which the API server ends each watch request, which the watcher then resumes
+    /// from its last resourceVersion (relisting if that expired); `None`: kube's default (290).
+    pub timeout_seconds: Option<u32>,
+}
+
 /// Templates from the cluster, kept current by a watch.
 pub struct ClusterStore {
     index: ArcSwap<TemplateIndex>,
@@ -56,27 +69,30 @@ impl ClusterStore {
         fatal: Fatal,
     ) -> Result<Arc<Self>, ClusterError> {
         let client = Client::try_default().await?;
-        Ok(Self::spawn_with(client, names.clone(), watch_namespaces, metrics, fatal))
+        Ok(Self::spawn_with(client, names.clone(), watch_namespaces, metrics, fatal, WatchOptions::default()))
     }
 
     /// Starts watching with `client`; the store is ready once every initial list is applied.
     pub fn spawn(client: Client, names: Names, watch_namespaces: &[String], metrics: Arc<Metrics>) -> Arc<Self> {
-        Self::spawn_with(client, names, watch_namespaces, metrics, Fatal::default())
+        Self::spawn_with(client, names, watch_namespaces, metrics, Fatal::default(), WatchOptions::default())
     }
 
-    /// [`ClusterStore::spawn`], raising `fatal` when the watch keeps stopping.
+    /// [`ClusterStore::spawn`], raising `fatal` when the watch keeps stopping, watching as
+    /// `options` say.
     pub fn spawn_with(
         client: Client,
         names: Names,
         watch_namespaces: &[String],
         metrics: Arc<Metrics>,
         fatal: Fatal,
+        options: WatchOptions,
     ) -> Arc<Self> {
         let store = Arc::new(ClusterStore { index: ArcSwap::default(), synced: AtomicBool::new(false) });
         let scopes = scopes(&names, watch_namespaces);
         let watched = store.clone();
         let (m, state) = (metrics.clone(), store.clone());
-        let run = move || watch(watched.clone(), client.clone(), names.clone(), scopes.clone(), metrics.clone());
+        let run =
+            move || watch(watched.clone(), client.clone(), names.clone(), scopes.clone(), metrics.clone(), options);
         let on_state = move |running: bool| {
             m.template_watch(running);
             if !running {
@@ -240,10 +256,58 @@ impl SourceResource for PodTemplate {
     }
 }
 
-/// The watches of one kind: a reflector per scope, its events tagged with the scope's index.
+/// Object names by namespace.
+type Seen = HashMap<String, HashSet<String>>;
+
+/// What one watch (one kind in one scope) has listed. A list (`Init` … `InitDone`) comes first and
+/// again after a watch expires (410 Gone) or fails: while it runs, the objects it shows are
+/// applied over the old ones and only their names are kept, so that at its end the objects it did
+/// not show (deleted meanwhile) are removed at once and the index is complete again.
+#[derive(Debug, Default)]
+struct ListState {
+    /// While a list runs: the names of the objects it showed so far, by namespace.
+    listing: Option<Seen>,
+    /// A list has completed at least once.
+    listed: bool,
+}
+
+impl ListState {
+    /// An `Init`: a list starts (again, if one failed midway). True when it is a relist: a list
+    /// completed before and the watch was running.
+    fn start(&mut self) -> bool {
+        let relist = self.listed && self.listing.is_none();
+        self.listing = Some(Seen::new());
+        relist
+    }
+
+    /// An object the running list showed.
+    fn saw(&mut self, namespace: String, name: String) {
+        if let Some(seen) = &mut self.listing {
+            seen.entry(namespace).or_default().insert(name);
+        }
+    }
+
+    /// An `InitDone`: the objects the list showed; the list is over.
+    fn done(&mut self) -> Seen {
+        self.listed = true;
+        self.listing.take().unwrap_or_default()
+    }
+
+    /// Listed and not listing: what the catalog holds of this watch is complete.
+    fn complete(&self) -> bool {
+        self.listed && self.listing.is_none()
+    }
+}
+
+/// Removes from `catalog` the objects of `kind` in `scope` that a list did not show.
+fn remove_unseen(catalog: &mut Catalog, kind: SourceKind, scope: Option<&str>, seen: &Seen) {
+    catalog.retain(kind, scope, |ns, name| seen.get(ns).is_some_and(|names| names.contains(name)));
+}
+
+/// The watches of one kind: a watcher per scope, its events tagged with the scope's index.
 struct Watches<K: SourceResource> {
-    readers: Vec<reflector::Store<K>>,
-    synced: Vec<bool>,
+    lists: Vec<ListState>,
+    _kind: std::marker::PhantomData<K>,
 }
 
 type Tagged<K> = (usize, Result<Event<K>, watcher::Error>);
@@ -254,22 +318,21 @@ impl<K: SourceResource> Watches<K> {
         scopes: &[Option<String>],
         config: &watcher::Config,
     ) -> (Self, BoxStream<'static, Tagged<K>>) {
-        let mut readers = Vec::new();
         let mut streams = Vec::new();
         for (i, scope) in scopes.iter().enumerate() {
             let api: Api<K> = match scope {
                 None => Api::all(client.clone()),
                 Some(ns) => Api::namespaced(client.clone(), ns),
             };
-            let (reader, writer) = reflector::store();
-            readers.push(reader);
+            // No reflector: the catalog is the only copy of what was seen (a reflector would keep
+            // every object whole, data and managedFields, just to find deletions after a relist).
             // Backoff on errors: when the API server goes away the cache keeps serving, and the
             // watch resumes (relisting if needed) when it returns.
-            let events = reflector::reflector(writer, watcher::watcher(api, config.clone()).default_backoff());
+            let events = watcher::watcher(api, config.clone()).default_backoff();
             streams.push(events.map(move |e| (i, e)).boxed());
         }
-        let watches = Watches { readers, synced: vec![false; scopes.len()] };
-        (watches, futures::stream::select_all(streams).boxed())
+        let lists = scopes.iter().map(|_| ListState::default()).collect();
+        (Watches { lists, _kind: std::marker::PhantomData }, futures::stream::select_all(streams).boxed())
     }
 
     /// Applies one watch event; true when the catalog may have changed.
@@ -282,37 +345,45 @@ impl<K: SourceResource> Watches<K> {
         recorder: &Recorder,
         metrics: &Metrics,
     ) -> bool {
+        let namespace = || scopes[i].as_deref().unwrap_or("(all)");
         match event {
             Ok(Event::Apply(object) | Event::InitApply(object)) => {
                 let problems = object.apply_to(catalog, names);
                 report(&problems, object.object_ref(&()), recorder, metrics);
+                self.lists[i].saw(object.namespace().unwrap_or_default(), object.name_any());
                 true
             }
             Ok(Event::Delete(object)) => {
                 catalog.remove_source(K::KIND, &object.namespace().unwrap_or_default(), &object.name_any())
             }
-            Ok(Event::Init) => false,
+            Ok(Event::Init) => {
+                if self.lists[i].start() {
+                    metrics.template_relist(&K::kind(&()));
+                    tracing::info!(kind = ?K::KIND, namespace = namespace(), "relisting the templates; the last complete index serves until the list is done");
+                }
+                false
+            }
             Ok(Event::InitDone) => {
-                // A relist: objects deleted while the watch was down are gone from the reflector.
-                let present: HashSet<ObjectRef<K>> =
-                    self.readers[i].state().iter().map(|o| ObjectRef::from_obj(&**o)).collect();
-                catalog.retain(K::KIND, scopes[i].as_deref(), |ns, name| {
-                    present.contains(&ObjectRef::new(name).within(ns))
-                });
-                self.synced[i] = true;
+                // Objects deleted while the watch was down are those the list did not show.
+                remove_unseen(catalog, K::KIND, scopes[i].as_deref(), &self.lists[i].done());
                 true
+            }
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                metrics.template_watch_error();
+                tracing::info!(kind = ?K::KIND, namespace = namespace(), message = %status.message, "template watch expired (410 Gone); relisting");
+                false
             }
             Err(e) => {
                 metrics.template_watch_error();
-                let namespace = scopes[i].as_deref().unwrap_or("(all)");
-                tracing::warn!(error = %e, kind = ?K::KIND, namespace, "template watch failed; serving from cache, retrying with backoff");
+                tracing::warn!(error = %e, kind = ?K::KIND, namespace = namespace(), "template watch failed; serving from cache, retrying with backoff");
                 false
             }
         }
     }
 
-    fn synced(&self) -> bool {
-        self.synced.iter().all(|s| *s)
+    /// Every scope listed and none relisting.
+    fn complete(&self) -> bool {
+        self.lists.iter().all(ListState::complete)
     }
 }
 
@@ -323,16 +394,25 @@ enum Update {
     PodTemplate(Tagged<PodTemplate>),
 }
 
+/// The most events applied before an index is published: a burst is one publish, and a flood
+/// that never pauses still publishes now and then.
+const MAX_BATCH: usize = 1024;
+
 /// The single writer: applies watch events to the catalog and publishes a new index. Ready once
-/// the initial lists of both kinds, in every scope, are applied.
+/// the initial lists of both kinds, in every scope, are applied. Publishes once per batch of the
+/// events ready at once, and never while a list runs: admissions keep the last complete index.
 async fn watch(
     store: Arc<ClusterStore>,
     client: Client,
     names: Names,
     scopes: Vec<Option<String>>,
     metrics: Arc<Metrics>,
+    options: WatchOptions,
 ) {
-    let config = watcher::Config::default().labels(&format!("{}=true", names.source_label));
+    let mut config = watcher::Config::default().labels(&format!("{}=true", names.source_label));
+    if let Some(seconds) = options.timeout_seconds {
+        config = config.timeout(seconds);
+    }
     let (mut config_maps, cm_events) = Watches::<ConfigMap>::start(&client, &scopes, &config);
     let (mut pod_templates, pt_events) = Watches::<PodTemplate>::start(&client, &scopes, &config);
     let mut events = futures::stream::select(cm_events.map(Update::ConfigMap), pt_events.map(Update::PodTemplate));
@@ -341,14 +421,26 @@ async fn watch(
         Reporter { controller: "pod-template-webhook".into(), instance: std::env::var("POD_NAME").ok() },
     );
     let mut catalog = Catalog::new(names.platform_namespace.clone());
-    while let Some(update) = events.next().await {
-        let changed = match update {
-            Update::ConfigMap(event) => config_maps.handle(event, &scopes, &names, &mut catalog, &recorder, &metrics),
-            Update::PodTemplate(event) => {
-                pod_templates.handle(event, &scopes, &names, &mut catalog, &recorder, &metrics)
+    let mut changed = false;
+    while let Some(first) = events.next().await {
+        let (mut next, mut applied) = (Some(first), 0);
+        while let Some(update) = next.take() {
+            changed |= match update {
+                Update::ConfigMap(event) => {
+                    config_maps.handle(event, &scopes, &names, &mut catalog, &recorder, &metrics)
+                }
+                Update::PodTemplate(event) => {
+                    pod_templates.handle(event, &scopes, &names, &mut catalog, &recorder, &metrics)
+                }
+            };
+            applied += 1;
+            // The next event if it is ready now: the rest of a burst, or of a listed page.
+            if applied < MAX_BATCH {
+                next = events.next().now_or_never().flatten();
             }
-        };
-        if changed && config_maps.synced() && pod_templates.synced() {
+        }
+        if changed && config_maps.complete() && pod_templates.complete() {
+            changed = false;
             store.index.store(Arc::new(catalog.index()));
             metrics.templates_reloaded(0);
             if !store.synced.swap(true, Ordering::AcqRel) {
@@ -374,7 +466,7 @@ fn report(
     if problems.is_empty() {
         return;
     }
-    metrics.templates_reloaded(problems.len());
+    metrics.template_parse_errors(problems.len());
     for problem in problems {
         tracing::error!(problem = %problem, "template did not parse");
         let what = match problem.source.kind {
@@ -416,5 +508,60 @@ mod tests {
         let chain = format!("{:#}", anyhow::Error::from(err));
         assert_eq!(chain.matches("expected value").count(), 1, "{chain}");
         assert!(chain.starts_with("cannot build a Kubernetes client"), "{chain}");
+    }
+
+    fn names_of(seen: &Seen) -> Vec<(String, String)> {
+        let mut all: Vec<_> =
+            seen.iter().flat_map(|(ns, names)| names.iter().map(move |n| (ns.clone(), n.clone()))).collect();
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn the_first_list_is_not_a_relist_and_completes_the_watch() {
+        let mut list = ListState::default();
+        assert!(!list.complete(), "not listed yet");
+        assert!(!list.start(), "the first list is not a relist");
+        list.saw("a".into(), "x".into());
+        assert!(!list.complete(), "listing");
+        assert_eq!(names_of(&list.done()), [("a".to_owned(), "x".to_owned())]);
+        assert!(list.complete());
+    }
+
+    #[test]
+    fn a_relist_is_counted_once_and_keeps_only_what_its_last_attempt_showed() {
+        let mut list = ListState::default();
+        list.start();
+        list.saw("a".into(), "old".into());
+        list.done();
+        // Watch events between lists are not a list's: nothing is kept.
+        list.saw("a".into(), "watched".into());
+        assert!(list.start(), "a list after a completed one is a relist");
+        assert!(!list.complete(), "nothing publishes while it runs");
+        list.saw("a".into(), "gone".into());
+        // The list failed midway and starts again: the same relist, and what it showed is void.
+        assert!(!list.start());
+        list.saw("b".into(), "x".into());
+        list.saw("a".into(), "y".into());
+        let seen = list.done();
+        assert_eq!(names_of(&seen), [("a".to_owned(), "y".to_owned()), ("b".to_owned(), "x".to_owned())]);
+        assert!(list.complete());
+    }
+
+    #[test]
+    fn a_relist_removes_what_it_did_not_show_and_only_in_its_scope() {
+        use std::collections::BTreeMap;
+        let data = BTreeMap::from([("t".to_owned(), "{}".to_owned())]);
+        let mut catalog = Catalog::new("flyte");
+        for (ns, name) in [("a", "kept"), ("a", "deleted"), ("b", "other-scope")] {
+            catalog.apply(ns, name, Some("1"), &data);
+        }
+        let mut list = ListState::default();
+        list.start();
+        list.saw("a".into(), "kept".into());
+        remove_unseen(&mut catalog, SourceKind::ConfigMap, Some("a"), &list.done());
+        let index = catalog.index();
+        assert!(index.lookup("a", "t").entry.is_some_and(|e| e.source.object == "kept"));
+        assert_eq!(index.stats().templates, 2, "a/deleted is gone, b/other-scope stays");
     }
 }

@@ -15,8 +15,9 @@ const COMPOSITIONS_MAX: usize = 1024;
 /// The layers of a composition, by identity: the templates this index holds, and their roles.
 type LayersKey = Vec<(usize, Role)>;
 
-/// An immutable snapshot of all templates, keyed by namespace then template name.
-#[derive(Debug, Default)]
+/// An immutable snapshot of all templates, keyed by namespace then template name. Equal when
+/// every template (source and parsed content) is.
+#[derive(Debug, Default, PartialEq)]
 pub struct TemplateIndex {
     pub(super) platform_namespace: String,
     pub(super) by_namespace: HashMap<String, HashMap<String, Arc<TemplateEntry>>>,

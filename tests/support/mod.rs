@@ -132,6 +132,11 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts both processes; call it from a thread that outlives the tests (see `spawn_tied`).
     pub fn start() -> ApiServer {
+        Self::start_with(&[])
+    }
+
+    /// [`ApiServer::start`] with `extra` kube-apiserver flags (e.g. `--watch-cache=false`).
+    pub fn start_with(extra: &[&str]) -> ApiServer {
         let (etcd_bin, apiserver_bin) = (tool("etcd"), tool("kube-apiserver"));
         let dir = tempfile::Builder::new().prefix("ptw-apiserver-").tempdir().unwrap();
         let d = dir.path();
@@ -182,7 +187,8 @@ impl ApiServer {
                 .arg("--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,MutatingAdmissionWebhook,ValidatingAdmissionWebhook")
                 .arg("--endpoint-reconciler-type=none")
                 .arg("--profiling=false")
-                .arg("--v=1");
+                .arg("--v=1")
+                .args(extra);
         let apiserver = spawn_tied(&mut apiserver_cmd, &d.join("kube-apiserver.log"));
         let url = format!("https://127.0.0.1:{api_port}");
         let kubeconfig = d.join("kubeconfig");
