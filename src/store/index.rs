@@ -15,9 +15,8 @@ const COMPOSITIONS_MAX: usize = 1024;
 /// The layers of a composition, by identity: the templates this index holds, and their roles.
 type LayersKey = Vec<(usize, Role)>;
 
-/// An immutable snapshot of all templates, keyed by namespace then template name. Equal when
-/// every template (source and parsed content) is.
-#[derive(Debug, Default, PartialEq)]
+/// An immutable snapshot of all templates, keyed by namespace then template name.
+#[derive(Debug, Default)]
 pub struct TemplateIndex {
     pub(super) platform_namespace: String,
     pub(super) by_namespace: HashMap<String, HashMap<String, Arc<TemplateEntry>>>,
@@ -29,6 +28,15 @@ pub struct TemplateIndex {
     /// composition instead of composing it again; a new index starts empty, so a template
     /// update is never served from an old composition.
     pub(super) compositions: RwLock<HashMap<LayersKey, Arc<Composition<'static>>>>,
+}
+
+/// Equal when every template (source and parsed content) is; what was composed from them is not
+/// part of the index's content.
+impl PartialEq for TemplateIndex {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.platform_namespace, &self.by_namespace, &self.shadows, self.stats)
+            == (&other.platform_namespace, &other.by_namespace, &other.shadows, other.stats)
+    }
 }
 
 impl TemplateIndex {
