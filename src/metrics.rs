@@ -32,6 +32,7 @@ pub struct Metrics {
     template_reload_time: AtomicI64,
     certificate_errors: [AtomicU64; CERTIFICATE_ERROR_SOURCES.len()],
     tls_handshake_failures: AtomicU64,
+    handler_panics: AtomicU64,
     template_watch_errors: AtomicU64,
     template_watch: TaskHealth,
     certificate_watch: TaskHealth,
@@ -90,6 +91,16 @@ impl Metrics {
 
     pub fn tls_handshake_failures(&self) -> u64 {
         self.tls_handshake_failures.load(Relaxed)
+    }
+
+    /// Counts a request whose handler panicked (answered 500; also an admission with result
+    /// `error`): a bug, worth an alert of its own.
+    pub fn handler_panicked(&self) {
+        self.handler_panics.fetch_add(1, Relaxed);
+    }
+
+    pub fn handler_panics(&self) -> u64 {
+        self.handler_panics.load(Relaxed)
     }
 
     /// Counts one admission; `result` is one of [`RESULTS`].
@@ -154,6 +165,9 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {p}_template_watch_errors_total counter");
             let _ = writeln!(out, "{p}_template_watch_errors_total {}", self.template_watch_errors.load(Relaxed));
         }
+        let _ = writeln!(out, "# HELP {p}_handler_panics_total Requests whose handler panicked (a bug): answered 500, also counted in admissions_total as result \"error\".");
+        let _ = writeln!(out, "# TYPE {p}_handler_panics_total counter");
+        let _ = writeln!(out, "{p}_handler_panics_total {}", self.handler_panics.load(Relaxed));
         let _ = writeln!(out, "# HELP {p}_tls_handshake_failures_total TLS handshakes that failed or timed out (an untrusted certificate: check the caBundle).");
         let _ = writeln!(out, "# TYPE {p}_tls_handshake_failures_total counter");
         let _ = writeln!(out, "{p}_tls_handshake_failures_total {}", self.tls_handshake_failures.load(Relaxed));
