@@ -1,5 +1,5 @@
 //! Prometheus metrics, kept in atomics so the admission path takes no lock (the per-template
-//! counters take a read lock, and the write side only for a name seen the first time).
+//! counters: a lock only the first time an entry of a template is counted, see `templates`).
 
 mod templates;
 
@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use templates::{ShadowEvaluations, TemplateAdmissions};
+pub use templates::{AdmissionSlot, CellSlot, ShadowEvaluations, TemplateAdmissions};
 
 /// Latency buckets in seconds, sub-millisecond first: admissions take microseconds.
 const BUCKETS: [f64; 14] =

@@ -186,6 +186,42 @@ async fn a_panic_in_the_handler_is_a_500_counted_and_logged_with_the_uid_and_the
 }
 
 #[tokio::test]
+async fn the_per_template_counter_needs_no_lookup_and_keeps_its_series_across_template_versions() {
+    let store = faulty(0);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let app =
+        webhook_router(AppState::with_metrics(store.clone(), Policy::default(), metrics.clone()), &Limits::default());
+    assert_eq!(call(app.clone(), "POST", "/mutate", SAMPLE).await.0, StatusCode::OK);
+    // Two names, the first no template (denied): it counts as `other`, the second as itself.
+    let two = SAMPLE.replacen(
+        "\"annotations\": {",
+        "\"annotations\": {\"flyte.org/pod-template\": \"nope, hello_world\", ",
+        1,
+    );
+    assert_eq!(call(app, "POST", "/mutate", two).await.0, StatusCode::OK);
+    assert_eq!(store.lookups.load(Ordering::Relaxed), 0, "the handler counted with the admission's own lookups");
+    // The template updated: a new entry, the same series.
+    let mut c = Catalog::new("flyte");
+    c.apply("flyte", "cm", Some("2"), &BTreeMap::from([("hello_world".into(), "labels: {a: c}".into())]));
+    let app = webhook_router(
+        AppState::with_metrics(Arc::new(c.index()), Policy::default(), metrics.clone()),
+        &Limits::default(),
+    );
+    assert_eq!(call(app, "POST", "/mutate", SAMPLE).await.0, StatusCode::OK);
+    let text = metrics.render(0, 0, 0);
+    let series: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("pod_template_webhook_template_admissions_total{")).collect();
+    assert_eq!(
+        series,
+        [
+            "pod_template_webhook_template_admissions_total{template=\"hello_world\",result=\"mutated\"} 2",
+            "pod_template_webhook_template_admissions_total{template=\"hello_world\",result=\"denied\"} 1",
+            "pod_template_webhook_template_admissions_total{template=\"other\",result=\"denied\"} 1",
+        ]
+    );
+}
+
+#[tokio::test]
 async fn body_over_the_cap_is_413() {
     let limits = Limits { max_body_bytes: 1024, ..Limits::default() };
     let app = webhook_router(state(), &limits);
