@@ -103,6 +103,18 @@ impl Metrics {
         self.handler_panics.load(Relaxed)
     }
 
+    /// Counts each template name of an answered admission: through the entry the admission found
+    /// for it (no lookup, no lock), or as `other`.
+    pub fn count_templates(&self, decision: &crate::admission::Decision) {
+        let result = decision.outcome.as_str();
+        for found in &decision.found {
+            match found {
+                Some(entry) => self.templates.count_template(&entry.counters, &entry.source.key, result),
+                None => self.templates.count_other(result),
+            }
+        }
+    }
+
     /// Counts one admission; `result` is one of [`RESULTS`].
     pub fn admission(&self, result: &str, took: Duration) {
         if let Some(i) = RESULTS.iter().position(|r| *r == result) {

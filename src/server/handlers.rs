@@ -69,14 +69,9 @@ pub(super) async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMa
             span.record("pod", display(&decision.pod));
             span.record("template", display(decision.template.as_deref().unwrap_or_default()));
             span.record("result", decision.outcome.as_str());
-            let (took, result) = (started.elapsed(), decision.outcome.as_str());
-            state.metrics.admission(result, took);
-            for found in &decision.found {
-                match found {
-                    Some(entry) => state.metrics.templates.count_template(&entry.counters, &entry.source.key, result),
-                    None => state.metrics.templates.count_other(result),
-                }
-            }
+            let took = started.elapsed();
+            state.metrics.admission(decision.outcome.as_str(), took);
+            state.metrics.count_templates(&decision);
             for shadow in &decision.shadows {
                 // Only names of shadow templates that exist get here: bounded like the above.
                 state.metrics.shadows.count(&shadow.key, shadow.result(), |_| true);
