@@ -4,7 +4,7 @@
 //!   valgrind --tool=callgrind --callgrind-out-file=cg.out target/release/deps/profile_driver-HASH flyte 2000
 //!   callgrind_annotate --inclusive=yes cg.out | head -60
 //!
-//! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`, `layers`, `task-name`, `rule3-off`) and
+//! Arguments: the input (`flyte`, `gpu`, `env1500`, `log`, `metrics`, `layers`, `task-name`, `rule3-off`) and
 //! an iteration count. `task-name` is the flyte review as Flyte 2 creates the pod (no environment
 //! label; `flyte.org/managed` and `task-name: hello_world.train`, SPEC §9); `rule3-off` is the
 //! flyte review with the task-name rule turned off (`--task-name-label ""`).
@@ -13,7 +13,8 @@
 //! and `env1500` run `parse_review` + `mutate` + `response_body` as the server does (no HTTP, no
 //! log line). `log` runs the flyte path and also emits the server's per-admission line
 //! (`server::log_decision`, at `debug` for a mutation, enabled here) through a `tracing_subscriber`
-//! fmt layer writing to a sink, to count what the line costs when it is on.
+//! fmt layer writing to a sink, to count what the line costs when it is on. `metrics` runs the
+//! flyte path and also the handler's per-template counting (`Metrics::count_templates`).
 //! Under `cargo bench` (an argument `--bench`), it runs each input a few times and exits.
 
 mod shared;
@@ -26,12 +27,17 @@ use shared::{admit, input, policy, store};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn run(name: &str, iterations: usize) -> usize {
-    let (store, policy, body) = (store(), policy(name), input(name));
+    let metrics = pod_template_webhook::metrics::Metrics::default();
+    let input_name = if name == "metrics" { "flyte" } else { name };
+    let (store, policy, body) = (store(), policy(input_name), input(input_name));
     let mut bytes = 0;
     for _ in 0..iterations {
         let started = std::time::Instant::now();
         let decision = admit(&body, &store, &policy);
         bytes += admission::response_body(&decision).len();
+        if name == "metrics" {
+            metrics.count_templates(&decision);
+        }
         if name == "log" {
             pod_template_webhook::server::log_decision(&decision, started.elapsed());
         }

@@ -108,7 +108,7 @@ pub fn mutate(req: Request, store: &dyn TemplateStore, policy: &Policy) -> Resul
     decision.template = Some(requested.names().join(",")).filter(|n| !n.is_empty());
     // Every lookup of this admission in one index (see TemplateStore::snapshot).
     let snapshot = store.snapshot();
-    let plan = match plan(&decision.namespace, &requested, &*snapshot, policy) {
+    let plan = match plan::plan_found(&decision.namespace, &requested, &*snapshot, policy, &mut decision.found) {
         Ok(plan) => plan,
         Err(refusal) => return Ok(refusal.apply(decision)),
     };

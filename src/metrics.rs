@@ -1,5 +1,5 @@
 //! Prometheus metrics, kept in atomics so the admission path takes no lock (the per-template
-//! counters take a read lock, and the write side only for a name seen the first time).
+//! counters: a lock only the first time an entry of a template is counted, see `templates`).
 
 mod templates;
 
@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use templates::{ShadowEvaluations, TemplateAdmissions};
+pub use templates::{AdmissionSlot, CellSlot, ShadowEvaluations, TemplateAdmissions};
 
 /// Latency buckets in seconds, sub-millisecond first: admissions take microseconds.
 const BUCKETS: [f64; 14] =
@@ -36,6 +36,7 @@ pub struct Metrics {
     template_reload_time: AtomicI64,
     certificate_errors: [AtomicU64; CERTIFICATE_ERROR_SOURCES.len()],
     tls_handshake_failures: AtomicU64,
+    handler_panics: AtomicU64,
     template_watch_errors: AtomicU64,
     /// By source kind, in [`SOURCE_KINDS`] order.
     template_relists: [AtomicU64; 2],
@@ -110,6 +111,28 @@ impl Metrics {
 
     pub fn tls_handshake_failures(&self) -> u64 {
         self.tls_handshake_failures.load(Relaxed)
+    }
+
+    /// Counts a request whose handler panicked (answered 500; also an admission with result
+    /// `error`): a bug, worth an alert of its own.
+    pub fn handler_panicked(&self) {
+        self.handler_panics.fetch_add(1, Relaxed);
+    }
+
+    pub fn handler_panics(&self) -> u64 {
+        self.handler_panics.load(Relaxed)
+    }
+
+    /// Counts each template name of an answered admission: through the entry the admission found
+    /// for it (no lookup, no lock), or as `other`.
+    pub fn count_templates(&self, decision: &crate::admission::Decision) {
+        let result = decision.outcome.as_str();
+        for found in &decision.found {
+            match found {
+                Some(entry) => self.templates.count_template(&entry.counters, &entry.source.key, result),
+                None => self.templates.count_other(result),
+            }
+        }
     }
 
     /// Counts one admission; `result` is one of [`RESULTS`].
@@ -193,6 +216,9 @@ impl Metrics {
                 let _ = writeln!(out, "{p}_template_relists_total{{kind=\"{kind}\"}} {n}");
             }
         }
+        let _ = writeln!(out, "# HELP {p}_handler_panics_total Requests whose handler panicked (a bug): answered 500, also counted in admissions_total as result \"error\".");
+        let _ = writeln!(out, "# TYPE {p}_handler_panics_total counter");
+        let _ = writeln!(out, "{p}_handler_panics_total {}", self.handler_panics.load(Relaxed));
         let _ = writeln!(out, "# HELP {p}_tls_handshake_failures_total TLS handshakes that failed or timed out (an untrusted certificate: check the caBundle).");
         let _ = writeln!(out, "# TYPE {p}_tls_handshake_failures_total counter");
         let _ = writeln!(out, "{p}_tls_handshake_failures_total {}", self.tls_handshake_failures.load(Relaxed));

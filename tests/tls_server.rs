@@ -26,6 +26,7 @@ use pod_template_webhook::admission::Policy;
 use pod_template_webhook::names::Names;
 use pod_template_webhook::server::{serve_tls, webhook_router, AppState, Limits};
 use pod_template_webhook::store::dir::DirStore;
+use pod_template_webhook::store::{Lookup, Snapshot, StoreStats, TemplateEntry, TemplateStore};
 use pod_template_webhook::tls::{self, CertResolver};
 
 /// Every test body runs under this bound.
@@ -92,9 +93,16 @@ struct Server {
     handle: JoinHandle<()>,
 }
 
+fn example_templates() -> DirStore {
+    DirStore::load(&crate_path("examples/templates"), &Names::default()).expect("example templates load")
+}
+
 async fn start_server(resolver: Arc<CertResolver>, limits: Limits) -> Server {
-    let store = DirStore::load(&crate_path("examples/templates"), &Names::default()).expect("example templates load");
-    let state = AppState::new(Arc::new(store), Policy::default());
+    start_server_with(resolver, limits, Arc::new(example_templates())).await
+}
+
+async fn start_server_with(resolver: Arc<CertResolver>, limits: Limits, store: Arc<dyn TemplateStore>) -> Server {
+    let state = AppState::new(store, Policy::default());
     let app = webhook_router(state.clone(), &limits);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -460,6 +468,72 @@ async fn oversized_and_malformed_bodies_are_4xx_and_the_server_keeps_serving() {
         let (status, _) = post_once(server.addr, &ca.der, Proto::H1, at_limit).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "a body of exactly max_body_bytes is not too large");
         drop(server);
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3b. A panic in the handler
+
+/// The example templates in a store whose next snapshot panics once armed: a real panic in the
+/// admission path, with no product code for injecting it.
+struct PanicOnce {
+    templates: DirStore,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl TemplateStore for PanicOnce {
+    fn lookup(&self, namespace: &str, name: &str) -> Lookup {
+        self.templates.lookup(namespace, name)
+    }
+    fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<TemplateEntry>> {
+        self.templates.lookup_shadow(namespace, name)
+    }
+    fn snapshot(&self) -> Snapshot<'_> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            panic!("injected: the store failed");
+        }
+        self.templates.snapshot()
+    }
+    fn is_ready(&self) -> bool {
+        true
+    }
+    fn stats(&self) -> StoreStats {
+        self.templates.stats()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_handler_is_a_500_and_the_connection_and_the_server_keep_serving() {
+    bounded!(async {
+        let ca = TestCa::new("test CA");
+        let leaf = ca.leaf("webhook");
+        let store = Arc::new(PanicOnce { templates: example_templates(), armed: true.into() });
+        let server = start_server_with(resolver_for(&leaf), Limits::default(), store.clone()).await;
+        let uid =
+            serde_json::from_slice::<Value>(&flyte_review()).unwrap()["request"]["uid"].as_str().unwrap().to_owned();
+
+        for proto in [Proto::H1, Proto::H2] {
+            let offer: &[u8] = if proto == Proto::H2 { b"h2" } else { b"http/1.1" };
+            let tls = connect(server.addr, client_config(&ca.der, &[offer], ALL_VERSIONS), "localhost").await.unwrap();
+            let mut sender = handshake::<Full<Bytes>>(tls, proto).await;
+            store.armed.store(true, Ordering::SeqCst);
+            let resp = sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.expect("an answer");
+            let (status, body) = read_response(resp).await;
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{proto:?}: {text}");
+            assert!(text.contains("internal error of the webhook") && text.contains(&uid), "{proto:?}: {text}");
+            // The same connection answers the next request.
+            sender.ready().await.expect("the connection survived the panic");
+            let resp = sender.send(mutate_request(Full::new(Bytes::from(flyte_review())))).await.expect("an answer");
+            let (status, body) = read_response(resp).await;
+            assert_eq!(status, StatusCode::OK, "{proto:?}: {}", String::from_utf8_lossy(&body));
+            assert_flyte_mutated(&body);
+        }
+        assert_eq!(server.metrics.handler_panics(), 2);
+        assert_eq!((server.metrics.admissions("error"), server.metrics.admissions("mutated")), (2, 2));
+        // And a new connection.
+        let (status, body) = post_once(server.addr, &ca.der, Proto::H1, flyte_review()).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     })
 }
 

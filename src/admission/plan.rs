@@ -64,6 +64,33 @@ pub fn plan(
     store: &dyn TemplateStore,
     policy: &Policy,
 ) -> Result<Plan, Refusal> {
+    plan_found(namespace, requested, store, policy, &mut Vec::new())
+}
+
+/// [`plan`], also telling the template found for each requested name, in order (`None`: no
+/// such template): each name looked up once, the names after a refusal too.
+pub(super) fn plan_found(
+    namespace: &str,
+    requested: &Requested,
+    store: &dyn TemplateStore,
+    policy: &Policy,
+    found: &mut Vec<Option<Arc<TemplateEntry>>>,
+) -> Result<Plan, Refusal> {
+    let planned = plan_into(namespace, requested, store, policy, found);
+    if planned.is_err() {
+        let rest = requested.names().get(found.len()..).unwrap_or_default();
+        found.extend(rest.iter().map(|name| store.lookup(namespace, name).entry));
+    }
+    planned
+}
+
+fn plan_into(
+    namespace: &str,
+    requested: &Requested,
+    store: &dyn TemplateStore,
+    policy: &Policy,
+    found: &mut Vec<Option<Arc<TemplateEntry>>>,
+) -> Result<Plan, Refusal> {
     let mut plan = Plan::default();
     let platform = policy.names.platform_namespace.as_str();
     if let Some(default) = &policy.default_template {
@@ -91,6 +118,7 @@ pub fn plan(
     for name in requested.names() {
         let at = plan.layers.len();
         let Lookup { entry, searched } = store.lookup(namespace, name);
+        found.push(entry.clone());
         match entry {
             Some(entry) => {
                 let how = || format!("named by {}, namespaces searched {searched:?}", how());

@@ -132,6 +132,10 @@ pub struct Decision {
     pub patch_operations: usize,
     /// What the pod's shadow templates would change (§10), for the metric.
     pub shadows: Vec<super::ShadowEffect>,
+    /// For each name of `template`, in order, the template of that name found for the pod in the
+    /// admission's snapshot (`None`: no such template): the per-template metric counts through
+    /// these, with no lookup of its own.
+    pub found: Vec<Option<std::sync::Arc<crate::store::TemplateEntry>>>,
 }
 
 impl Decision {
@@ -147,6 +151,7 @@ impl Decision {
             applied: None,
             patch_operations: 0,
             shadows: Vec::new(),
+            found: Vec::new(),
         }
     }
 }

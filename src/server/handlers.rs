@@ -47,24 +47,31 @@ pub(super) async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMa
     );
     let _entered = span.enter();
     let mut uid = None;
-    let decision = admission::parse_review(&body).and_then(|req| {
-        span.record("uid", display(&req.uid));
-        uid = Some(req.uid.clone());
-        admission::mutate(req, &*state.store, &state.policy)
+    let decided = catch_panic(|| {
+        let decision = admission::parse_review(&body).and_then(|req| {
+            span.record("uid", display(&req.uid));
+            uid = Some(req.uid.clone());
+            admission::mutate(req, &*state.store, &state.policy)
+        })?;
+        let body = admission::response_body(&decision);
+        Ok::<_, admission::BadReview>((decision, body))
     });
+    let decision = match decided {
+        Ok(decision) => decision,
+        Err(panic) => {
+            span.record("result", "error");
+            return panicked(&state, started, uid.or_else(|| uid_of(&body)), "admission", &panic);
+        }
+    };
     match decision {
-        Ok(decision) => {
+        Ok((decision, body)) => {
             span.record("namespace", display(&decision.namespace));
             span.record("pod", display(&decision.pod));
             span.record("template", display(decision.template.as_deref().unwrap_or_default()));
             span.record("result", decision.outcome.as_str());
-            let body = admission::response_body(&decision);
             let took = started.elapsed();
             state.metrics.admission(decision.outcome.as_str(), took);
-            if let Some(names) = &decision.template {
-                let exists = |name: &str| state.store.lookup(&decision.namespace, name).entry.is_some();
-                state.metrics.templates.count(names, decision.outcome.as_str(), exists);
-            }
+            state.metrics.count_templates(&decision);
             for shadow in &decision.shadows {
                 // Only names of shadow templates that exist get here: bounded like the above.
                 state.metrics.shadows.count(&shadow.key, shadow.result(), |_| true);
@@ -81,6 +88,29 @@ pub(super) async fn mutate(State(state): State<Arc<AppState>>, headers: HeaderMa
             (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
         }
     }
+}
+
+/// Runs the synchronous part of a handler (parse, decide, encode), a panic in it turned into its
+/// message: a bug of ours fails that one request (500), not the connection it came on, whose
+/// task would otherwise end with it, nor the requests after it. The release profile unwinds.
+fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let text = payload.downcast_ref::<&str>().map(|s| s.to_string());
+        text.or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".to_owned())
+    })
+}
+
+/// The answer to a request whose handler panicked: counted (a panic, and an admission with
+/// result `error`), logged at error with the request's uid, answered 500. The panic's own
+/// message stays in the log (the default panic hook also prints where it happened).
+fn panicked(state: &AppState, started: Instant, uid: Option<String>, what: &str, panic: &str) -> Response {
+    let uid = uid.unwrap_or_default();
+    state.metrics.handler_panicked();
+    state.metrics.admission("error", started.elapsed());
+    tracing::error!(uid = %uid, panic, "{what} handler panicked (a bug in the webhook); answered 500");
+    let message =
+        format!("internal error of the webhook on request {uid:?} (a bug: see its log); nothing was decided\n");
+    (StatusCode::INTERNAL_SERVER_ERROR, message).into_response()
 }
 
 /// The review's `request.uid`, if the body has one, for the log line of a body refused as a
@@ -132,15 +162,26 @@ pub(super) async fn validate(State(state): State<Arc<AppState>>, headers: Header
         state.metrics.admission("error", started.elapsed());
         return refused;
     }
-    match admission::parse_review(&body) {
-        Ok(req) => {
-            let decision = admission::validate_templates(&req, &state.policy.names);
+    let mut uid = None;
+    let decided = catch_panic(|| {
+        let req = admission::parse_review(&body)?;
+        uid = Some(req.uid.clone());
+        let decision = admission::validate_templates(&req, &state.policy.names);
+        let body = admission::response_body(&decision);
+        Ok::<_, admission::BadReview>((req, decision, body))
+    });
+    let decided = match decided {
+        Ok(decided) => decided,
+        Err(panic) => return panicked(&state, started, uid.or_else(|| uid_of(&body)), "validation", &panic),
+    };
+    match decided {
+        Ok((req, decision, body)) => {
             state.metrics.admission(decision.outcome.as_str(), started.elapsed());
             if decision.outcome == admission::Outcome::Denied {
                 tracing::info!(uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or_default(), name = %req.name,
                     message = %decision.response.result.message, "template ConfigMap refused");
             }
-            ([(header::CONTENT_TYPE, "application/json")], admission::response_body(&decision)).into_response()
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
         }
         Err(e) => {
             state.metrics.admission("error", started.elapsed());

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicUsize;
 
 use axum::body::Body;
 use axum::body::Bytes;
@@ -8,14 +9,54 @@ use std::time::{Duration, Instant};
 use tower::ServiceExt;
 
 use super::*;
-use crate::store::Catalog;
+use crate::store::{Catalog, Lookup, Snapshot, StoreStats, TemplateEntry, TemplateIndex};
 
 const SAMPLE: &str = include_str!("../../examples/reviews/flyte-task-pod.json");
 
-fn state() -> Arc<AppState> {
+fn index() -> TemplateIndex {
     let mut c = Catalog::new("flyte");
     c.apply("flyte", "cm", Some("1"), &BTreeMap::from([("hello_world".into(), "labels: {a: b}".into())]));
-    AppState::new(Arc::new(c.index()), Policy::default())
+    c.index()
+}
+
+fn state() -> Arc<AppState> {
+    AppState::new(Arc::new(index()), Policy::default())
+}
+
+/// The templates of [`index`] in a store that panics on its first `panics` snapshots (a bug in
+/// the admission path, injected with no product code for it) and counts the lookups made
+/// outside an admission's snapshot.
+#[derive(Default)]
+struct Faulty {
+    index: TemplateIndex,
+    panics: AtomicUsize,
+    lookups: AtomicUsize,
+}
+
+impl TemplateStore for Faulty {
+    fn lookup(&self, namespace: &str, name: &str) -> Lookup {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        self.index.lookup(namespace, name)
+    }
+    fn lookup_shadow(&self, namespace: &str, name: &str) -> Option<Arc<TemplateEntry>> {
+        self.index.lookup_shadow(namespace, name)
+    }
+    fn snapshot(&self) -> Snapshot<'_> {
+        if self.panics.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
+            panic!("injected: the store failed");
+        }
+        Snapshot::Fixed(&self.index)
+    }
+    fn is_ready(&self) -> bool {
+        true
+    }
+    fn stats(&self) -> StoreStats {
+        self.index.stats()
+    }
+}
+
+fn faulty(panics: usize) -> Arc<Faulty> {
+    Arc::new(Faulty { index: index(), panics: panics.into(), ..Faulty::default() })
 }
 
 async fn call(app: Router, method: &str, uri: &str, body: impl Into<Body>) -> (StatusCode, String) {
@@ -118,6 +159,66 @@ async fn each_admission_has_a_span_with_its_fields_and_errors_name_the_uid() {
     .await;
     let line = text.lines().find(|l| l.contains("bad admission request")).unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains(&format!("uid={uid}")) && line.contains("result=\"error\""), "{line}");
+}
+
+#[tokio::test]
+async fn a_panic_in_the_handler_is_a_500_counted_and_logged_with_the_uid_and_the_next_request_is_served() {
+    let st = AppState::new(faulty(1), Policy::default());
+    let app = webhook_router(st.clone(), &Limits::default());
+    let uid = serde_json::from_str::<serde_json::Value>(SAMPLE).unwrap()["request"]["uid"].as_str().unwrap().to_owned();
+    let text = logged(async {
+        let (status, body) = call(app.clone(), "POST", "/mutate", SAMPLE).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+        assert!(body.contains("internal error of the webhook") && body.contains(&uid), "{body}");
+    })
+    .await;
+    let line = text.lines().find(|l| l.contains("handler panicked")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("ERROR") && line.contains(&format!("uid={uid}")), "{line}");
+    assert!(line.contains("injected: the store failed"), "the panic's message: {line}");
+    assert_eq!((st.metrics.handler_panics(), st.metrics.admissions("error")), (1, 1));
+    let metrics = call(admin_router(st.clone()), "GET", "/metrics", "").await.1;
+    assert!(metrics.contains("pod_template_webhook_handler_panics_total 1\n"), "{metrics}");
+
+    let (status, body) = call(app, "POST", "/mutate", SAMPLE).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("\"patch\""), "{body}");
+    assert_eq!((st.metrics.handler_panics(), st.metrics.admissions("mutated")), (1, 1));
+}
+
+#[tokio::test]
+async fn the_per_template_counter_needs_no_lookup_and_keeps_its_series_across_template_versions() {
+    let store = faulty(0);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let app =
+        webhook_router(AppState::with_metrics(store.clone(), Policy::default(), metrics.clone()), &Limits::default());
+    assert_eq!(call(app.clone(), "POST", "/mutate", SAMPLE).await.0, StatusCode::OK);
+    // Two names, the first no template (denied): it counts as `other`, the second as itself.
+    let two = SAMPLE.replacen(
+        "\"annotations\": {",
+        "\"annotations\": {\"flyte.org/pod-template\": \"nope, hello_world\", ",
+        1,
+    );
+    assert_eq!(call(app, "POST", "/mutate", two).await.0, StatusCode::OK);
+    assert_eq!(store.lookups.load(Ordering::Relaxed), 0, "the handler counted with the admission's own lookups");
+    // The template updated: a new entry, the same series.
+    let mut c = Catalog::new("flyte");
+    c.apply("flyte", "cm", Some("2"), &BTreeMap::from([("hello_world".into(), "labels: {a: c}".into())]));
+    let app = webhook_router(
+        AppState::with_metrics(Arc::new(c.index()), Policy::default(), metrics.clone()),
+        &Limits::default(),
+    );
+    assert_eq!(call(app, "POST", "/mutate", SAMPLE).await.0, StatusCode::OK);
+    let text = metrics.render(0, 0, 0);
+    let series: Vec<&str> =
+        text.lines().filter(|l| l.starts_with("pod_template_webhook_template_admissions_total{")).collect();
+    assert_eq!(
+        series,
+        [
+            "pod_template_webhook_template_admissions_total{template=\"hello_world\",result=\"mutated\"} 2",
+            "pod_template_webhook_template_admissions_total{template=\"hello_world\",result=\"denied\"} 1",
+            "pod_template_webhook_template_admissions_total{template=\"other\",result=\"denied\"} 1",
+        ]
+    );
 }
 
 #[tokio::test]

@@ -117,7 +117,11 @@ impl Catalog {
                 continue;
             }
             let entry = match mode.clone().and_then(|_| item.parse()) {
-                Ok(template) => Arc::new(TemplateEntry { source, state: EntryState::Ready(Arc::new(template)) }),
+                Ok(template) => Arc::new(TemplateEntry {
+                    source,
+                    state: EntryState::Ready(Arc::new(template)),
+                    counters: Default::default(),
+                }),
                 Err(error) => {
                     let last_good = previous.get(key).and_then(|old| match &old.state {
                         EntryState::Ready(t) => Some((old.source.clone(), t.clone())),
@@ -133,8 +137,11 @@ impl Catalog {
                         Some((old_source, template)) => TemplateEntry {
                             source: old_source,
                             state: EntryState::Stale { template, error, broken_version: source.version },
+                            counters: Default::default(),
                         },
-                        None => TemplateEntry { source, state: EntryState::Broken(error) },
+                        None => {
+                            TemplateEntry { source, state: EntryState::Broken(error), counters: Default::default() }
+                        }
                     })
                 }
             };

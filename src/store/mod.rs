@@ -66,6 +66,9 @@ pub struct TemplateEntry {
     /// For a stale entry, the source of the version being served.
     pub source: TemplateSource,
     pub state: EntryState,
+    /// The per-template admission counters of its name, bound at its first admission: the
+    /// handler counts through the entry the admission found, with no lookup and no lock.
+    pub counters: crate::metrics::AdmissionSlot,
 }
 
 #[derive(Debug, Clone, PartialEq)]
