@@ -54,6 +54,9 @@ pub struct WatchOptions {
     pub timeout_seconds: Option<u32>,
 }
 
+/// Objects per page of the store's lists (see `watch`).
+const LIST_PAGE_SIZE: u32 = 100;
+
 /// Templates from the cluster, kept current by a watch.
 pub struct ClusterStore {
     index: ArcSwap<TemplateIndex>,
@@ -183,7 +186,8 @@ async fn list_into<K: SourceResource>(
         None => Api::all(client.clone()),
         Some(ns) => Api::namespaced(client.clone(), ns),
     };
-    let mut params = kube::api::ListParams::default().labels(&format!("{}=true", names.source_label)).limit(500);
+    let mut params =
+        kube::api::ListParams::default().labels(&format!("{}=true", names.source_label)).limit(LIST_PAGE_SIZE);
     loop {
         let page = api.list(&params).await?;
         for object in &page.items {
@@ -409,7 +413,11 @@ async fn watch(
     metrics: Arc<Metrics>,
     options: WatchOptions,
 ) {
-    let mut config = watcher::Config::default().labels(&format!("{}=true", names.source_label));
+    // Pages of 100 rather than kube's 500: a template ConfigMap can hold kilobytes per key, and a
+    // page is decoded whole, so the page size is the transient memory of a list (a 500-object page
+    // of 10-key ConfigMaps is ~7 MB of JSON); a few more LIST calls at start cost little.
+    let mut config =
+        watcher::Config::default().labels(&format!("{}=true", names.source_label)).page_size(LIST_PAGE_SIZE);
     if let Some(seconds) = options.timeout_seconds {
         config = config.timeout(seconds);
     }
